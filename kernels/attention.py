@@ -1,0 +1,74 @@
+"""The attention entry point every model calls.
+
+``attention`` dispatches on ``impl``; today only the pure-jnp ``attention_reference`` exists (the Pallas
+kernels of DESIGN section 6 plug in here behind the same signature).
+
+Masks: ``causal=True`` is the WC-causal mask (query i sees key j iff j <= i + q_offset); with
+``q_offset = kv_len - q_len`` it is the decode mask over a KV cache. ``causal=False`` is bidirectional
+(GistNet, LensNet). ``kv_valid`` masks key padding in both.
+"""
+
+import jax
+import jax.numpy as jnp
+
+IMPLS = ("reference",)
+
+
+def attention_reference(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = True,
+    kv_valid: jax.Array | None = None,
+    q_offset: jax.Array | int = 0,
+) -> jax.Array:
+    """Scaled dot-product attention with grouped-query heads.
+
+    Args:
+      q: ``[B, Tq, Hq, Dh]``; k, v: ``[B, Tk, Hkv, Dh]`` with ``Hq % Hkv == 0``.
+      causal: WC-causal mask (see module docstring).
+      kv_valid: ``[B, Tk]`` bool, False for padded keys.
+      q_offset: key index of query 0 (scalar, may be traced).
+    Returns:
+      ``[B, Tq, Hq, Dh]`` in q.dtype. Logits and softmax in float32. A query that sees no key
+      returns zeros.
+    """
+    b, tq, hq, dh = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    if hq % hkv:
+        raise ValueError(f"query heads {hq} must be a multiple of key/value heads {hkv}")
+    group = hq // hkv
+    qg = q.reshape(b, tq, hkv, group, dh)
+    logits = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32)
+    logits = logits * (dh**-0.5)
+    mask = jnp.ones((b, tq, tk), dtype=bool)
+    if causal:
+        q_idx = jnp.arange(tq)[:, None] + q_offset
+        mask = mask & (jnp.arange(tk)[None, :] <= q_idx)[None]
+    if kv_valid is not None:
+        mask = mask & kv_valid[:, None, :]
+    mask = mask[:, None, None]  # [B, 1, 1, Tq, Tk]
+    # A finite fill keeps fully masked rows (and their gradients) free of NaN; they are zeroed after.
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    weights = jnp.where(mask, jax.nn.softmax(logits, axis=-1), 0.0)
+    out = jnp.einsum(
+        "bhgqk,bkhd->bqhgd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32
+    )
+    return out.reshape(b, tq, hq, dh).astype(q.dtype)
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = True,
+    kv_valid: jax.Array | None = None,
+    q_offset: jax.Array | int = 0,
+    impl: str = "reference",
+) -> jax.Array:
+    """Dispatches to the implementation named by ``impl`` (see ``IMPLS``)."""
+    if impl == "reference":
+        return attention_reference(q, k, v, causal=causal, kv_valid=kv_valid, q_offset=q_offset)
+    raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")

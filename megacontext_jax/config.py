@@ -1,0 +1,262 @@
+"""Loading, overriding and validating ml_collections configs.
+
+``python train.py --config configs/tiny.py --config.train.steps=200``: the file's ``get_config(arg)``
+builds a ``ConfigDict`` (``configs/x.py:arg`` passes ``arg``), each ``--config.a.b=v`` override is
+parsed to the type of the field it replaces, and ``validate`` checks every value before any compute.
+Problems raise ``ConfigError`` with one line naming the field.
+"""
+
+import ast
+import difflib
+import importlib.util
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import ml_collections
+
+DTYPES = ("float32", "bfloat16", "float16")
+OPTIMIZERS = ("adamw", "muon")
+MODEL_FAMILIES = ("gpt",)
+
+
+class ConfigError(ValueError):
+    """A config problem, reported as one line that names the field."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every field the code reads, with defaults; ``configs/*.py`` start from this and set sizes."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.workdir = "runs/default"
+    c.distributed = False  # multi-process launch: call jax.distributed.initialize() first
+
+    c.model = ml_collections.ConfigDict()
+    c.model.family = "gpt"
+    c.model.vocab_size = 320  # the byte tokenizer's 259 ids, padded to a multiple of 64
+    c.model.width = 128
+    c.model.depth = 4
+    c.model.num_heads = 4
+    c.model.num_kv_heads = 4
+    c.model.mlp_ratio = 4
+    c.model.rope_theta = 10000.0
+    c.model.logit_soft_cap = 15.0  # 0 disables the cap
+    c.model.dtype = "float32"  # activations / matmul inputs
+    c.model.param_dtype = "float32"
+    c.model.attention_impl = "reference"
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "stdlib"  # "stdlib", a directory of text files, or a .jsonl file
+    c.data.jsonl_field = "text"
+    c.data.seq_len = 256
+    c.data.val_fraction = 0.05  # fraction of documents (by file) held out for validation
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 1000
+    c.train.batch_size = 16  # global, across all devices and processes
+    c.train.optimizer = "adamw"
+    c.train.lr = 3e-3
+    c.train.warmup_steps = 100
+    c.train.min_lr_ratio = 0.1  # cosine decays to lr * min_lr_ratio
+    c.train.weight_decay = 0.1
+    c.train.b1 = 0.9
+    c.train.b2 = 0.95
+    c.train.grad_clip = 1.0
+    c.train.log_every = 10
+    c.train.eval_every = 250
+    c.train.eval_batches = 8
+    c.train.checkpoint_every = 250
+    c.train.keep_checkpoints = 2
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1: every device not used by the other axes
+    c.mesh.fsdp = 1  # > 1 shards parameters and optimizer state over this many devices
+
+    c.mc = ml_collections.ConfigDict()
+    c.mc.block_size = 32  # K: children per gist (DESIGN section 2)
+    return c
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """Imports ``path[:arg]`` and returns its ``get_config(arg)`` (or ``get_config()``), locked."""
+    path, _, arg = spec.partition(":")
+    if not Path(path).is_file():
+        raise ConfigError(f"config file not found: {path}")
+    module_spec = importlib.util.spec_from_file_location(f"_config_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path} defines no get_config()")
+    config = module.get_config(arg) if arg else module.get_config()
+    config.lock()
+    return config
+
+
+def _lookup_parent(config: ml_collections.ConfigDict, key: str):
+    node = config
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            prefix = ".".join(parts[:depth])
+            options = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            close = difflib.get_close_matches(part, options, n=1)
+            hint = f" (did you mean '{'.'.join([*parts[:depth], close[0]])}'?)" if close else ""
+            where = f" under '{prefix}'" if prefix else ""
+            raise ConfigError(f"unknown config key '{key}': no field '{part}'{where}{hint}")
+        if depth < len(parts) - 1:
+            node = node[part]
+    return node, parts[-1]
+
+
+def _parse_value(key: str, text: str, current):
+    if isinstance(current, bool):
+        lowered = text.lower()
+        if lowered in ("true", "1", "yes"):
+            return True
+        if lowered in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"config.{key}: expected a boolean, got {text!r}")
+    if isinstance(current, int):
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"config.{key}: expected an integer, got {text!r}") from None
+    if isinstance(current, float):
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"config.{key}: expected a number, got {text!r}") from None
+    if isinstance(current, str):
+        return text
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_override(config: ml_collections.ConfigDict, key: str, text: str) -> None:
+    """Sets ``config.<key>`` from its command-line text, typed like the field it replaces."""
+    parent, leaf = _lookup_parent(config, key)
+    if isinstance(parent[leaf], ml_collections.ConfigDict):
+        raise ConfigError(f"config.{key} is a group of fields; override one of its fields instead")
+    value = _parse_value(key, text, parent[leaf])
+    try:
+        parent[leaf] = value
+    except TypeError as e:
+        raise ConfigError(f"config.{key}: {e}") from None
+
+
+def parse_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, list[str]]:
+    """Parses ``--config PATH[:ARG]`` and ``--config.key=value`` (or ``--config.key value``).
+
+    Returns the validated config and the arguments that were not config flags.
+    """
+    spec, overrides, rest = None, [], []
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg == "--config" or arg.startswith("--config="):
+            spec = arg.partition("=")[2] if "=" in arg else (args.pop(0) if args else None)
+            if not spec:
+                raise ConfigError("--config needs a path to a config file")
+        elif arg.startswith("--config."):
+            key, eq, value = arg[len("--config.") :].partition("=")
+            if not eq:
+                if not args:
+                    raise ConfigError(f"--config.{key} needs a value")
+                value = args.pop(0)
+            overrides.append((key, value))
+        else:
+            rest.append(arg)
+    if spec is None:
+        raise ConfigError("missing --config PATH (for example --config configs/tiny.py)")
+    config = load_config(spec)
+    for key, value in overrides:
+        apply_override(config, key, value)
+    validate(config)
+    return config, rest
+
+
+def _require(ok: bool, field: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config.{field}: {message}")
+
+
+def _positive(config: ml_collections.ConfigDict, *fields: str) -> None:
+    for field in fields:
+        parent, leaf = _lookup_parent(config, field)
+        value = parent[leaf]
+        _require(value > 0, field, f"must be positive, got {value}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks every value the training and decode code relies on; raises ``ConfigError``."""
+    m, d, t = config.model, config.data, config.train
+    _require(m.family in MODEL_FAMILIES, "model.family", f"must be one of {MODEL_FAMILIES}")
+    _positive(
+        config,
+        "model.vocab_size",
+        "model.width",
+        "model.depth",
+        "model.num_heads",
+        "model.num_kv_heads",
+        "model.mlp_ratio",
+        "model.rope_theta",
+        "data.seq_len",
+        "train.batch_size",
+        "train.lr",
+        "train.grad_clip",
+        "train.log_every",
+        "train.eval_every",
+        "train.eval_batches",
+        "train.checkpoint_every",
+        "train.keep_checkpoints",
+        "mc.block_size",
+    )
+    _require(
+        m.width % m.num_heads == 0,
+        "model.num_heads",
+        f"{m.num_heads} heads do not divide model.width={m.width}",
+    )
+    _require((m.width // m.num_heads) % 2 == 0, "model.num_heads", "head dim must be even (RoPE)")
+    _require(
+        m.num_heads % m.num_kv_heads == 0,
+        "model.num_kv_heads",
+        f"{m.num_kv_heads} does not divide model.num_heads={m.num_heads}",
+    )
+    _require(m.logit_soft_cap >= 0, "model.logit_soft_cap", "must be >= 0 (0 disables it)")
+    for field in ("dtype", "param_dtype"):
+        _require(m[field] in DTYPES, f"model.{field}", f"must be one of {DTYPES}, got {m[field]!r}")
+    _require(
+        m.vocab_size >= 259,
+        "model.vocab_size",
+        f"{m.vocab_size} is smaller than the byte tokenizer's 259 ids",
+    )
+    _require(0.0 < d.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)")
+    _require(t.steps >= 0, "train.steps", f"must be >= 0, got {t.steps}")
+    _require(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
+    _require(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must be in [0, 1]")
+    _require(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    _require(t.optimizer in OPTIMIZERS, "train.optimizer", f"must be one of {OPTIMIZERS}")
+    k = config.mc.block_size
+    _require(
+        k >= 2 and (k & (k - 1)) == 0, "mc.block_size", f"must be a power of two >= 2, got {k}"
+    )
+    _require(config.mesh.fsdp >= 1, "mesh.fsdp", f"must be >= 1, got {config.mesh.fsdp}")
+    _require(
+        config.mesh.data == -1 or config.mesh.data >= 1,
+        "mesh.data",
+        f"must be -1 (all remaining devices) or >= 1, got {config.mesh.data}",
+    )
+    _require(math.isfinite(t.lr), "train.lr", "must be finite")
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict(json.loads(text))
+    config.lock()
+    return config

@@ -1,0 +1,214 @@
+"""The nanochat-style GPT base model (DESIGN section 7a), in Flax NNX.
+
+Parameter-free RMSNorm, QK-norm, Gaussian RoPE, grouped-query attention through ``kernels.attention``,
+relu^2 MLP, untied embeddings and a tanh logit soft-cap. The model reads token ids *or* input
+embeddings, each entry with a position ``mu`` and width ``sigma`` (DESIGN section 5), so a working
+context of tokens and gists goes through the same code as plain text.
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+import kernels
+
+Cache = list[dict[str, jax.Array]]  # per layer: {"k", "v"}: [B, S, Hkv, Dh]
+
+
+def rms_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """Parameter-free RMSNorm over the last axis, computed in float32."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+
+
+def _linear(d_in: int, d_out: int, std: float, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
+    return nnx.Linear(
+        d_in,
+        d_out,
+        use_bias=False,
+        kernel_init=nnx.initializers.normal(std),
+        dtype=jnp.dtype(cfg.dtype),
+        param_dtype=jnp.dtype(cfg.param_dtype),
+        rngs=rngs,
+    )
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
+        d, self.num_heads, self.num_kv_heads = cfg.width, cfg.num_heads, cfg.num_kv_heads
+        self.head_dim = d // cfg.num_heads
+        self.impl = cfg.attention_impl
+        std, out_std = d**-0.5, d**-0.5 / (2 * cfg.depth) ** 0.5
+        self.q = _linear(d, self.num_heads * self.head_dim, std, cfg, rngs)
+        self.k = _linear(d, self.num_kv_heads * self.head_dim, std, cfg, rngs)
+        self.v = _linear(d, self.num_kv_heads * self.head_dim, std, cfg, rngs)
+        self.o = _linear(self.num_heads * self.head_dim, d, out_std, cfg, rngs)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        kv_valid: jax.Array | None,
+        cache: dict[str, jax.Array] | None,
+        index: jax.Array | int,
+    ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+        b, t, _ = x.shape
+        q = self.q(x).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        q = rms_norm(kernels.apply_rotary(q, cos, sin))
+        k = rms_norm(kernels.apply_rotary(k, cos, sin))
+        if cache is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(
+                cache["k"], k.astype(cache["k"].dtype), index, 1
+            )
+            v = jax.lax.dynamic_update_slice_in_dim(
+                cache["v"], v.astype(cache["v"].dtype), index, 1
+            )
+            cache = {"k": k, "v": v}
+        y = kernels.attention(
+            q, k, v, causal=True, kv_valid=kv_valid, q_offset=index, impl=self.impl
+        )
+        return self.o(y.reshape(b, t, -1)), cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
+        d, hidden = cfg.width, cfg.mlp_ratio * cfg.width
+        self.up = _linear(d, hidden, d**-0.5, cfg, rngs)
+        self.down = _linear(hidden, d, hidden**-0.5 / (2 * cfg.depth) ** 0.5, cfg, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down(jnp.square(jax.nn.relu(self.up(x))))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
+        self.attn = Attention(cfg, rngs)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x, cos, sin, kv_valid, cache, index):
+        y, cache = self.attn(rms_norm(x), cos, sin, kv_valid, cache, index)
+        x = x + y
+        return x + self.mlp(rms_norm(x)), cache
+
+
+class GPT(nnx.Module):
+    """Decoder-only transformer over token ids or input embeddings with per-entry (mu, sigma)."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.wte = nnx.Embed(
+            cfg.vocab_size,
+            cfg.width,
+            embedding_init=nnx.initializers.normal(1.0),
+            dtype=self.dtype,
+            param_dtype=jnp.dtype(cfg.param_dtype),
+            rngs=rngs,
+        )
+        self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.depth)])
+        self.lm_head = _linear(cfg.width, cfg.vocab_size, cfg.width**-0.5 * 0.1, cfg, rngs)
+
+    @property
+    def head_dim(self) -> int:
+        return self.cfg.width // self.cfg.num_heads
+
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        """Input embeddings of token ids: ``[B, T]`` -> ``[B, T, D]``."""
+        return self.wte(tokens)
+
+    def _run(self, tokens, embeddings, mu, sigma, kv_valid, cache, index):
+        if (tokens is None) == (embeddings is None):
+            raise ValueError("pass exactly one of tokens or embeddings")
+        x = self.embed(tokens) if embeddings is None else embeddings.astype(self.dtype)
+        b, t = x.shape[:2]
+        if mu is None:
+            mu = jnp.broadcast_to(jnp.arange(t, dtype=jnp.float32) + index, (b, t))
+        cos, sin = kernels.rope_tables(mu, sigma, self.head_dim, self.cfg.rope_theta)
+        x = rms_norm(x)
+        new_cache = []
+        for i, block in enumerate(self.blocks):
+            x, layer_cache = block(
+                x, cos, sin, kv_valid, None if cache is None else cache[i], index
+            )
+            new_cache.append(layer_cache)
+        logits = self.lm_head(rms_norm(x)).astype(jnp.float32)
+        if self.cfg.logit_soft_cap > 0:
+            cap = self.cfg.logit_soft_cap
+            logits = cap * jnp.tanh(logits / cap)
+        return logits, new_cache
+
+    def __call__(
+        self,
+        tokens: jax.Array | None = None,
+        *,
+        embeddings: jax.Array | None = None,
+        mu: jax.Array | None = None,
+        sigma: jax.Array | None = None,
+        kv_valid: jax.Array | None = None,
+    ) -> jax.Array:
+        """Logits ``[B, T, V]`` (float32) under the WC-causal mask.
+
+        Args:
+          tokens: ``[B, T]`` int ids, or
+          embeddings: ``[B, T, D]`` input embeddings (e.g. ``embed(ids)`` or gists).
+          mu, sigma: ``[B, T]`` Gaussian-RoPE position and width; default ``mu = arange(T)``,
+            ``sigma = 0`` (ordinary RoPE).
+          kv_valid: ``[B, T]`` bool, False for padding entries (never attended to).
+        """
+        logits, _ = self._run(tokens, embeddings, mu, sigma, kv_valid, None, 0)
+        return logits
+
+    def init_cache(self, batch: int, capacity: int, dtype: Any = None) -> Cache:
+        """An empty KV cache of ``capacity`` entries per sequence."""
+        shape = (batch, capacity, self.cfg.num_kv_heads, self.head_dim)
+        dtype = dtype or self.dtype
+        return [
+            {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+            for _ in range(self.cfg.depth)
+        ]
+
+    def decode(
+        self,
+        cache: Cache,
+        index: jax.Array | int,
+        tokens: jax.Array | None = None,
+        *,
+        embeddings: jax.Array | None = None,
+        mu: jax.Array | None = None,
+        sigma: jax.Array | None = None,
+    ) -> tuple[jax.Array, Cache]:
+        """Runs ``T`` new entries at cache slots ``[index, index + T)`` against the cache.
+
+        Entries at slots ``>= index + T`` are ignored, so a cache can be rewritten from any slot on
+        (the refocus path keeps the prefix before the first changed entry). Returns logits
+        ``[B, T, V]`` and the updated cache.
+        """
+        x = tokens if tokens is not None else embeddings
+        capacity = cache[0]["k"].shape[1]
+        kv_valid = jnp.broadcast_to(
+            jnp.arange(capacity) < index + x.shape[1], (x.shape[0], capacity)
+        )
+        return self._run(tokens, embeddings, mu, sigma, kv_valid, cache, index)
+
+
+def count_params(params: Any) -> int:
+    return sum(x.size for x in jax.tree.leaves(params))
+
+
+def cross_entropy(
+    logits: jax.Array, targets: jax.Array, mask: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Sum of token NLL (nats) over ``mask`` and the number of counted tokens.
+
+    logits ``[B, T, V]`` float32, targets ``[B, T]`` int, mask ``[B, T]`` bool.
+    """
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    nll = jnp.where(mask, logz - picked, 0.0)
+    return nll.sum(), mask.sum()

@@ -1,0 +1,27 @@
+"""Loading a trained model from a workdir for inference."""
+
+from pathlib import Path
+
+import ml_collections
+from flax import nnx
+
+from megacontext_jax import sharding
+from megacontext_jax.checkpoint import Checkpointer, read_config
+from megacontext_jax.model import GPT
+from megacontext_jax.train_step import make_trainable
+
+
+def load_model(workdir: str | Path) -> tuple[GPT, ml_collections.ConfigDict]:
+    """The model of the latest checkpoint in ``workdir`` and the config it was trained with.
+
+    Raises ``CheckpointError`` (one line) for a missing or mismatched checkpoint.
+    """
+    workdir = Path(workdir)
+    config = read_config(workdir)
+    trainable = make_trainable(config, sharding.make_mesh())
+    checkpointer = Checkpointer(workdir, create=False)
+    try:
+        state, _ = checkpointer.restore(trainable.abstract_state())
+    finally:
+        checkpointer.close()
+    return nnx.merge(trainable.graphdef, state.params), config

@@ -1,0 +1,153 @@
+"""Train state, optimizer, and the pure jitted ``train_step(state, batch) -> (state, metrics)``.
+
+The NNX model is used functionally: ``nnx.split`` gives a static graphdef and a pytree of parameters
+that lives in ``TrainState``; each step merges them back inside ``jax.jit``.
+"""
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from megacontext_jax import sharding
+from megacontext_jax.model import GPT, cross_entropy
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: nnx.State
+    opt_state: optax.OptState
+
+
+def lr_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warmup to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at ``steps``."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=cfg.lr,
+        warmup_steps=cfg.warmup_steps,
+        decay_steps=max(cfg.steps, cfg.warmup_steps + 1),
+        end_value=cfg.lr * cfg.min_lr_ratio,
+    )
+
+
+def _is_matrix(params: Any) -> Any:
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def _muon_labels(params: Any) -> Any:
+    """Muon for the transformer blocks' matrices; AdamW for embeddings, head and vectors."""
+
+    def label(path, p):
+        in_blocks = any(getattr(k, "key", None) == "blocks" for k in path)
+        return "muon" if in_blocks and p.ndim == 2 else "adamw"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW (or Muon) under the warmup + cosine schedule."""
+    schedule = lr_schedule(cfg)
+    adamw = optax.adamw(
+        schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=_is_matrix
+    )
+    if cfg.optimizer == "adamw":
+        inner = adamw
+    else:
+        muon = optax.contrib.muon(schedule, weight_decay=cfg.weight_decay)
+        inner = optax.multi_transform({"muon": muon, "adamw": adamw}, _muon_labels)
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), inner)
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainable:
+    """Everything static about a training run: the model graph, optimizer and shardings."""
+
+    graphdef: nnx.GraphDef
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+    mesh: Mesh
+    state_shardings: Any
+    init: Callable[[], TrainState]
+
+    def abstract_state(self) -> TrainState:
+        """Shape/dtype/sharding structs of the state (the restore target of a checkpoint)."""
+        return jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            jax.eval_shape(self.init),
+            self.state_shardings,
+        )
+
+
+def make_trainable(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainable:
+    """Builds the static parts of a run; ``Trainable.init()`` creates the sharded initial state."""
+    optimizer = make_optimizer(config.train)
+
+    def init() -> TrainState:
+        _, params = nnx.split(GPT(config.model, rngs=nnx.Rngs(config.seed)))
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params)
+        )
+
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: GPT(config.model, rngs=nnx.Rngs(0))))
+    shardings = sharding.state_shardings(jax.eval_shape(init), mesh)
+    return Trainable(
+        graphdef=graphdef,
+        optimizer=optimizer,
+        schedule=lr_schedule(config.train),
+        mesh=mesh,
+        state_shardings=shardings,
+        init=jax.jit(init, out_shardings=shardings),
+    )
+
+
+def _nll(graphdef: nnx.GraphDef, params: nnx.State, batch: dict[str, jax.Array]):
+    model = nnx.merge(graphdef, params)
+    return cross_entropy(model(batch["inputs"]), batch["targets"], batch["mask"])
+
+
+def make_train_step(t: Trainable) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """The jitted step. ``batch``: ``inputs``/``targets`` int32 ``[B, L]``, ``mask`` bool ``[B, L]``.
+
+    Metrics: ``loss`` (mean nats per target), ``grad_norm``, ``lr`` (of this update), ``tokens``. The state is donated.
+    """
+
+    def loss_fn(params, batch):
+        nll, count = _nll(t.graphdef, params, batch)
+        return nll / jnp.maximum(count, 1), count
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+        updates, opt_state = t.optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": loss,
+            "grad_norm": optax.global_norm(grads),
+            "lr": t.schedule(state.step),
+            "tokens": count,
+        }
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    batch_sharding = sharding.batch_sharding(t.mesh)
+    return jax.jit(
+        train_step,
+        in_shardings=(t.state_shardings, batch_sharding),
+        out_shardings=(t.state_shardings, sharding.replicated(t.mesh)),
+        donate_argnums=0,
+    )
+
+
+def make_eval_step(t: Trainable) -> Callable[[nnx.State, dict], tuple[jax.Array, jax.Array]]:
+    """Jitted ``(params, batch) -> (sum of target NLL in nats, number of targets)``."""
+    return jax.jit(
+        lambda params, batch: _nll(t.graphdef, params, batch),
+        in_shardings=(t.state_shardings.params, sharding.batch_sharding(t.mesh)),
+        out_shardings=sharding.replicated(t.mesh),
+    )

@@ -1,0 +1,136 @@
+"""The training loop behind ``train.py``: data, state, checkpoints, evaluation and logging."""
+
+import math
+import time
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from megacontext_jax import data, sharding
+from megacontext_jax.checkpoint import Checkpointer, write_config
+from megacontext_jax.metrics import MetricsWriter, plot_loss_curve
+from megacontext_jax.model import count_params
+from megacontext_jax.train_step import make_eval_step, make_train_step, make_trainable
+
+
+def _local_rows(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+    start = jax.process_index() * rows
+    return {k: v[start : start + rows] for k, v in batch.items()}
+
+
+def evaluate(eval_step, params, batches, mesh, rows: int) -> dict[str, float]:
+    """Validation loss (nats per byte) and bits per byte over fixed batches."""
+    nll, count = 0.0, 0
+    for batch in batches:
+        s, n = eval_step(params, sharding.global_batch(_local_rows(batch, rows), mesh))
+        nll, count = nll + float(s), count + int(n)
+    loss = nll / max(count, 1)
+    return {"val/loss": loss, "val/bpb": loss / math.log(2)}
+
+
+def train(
+    config: ml_collections.ConfigDict, *, stop_at: int | None = None, progress: bool = True
+) -> dict[str, float]:
+    """Trains (or resumes) the run in ``config.workdir``; returns the final metrics.
+
+    ``stop_at`` ends this invocation after that step with a checkpoint, as an interruption would;
+    running again with the same workdir resumes exactly where it stopped.
+    """
+    workdir = Path(config.workdir)
+    write_config(workdir, config)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    global_bs = config.train.batch_size
+    if global_bs % mesh.size or global_bs % jax.process_count():
+        raise ValueError(
+            f"config.train.batch_size={global_bs} must be divisible by the {mesh.size} devices "
+            f"and {jax.process_count()} processes"
+        )
+    rows = global_bs // jax.process_count()
+    seq_len = config.data.seq_len
+
+    docs = data.load_documents(config.data.source, config.data.jsonl_field)
+    train_docs, val_docs = data.split_documents(docs, config.data.val_fraction)
+    data_iter = iter(
+        data.train_dataset(
+            train_docs, seq_len, rows, config.seed, jax.process_index(), jax.process_count()
+        )
+    )
+    val_batches = data.validation_batches(val_docs, seq_len, global_bs, config.train.eval_batches)
+    unigram_bpb = data.unigram_bits_per_byte(train_docs, val_batches)
+
+    trainable = make_trainable(config, mesh)
+    checkpointer = Checkpointer(workdir, keep=config.train.keep_checkpoints)
+    if checkpointer.latest_step() is not None:
+        state, start = checkpointer.restore(trainable.abstract_state(), data_iter)
+        tqdm.write(f"resumed {workdir} from step {start}")
+    else:
+        state, start = trainable.init(), 0
+    train_step, eval_step = make_train_step(trainable), make_eval_step(trainable)
+    writer = MetricsWriter(workdir)
+    if start == 0:
+        writer.write(0, {"params": count_params(state.params), "val/unigram_bpb": unigram_bpb})
+
+    end = config.train.steps if stop_at is None else min(stop_at, config.train.steps)
+    tokens_per_step = global_bs * seq_len
+    bar = tqdm(
+        total=config.train.steps,
+        initial=start,
+        disable=not progress or jax.process_index() != 0,
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+    )
+    summary: dict[str, float] = {"val/unigram_bpb": unigram_bpb}
+    pending, last_time, last_step = [], time.perf_counter(), start
+    step = start
+    try:
+        for step in range(start + 1, end + 1):
+            batch = sharding.global_batch(next(data_iter), mesh)
+            state, metrics = train_step(state, batch)
+            pending.append(metrics)
+            if step % config.train.log_every == 0 or step == end:
+                fetched = jax.device_get(pending)
+                now = time.perf_counter()
+                # The first interval includes compilation; tokens/s counts from the second one.
+                rate = (step - last_step) * tokens_per_step / (now - last_time)
+                record = {
+                    "train/loss": float(np.mean([m["loss"] for m in fetched])),
+                    "train/grad_norm": float(np.mean([m["grad_norm"] for m in fetched])),
+                    "train/lr": float(fetched[-1]["lr"]),
+                }
+                if last_step > start:
+                    record["train/tokens_per_s"] = rate
+                writer.write(step, record)
+                summary.update(record)
+                bar.set_postfix(
+                    loss=f"{record['train/loss']:.3f}", tok_s=f"{rate:,.0f}", refresh=False
+                )
+                bar.update(step - last_step)
+                pending, last_time, last_step = [], time.perf_counter(), step
+            if step % config.train.eval_every == 0 or step == config.train.steps:
+                val = evaluate(eval_step, state.params, val_batches, mesh, rows)
+                writer.write(step, val)
+                summary.update(val)
+                bar.write(
+                    f"step {step}: val loss {val['val/loss']:.4f}, bpb {val['val/bpb']:.4f} "
+                    f"(unigram {unigram_bpb:.4f})"
+                )
+                last_time = time.perf_counter()
+            if step % config.train.checkpoint_every == 0 or step == end:
+                checkpointer.save(step, state, data_iter)
+    except KeyboardInterrupt:
+        bar.write(f"interrupted: saving a checkpoint at step {int(state.step)}")
+        checkpointer.save(int(state.step), state, data_iter)
+        raise
+    finally:
+        bar.close()
+        checkpointer.wait()
+        checkpointer.close()
+        writer.close()
+    if writer.enabled and writer.path.exists():
+        plot_loss_curve(writer.path, workdir / "loss.png")
+    summary["step"] = step
+    return summary

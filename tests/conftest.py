@@ -1,0 +1,55 @@
+"""Shared fixtures: a small text corpus and a tiny config that trains in seconds."""
+
+import os
+import random
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import ml_collections
+import pytest
+
+from megacontext_jax.config import base_config, validate
+
+WORDS = (
+    *("the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while"),
+    *("seven", "wizards", "quietly", "judge", "boxing"),
+)
+
+
+def write_corpus(directory, num_docs: int = 24, seed: int = 0) -> None:
+    """Text files of pseudo-sentences: some longer than a sequence, some shorter (packed)."""
+    rng = random.Random(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    for i in range(num_docs):
+        n_words = rng.choice([8, 20, 200, 400])
+        text = " ".join(rng.choice(WORDS) for _ in range(n_words)) + ".\n"
+        (directory / f"doc{i:03d}.txt").write_text(text)
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("corpus")
+    write_corpus(directory)
+    return directory
+
+
+def tiny_config(workdir, corpus, **train) -> ml_collections.ConfigDict:
+    """A 2-layer, width-32 model on ``corpus`` with sequences of 32 bytes."""
+    c = base_config()
+    c.workdir = str(workdir)
+    c.model.width, c.model.depth, c.model.num_heads, c.model.num_kv_heads = 32, 2, 4, 2
+    c.data.source = str(corpus)
+    c.data.seq_len = 32
+    c.data.val_fraction = 0.2
+    c.train.batch_size = 4
+    c.train.steps = 6
+    c.train.warmup_steps = 2
+    c.train.log_every = 1
+    c.train.eval_every = 3
+    c.train.eval_batches = 2
+    c.train.checkpoint_every = 100
+    for key, value in train.items():
+        c.train[key] = value
+    c.lock()
+    validate(c)
+    return c

@@ -1,0 +1,74 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+from flax import nnx
+
+from megacontext_jax.config import ConfigError, load_config, parse_args
+from megacontext_jax.model import GPT, count_params
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.py")
+
+
+def test_overrides_are_typed():
+    config, rest = parse_args(
+        ["--config", TINY, "--config.train.steps=7", "--config.train.lr", "0.01", "--x"]
+    )
+    assert config.train.steps == 7 and config.train.lr == 0.01
+    assert rest == ["--x"]
+    config, _ = parse_args([f"--config={TINY}", "--config.distributed=true"])
+    assert config.distributed is True
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("--config.train.stpes=3", "unknown config key 'train.stpes'.*did you mean 'train.steps'"),
+        ("--config.nope.x=3", "unknown config key 'nope.x'"),
+        ("--config.model.width=-8", r"config.model.width: must be positive, got -8"),
+        ("--config.model.num_heads=3", "3 heads do not divide model.width=128"),
+        ("--config.model.num_kv_heads=3", "config.model.num_kv_heads: 3 does not divide"),
+        ("--config.mc.block_size=24", "config.mc.block_size: must be a power of two"),
+        ("--config.train.steps=ten", "config.train.steps: expected an integer, got 'ten'"),
+        ("--config.model.dtype=float8", "config.model.dtype: must be one of"),
+        ("--config.train.optimizer=sgd", "config.train.optimizer: must be one of"),
+        ("--config.data.val_fraction=1.5", r"config.data.val_fraction: must be in \(0, 1\)"),
+        ("--config.model=3", "config.model is a group of fields"),
+    ],
+)
+def test_bad_values_name_the_field(override, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_args(["--config", TINY, override])
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config("configs/nope.py")
+    with pytest.raises(ConfigError, match="missing --config"):
+        parse_args([])
+
+
+def test_train_cli_reports_one_line_and_exits_before_compute(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "train.py", "--config", TINY, "--config.train.stpes=3"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: unknown config key 'train.stpes': no field 'stpes' under 'train' "
+        "(did you mean 'train.steps'?)"
+    ]
+
+
+def test_small_config_is_about_100m_parameters():
+    config = load_config(str(ROOT / "configs" / "small.py"))
+    model = nnx.eval_shape(lambda: GPT(config.model, rngs=nnx.Rngs(0)))
+    n = count_params(nnx.state(model, nnx.Param))
+    assert 90e6 < n < 110e6, n
+    assert jax.numpy.dtype(config.model.dtype) == jax.numpy.bfloat16

@@ -1,0 +1,98 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from megacontext_jax.config import base_config
+from megacontext_jax.model import GPT, cross_entropy
+
+
+def _model(**overrides):
+    cfg = base_config().model
+    cfg.width, cfg.depth, cfg.num_heads, cfg.num_kv_heads = 32, 2, 4, 2
+    for k, v in overrides.items():
+        cfg[k] = v
+    return GPT(cfg, rngs=nnx.Rngs(0))
+
+
+def _tokens(shape=(2, 12), seed=0):
+    return jax.random.randint(jax.random.key(seed), shape, 0, 256)
+
+
+def test_sigma_zero_with_token_positions_is_ordinary_rope():
+    model, tokens = _model(), _tokens()
+    mu = jnp.broadcast_to(jnp.arange(12.0), (2, 12))
+    np.testing.assert_array_equal(model(tokens, mu=mu, sigma=jnp.zeros((2, 12))), model(tokens))
+
+
+def test_positions_are_relative():
+    """Shifting every mu by a constant leaves the logits unchanged: positions act only via RoPE."""
+    model, tokens = _model(), _tokens()
+    mu = jnp.broadcast_to(jnp.arange(12.0), (2, 12))
+    sigma = jnp.full((2, 12), 0.5)
+    base = model(tokens, mu=mu, sigma=sigma)
+    np.testing.assert_allclose(model(tokens, mu=mu + 64.0, sigma=sigma), base, atol=1e-4)
+    assert not np.allclose(model(tokens, mu=mu * 2.0, sigma=sigma), base, atol=1e-3)
+
+
+def test_causality():
+    model, tokens = _model(), _tokens()
+    logits = model(tokens)
+    changed = tokens.at[:, 7].set((tokens[:, 7] + 1) % 256)
+    logits2 = model(changed)
+    np.testing.assert_array_equal(logits2[:, :7], logits[:, :7])
+    assert not np.allclose(logits2[:, 7:], logits[:, 7:])
+
+
+def test_embeddings_input_equals_ids():
+    model, tokens = _model(), _tokens()
+    np.testing.assert_array_equal(model(embeddings=model.embed(tokens)), model(tokens))
+    with pytest.raises(ValueError, match="exactly one"):
+        model(tokens, embeddings=model.embed(tokens))
+
+
+def test_padding_is_never_attended():
+    model, tokens = _model(), _tokens((1, 10))
+    valid = jnp.arange(10)[None] < 6
+    garbage = tokens.at[:, 6:].set(3)
+    a = model(tokens, kv_valid=valid)[:, :6]
+    b = model(garbage, kv_valid=valid)[:, :6]
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("num_kv_heads", [1, 4])
+def test_kv_cache_decode_matches_full_forward(num_kv_heads):
+    model, tokens = _model(num_kv_heads=num_kv_heads), _tokens((2, 10))
+    full = model(tokens)
+    cache = model.init_cache(2, 16)
+    prefix_logits, cache = model.decode(cache, 0, tokens[:, :6])
+    steps = [prefix_logits]
+    for t in range(6, 10):
+        logits, cache = model.decode(cache, t, tokens[:, t : t + 1])
+        steps.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-5)
+
+
+def test_cache_rewrite_from_any_slot():
+    """Rewriting slots [4, 10) after an edit gives the logits of the edited sequence."""
+    model, tokens = _model(), _tokens((1, 10))
+    edited = tokens.at[:, 4:].set(_tokens((1, 6), seed=1))
+    cache = model.init_cache(1, 12)
+    _, cache = model.decode(cache, 0, tokens)
+    logits, _ = model.decode(cache, 4, edited[:, 4:])
+    np.testing.assert_allclose(logits, model(edited)[:, 4:], atol=1e-5)
+
+
+def test_bf16_compute_and_soft_cap():
+    model = _model(dtype="bfloat16", logit_soft_cap=2.0)
+    logits = model(_tokens())
+    assert logits.dtype == jnp.float32
+    assert float(jnp.abs(logits).max()) <= 2.0
+
+
+def test_cross_entropy_counts_only_masked_targets():
+    logits = jnp.log(jnp.array([[[0.5, 0.5], [0.9, 0.1]]]))
+    nll, n = cross_entropy(logits, jnp.array([[0, 1]]), jnp.array([[True, False]]))
+    assert int(n) == 1
+    assert float(nll) == pytest.approx(np.log(2), rel=1e-6)

@@ -1,0 +1,169 @@
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from megacontext_jax.checkpoint import CheckpointError
+from megacontext_jax.metrics import read_metrics
+from megacontext_jax.restore import load_model
+from megacontext_jax.trainer import train
+from tests.conftest import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _losses(workdir):
+    return {
+        r["step"]: r["train/loss"]
+        for r in read_metrics(workdir / "metrics.jsonl")
+        if "train/loss" in r
+    }
+
+
+def test_resume_is_exact(tmp_path, corpus_dir):
+    """2n steps in one run == n steps, a restart, and n more: params, optimizer and data round-trip."""
+    straight = tmp_path / "straight"
+    train(tiny_config(straight, corpus_dir, steps=8), progress=False)
+    resumed = tmp_path / "resumed"
+    first = train(tiny_config(resumed, corpus_dir, steps=8), stop_at=4, progress=False)
+    assert first["step"] == 4
+    second = train(tiny_config(resumed, corpus_dir, steps=8), progress=False)
+    assert second["step"] == 8
+    a, b = _losses(straight), _losses(resumed)
+    assert sorted(b) == list(range(1, 9))
+    np.testing.assert_array_equal([b[s] for s in range(1, 9)], [a[s] for s in range(1, 9)])
+    assert second["val/loss"] == _last_val(straight)
+
+
+def _last_val(workdir):
+    return [r["val/loss"] for r in read_metrics(workdir / "metrics.jsonl") if "val/loss" in r][-1]
+
+
+def test_training_learns_and_writes_artifacts(tmp_path, corpus_dir):
+    summary = train(
+        tiny_config(tmp_path, corpus_dir, steps=40, lr=1e-2, eval_every=40), progress=False
+    )
+    losses = _losses(tmp_path)
+    assert np.mean([losses[s] for s in range(36, 41)]) < 0.6 * losses[1]
+    assert summary["val/bpb"] < summary["val/unigram_bpb"]
+    assert (tmp_path / "loss.png").stat().st_size > 0
+    assert any((tmp_path / "tb").iterdir())
+    assert (tmp_path / "checkpoints" / "40").is_dir()
+
+
+def test_muon_optimizer_trains(tmp_path, corpus_dir):
+    summary = train(tiny_config(tmp_path, corpus_dir, steps=3, optimizer="muon"), progress=False)
+    assert np.isfinite(summary["train/loss"])
+
+
+def test_checkpoint_errors(tmp_path, corpus_dir):
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        load_model(tmp_path / "missing")
+    train(tiny_config(tmp_path, corpus_dir, steps=1), progress=False)
+    other = tiny_config(tmp_path, corpus_dir, steps=1)
+    other.model.width = 64
+    with pytest.raises(CheckpointError, match=r"holds a run with model\.width=32, not 64"):
+        train(other, progress=False)
+
+
+SHARDING_SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    import jax, numpy as np
+    sys.path.insert(0, {root!r})
+    from megacontext_jax import sharding
+    from megacontext_jax.train_step import make_trainable, make_train_step
+    from tests.conftest import tiny_config
+
+    assert jax.device_count() == 4
+    config = tiny_config("/unused", {corpus!r})
+    rng = np.random.default_rng(0)
+    batches = [
+        {{"inputs": rng.integers(0, 256, (4, 32)).astype(np.int32),
+          "targets": rng.integers(0, 256, (4, 32)).astype(np.int32),
+          "mask": np.ones((4, 32), bool)}}
+        for _ in range(3)
+    ]
+
+    def run(mesh):
+        t = make_trainable(config, mesh)
+        step, state = make_train_step(t), t.init()
+        losses = []
+        for b in batches:
+            state, m = step(state, sharding.global_batch(b, mesh))
+            losses.append(float(m["loss"]))
+        return losses, state
+
+    one, _ = run(sharding.make_mesh(devices=jax.devices()[:1]))
+    dp, state_dp = run(sharding.make_mesh(data=4))
+    fsdp, state_fsdp = run(sharding.make_mesh(data=2, fsdp=2))
+    np.testing.assert_allclose(dp, one, rtol=1e-5)
+    np.testing.assert_allclose(fsdp, one, rtol=1e-5)
+    kernel = state_fsdp.params["blocks"][0]["mlp"]["up"]["kernel"].value
+    assert "fsdp" in str(kernel.sharding.spec), kernel.sharding
+    shards = kernel.addressable_shards
+    assert len(shards) == 4 and shards[0].data.shape != kernel.shape
+    print("losses", one, dp, fsdp)
+    """
+)
+
+
+def test_sharded_step_matches_single_device(corpus_dir):
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
+    )
+    script = SHARDING_SCRIPT.format(root=str(ROOT), corpus=str(corpus_dir))
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "losses" in result.stdout
+
+
+@pytest.mark.slow
+def test_cli_train_then_decode(tmp_path, corpus_dir):
+    workdir = tmp_path / "run"
+    train_cmd = [
+        sys.executable,
+        "train.py",
+        "--config",
+        "configs/tiny.py",
+        f"--config.workdir={workdir}",
+        f"--config.data.source={corpus_dir}",
+        "--config.data.val_fraction=0.2",
+        "--config.data.seq_len=32",
+        "--config.model.width=32",
+        "--config.model.depth=1",
+        "--config.train.batch_size=4",
+        "--config.train.steps=3",
+        "--config.train.eval_batches=1",
+    ]
+    result = subprocess.run(train_cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "done: step 3" in result.stdout
+    decode_cmd = [sys.executable, "decode.py", "--checkpoint", str(workdir), "--prompt", "the qu"]
+    result = subprocess.run(
+        [*decode_cmd, "--max-new-tokens", "20", "--temperature", "0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("the qu") and len(result.stdout) > len("the qu\n")
+    missing = subprocess.run(
+        [sys.executable, "decode.py", "--checkpoint", str(tmp_path / "nope"), "--prompt", "x"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert missing.returncode == 1
+    assert (
+        missing.stderr.strip()
+        == f"error: no checkpoint at {tmp_path / 'nope'}: config.json not found"
+    )
