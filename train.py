@@ -30,6 +30,8 @@ def main(argv: list[str]) -> int:
 
     if config.distributed:
         env = os.environ
+        # CPU processes exchange collectives over gloo; GPUs and TPUs ignore this setting.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
             coordinator_address=env.get("JAX_COORDINATOR_ADDRESS"),
             num_processes=int(env["JAX_NUM_PROCESSES"]) if "JAX_NUM_PROCESSES" in env else None,
