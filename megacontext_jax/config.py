@@ -19,6 +19,8 @@ import ml_collections
 DTYPES = ("float32", "bfloat16", "float16")
 OPTIMIZERS = ("adamw", "muon")
 MODEL_FAMILIES = ("gpt",)
+POOLINGS = ("mean", "query", "cls")
+PROJECTIONS = ("linear", "mlp")
 
 
 class ConfigError(ValueError):
@@ -75,6 +77,27 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.mc = ml_collections.ConfigDict()
     c.mc.block_size = 32  # K: children per gist (DESIGN section 2)
+    c.mc.max_level = 4  # coarsest gist level kept in the tree (K^4 = 1M tokens per node at K=32)
+    c.mc.sigma_scale = 12**-0.5  # gist RoPE width = sigma_scale * span (std of a uniform span)
+    c.mc.gist_dtype = "bfloat16"  # storage dtype of gists in the tree
+    c.mc.ingest_chunk = 64  # blocks per GistNet call while ingesting (fixed shape, aligned)
+    c.mc.wc_size = 512  # W: working-context capacity in entries
+    c.mc.recent_tail = 64  # R: the newest R tokens always stay at LOD0
+
+    c.mc.gist = ml_collections.ConfigDict()
+    c.mc.gist.depth = 2
+    c.mc.gist.num_heads = 4
+    c.mc.gist.mlp_ratio = 4
+    c.mc.gist.pooling = "query"  # "mean", "query" (learned query) or "cls"
+    c.mc.gist.projection = "mlp"  # "linear" or "mlp" into the base model's embedding space
+    c.mc.gist.shared_levels = True  # one GistNet for every level, or one per level
+
+    c.mc.allocator = ml_collections.ConfigDict()
+    c.mc.allocator.tau_expand = 0.2  # expand a gist scoring >= tau_expand
+    c.mc.allocator.tau_collapse = 0.2  # collapse K siblings whose mean score <= -tau_collapse
+    c.mc.allocator.max_edits = 8  # per refocus
+    c.mc.allocator.cooldown = 2  # refocus steps before an edited entry may flip back
+    c.mc.allocator.temperature = 0.0  # > 0: sample among candidates (exploration in training)
     return c
 
 
@@ -213,6 +236,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "train.checkpoint_every",
         "train.keep_checkpoints",
         "mc.block_size",
+        "mc.max_level",
+        "mc.sigma_scale",
+        "mc.ingest_chunk",
+        "mc.wc_size",
+        "mc.gist.depth",
+        "mc.gist.num_heads",
+        "mc.gist.mlp_ratio",
+        "mc.allocator.tau_expand",
+        "mc.allocator.tau_collapse",
     )
     _require(
         m.width % m.num_heads == 0,
@@ -243,6 +275,30 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(
         k >= 2 and (k & (k - 1)) == 0, "mc.block_size", f"must be a power of two >= 2, got {k}"
     )
+    mc = config.mc
+    _require(mc.gist_dtype in DTYPES, "mc.gist_dtype", f"must be one of {DTYPES}")
+    _require(mc.gist.pooling in POOLINGS, "mc.gist.pooling", f"must be one of {POOLINGS}")
+    _require(
+        mc.gist.projection in PROJECTIONS, "mc.gist.projection", f"must be one of {PROJECTIONS}"
+    )
+    _require(
+        m.width % mc.gist.num_heads == 0 and (m.width // mc.gist.num_heads) % 2 == 0,
+        "mc.gist.num_heads",
+        f"{mc.gist.num_heads} heads must divide model.width={m.width} into even head dims",
+    )
+    _require(
+        0 <= mc.recent_tail < mc.wc_size,
+        "mc.recent_tail",
+        f"must be in [0, mc.wc_size={mc.wc_size}), got {mc.recent_tail}",
+    )
+    _require(
+        mc.wc_size >= mc.recent_tail + 2 * k,
+        "mc.wc_size",
+        f"{mc.wc_size} leaves no room for gists beside a tail of {mc.recent_tail} (needs >= tail + 2K)",
+    )
+    _require(mc.allocator.max_edits >= 0, "mc.allocator.max_edits", "must be >= 0")
+    _require(mc.allocator.cooldown >= 0, "mc.allocator.cooldown", "must be >= 0")
+    _require(mc.allocator.temperature >= 0, "mc.allocator.temperature", "must be >= 0")
     _require(config.mesh.fsdp >= 1, "mesh.fsdp", f"must be >= 1, got {config.mesh.fsdp}")
     _require(
         config.mesh.data == -1 or config.mesh.data >= 1,

@@ -37,8 +37,11 @@ def _linear(d_in: int, d_out: int, std: float, cfg: ml_collections.ConfigDict, r
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
+    """Grouped-query self-attention; ``causal=False`` for the bidirectional GistNet and LensNet."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs, causal: bool = True):
         d, self.num_heads, self.num_kv_heads = cfg.width, cfg.num_heads, cfg.num_kv_heads
+        self.causal = causal
         self.head_dim = d // cfg.num_heads
         self.impl = cfg.attention_impl
         std, out_std = d**-0.5, d**-0.5 / (2 * cfg.depth) ** 0.5
@@ -71,7 +74,7 @@ class Attention(nnx.Module):
             )
             cache = {"k": k, "v": v}
         y = kernels.attention(
-            q, k, v, causal=True, kv_valid=kv_valid, q_offset=index, impl=self.impl
+            q, k, v, causal=self.causal, kv_valid=kv_valid, q_offset=index, impl=self.impl
         )
         return self.o(y.reshape(b, t, -1)), cache
 
@@ -87,8 +90,10 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
-        self.attn = Attention(cfg, rngs)
+    """Pre-norm transformer block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs, causal: bool = True):
+        self.attn = Attention(cfg, rngs, causal)
         self.mlp = MLP(cfg, rngs)
 
     def __call__(self, x, cos, sin, kv_valid, cache, index):

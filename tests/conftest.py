@@ -53,3 +53,31 @@ def tiny_config(workdir, corpus, **train) -> ml_collections.ConfigDict:
     c.lock()
     validate(c)
     return c
+
+
+def mc_config(
+    block_size: int = 4, max_level: int = 3, width: int = 32, **mc
+) -> ml_collections.ConfigDict:
+    """A small MegaContext config: width-32 model, K=4, 3 levels, GistNet chunks of 8 blocks."""
+    c = base_config()
+    c.model.width, c.model.depth, c.model.num_heads, c.model.num_kv_heads = width, 1, 2, 2
+    c.mc.block_size, c.mc.max_level = block_size, max_level
+    c.mc.gist.num_heads, c.mc.gist.depth = 2, 1
+    c.mc.ingest_chunk = 8
+    c.mc.wc_size, c.mc.recent_tail = 64, 8
+    for key, value in mc.items():
+        c.mc[key] = value
+    validate(c)
+    return c
+
+
+def make_gister(config: ml_collections.ConfigDict | None = None, seed: int = 0):
+    import jax
+    from flax import nnx
+
+    from megacontext_jax.gister import Gister
+    from megacontext_jax.gistnet import GistNet
+
+    config = config or mc_config()
+    table = jax.random.normal(jax.random.key(seed), (config.model.vocab_size, config.model.width))
+    return Gister(table, GistNet(config, rngs=nnx.Rngs(seed)), config)

@@ -1,0 +1,189 @@
+"""The Focus Allocator: turns LensNet scores into legal expand/collapse edits (DESIGN section 8).
+
+Deterministic and jit-able (fixed shapes; the edit loop is a ``lax.while_loop``). Candidates:
+
+* expand gist i (replace it by its K children) if ``score[i] >= tau_expand``;
+* collapse K aligned siblings ``i .. i + K - 1`` (replace them by their parent) if their mean score
+  is ``<= -tau_collapse``.
+
+Edits are applied one at a time in order of |score|, each keeping every WC invariant: nothing in the
+recent tail is touched, an entry created or changed in this refocus is not edited again (no
+overlapping edits), an entry edited in the last ``cooldown`` refocus steps is left alone, and the
+budget W is never exceeded: an expansion that does not fit first collapses the lowest-scoring
+sibling group (if that group scores below the expansion). At most ``max_edits`` edits per refocus.
+With ``temperature > 0`` candidates are ranked by |score| plus Gumbel noise times the temperature:
+the stochastic variant for exploration during training.
+"""
+
+import dataclasses
+from functools import partial
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from megacontext_jax.working_context import (
+    WorkingContext,
+    collapse,
+    expand,
+    shift_for_collapse,
+    shift_for_expand,
+)
+
+NEG = -jnp.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class AllocatorConfig:
+    block_size: int
+    max_level: int
+    recent_tail: int
+    tau_expand: float = 0.2
+    tau_collapse: float = 0.2
+    max_edits: int = 8
+    cooldown: int = 2
+    temperature: float = 0.0
+
+    @classmethod
+    def from_config(cls, config) -> "AllocatorConfig":
+        a = config.mc.allocator
+        return cls(
+            block_size=config.mc.block_size,
+            max_level=config.mc.max_level,
+            recent_tail=config.mc.recent_tail,
+            tau_expand=a.tau_expand,
+            tau_collapse=a.tau_collapse,
+            max_edits=a.max_edits,
+            cooldown=a.cooldown,
+            temperature=a.temperature,
+        )
+
+
+@flax.struct.dataclass
+class RefocusResult:
+    wc: WorkingContext
+    cooldown: jax.Array  # int32 [W]: refocus steps before each entry may be edited again
+    expands: jax.Array  # int32: edits applied, by kind
+    collapses: jax.Array
+
+
+def _window_sum(x: jax.Array, k: int) -> jax.Array:
+    """``out[i] = x[i] + ... + x[i + k - 1]`` (0 where the window runs off the end)."""
+    c = jnp.concatenate([jnp.zeros((1,), x.dtype), jnp.cumsum(x)])
+    n = x.shape[0]
+    i = jnp.arange(n)
+    return jnp.where(i + k <= n, c[jnp.minimum(i + k, n)] - c[i], 0)
+
+
+def _candidates(wc, scores, editable, cfg: AllocatorConfig):
+    """Expand priority per entry; for a group starting at i, its legality and mean score.
+
+    A legal group is K editable entries of one level below ``max_level`` whose first entry is
+    aligned to the parent's span; since entries tile time in order, they are exactly the siblings.
+    """
+    k = cfg.block_size
+    expand_priority = jnp.where(editable & (wc.lod > 0), scores, NEG)
+    next_lod = jnp.roll(wc.lod, -1)
+    same_as_next = (wc.lod == next_lod) & jnp.roll(wc.valid, -1)
+    legal = (
+        (_window_sum(editable.astype(jnp.int32), k) == k)
+        & (_window_sum(same_as_next.astype(jnp.int32), k - 1) == k - 1)
+        & (wc.start % jnp.power(k, wc.lod + 1) == 0)
+        & (wc.lod < cfg.max_level)
+    )
+    return expand_priority, legal, _window_sum(scores, k) / k
+
+
+@partial(jax.jit, static_argnames=("cfg",))
+def refocus(
+    wc: WorkingContext,
+    scores: jax.Array,
+    cooldown: jax.Array,
+    num_tokens: jax.Array,
+    cfg: AllocatorConfig,
+    key: jax.Array | None = None,
+) -> RefocusResult:
+    """Applies up to ``cfg.max_edits`` edits to ``wc`` given ``scores [W]`` in [-1, 1]."""
+    k, capacity = cfg.block_size, wc.capacity
+    if key is None:
+        key = jax.random.key(0)
+
+    def noise(key, shape):
+        if cfg.temperature == 0:
+            return jnp.zeros(shape)
+        return cfg.temperature * jax.random.gumbel(key, shape)
+
+    def body(carry):
+        wc, scores, cooldown, touched, expands, collapses, key, _ = carry
+        key, k1, k2 = jax.random.split(key, 3)
+        count = wc.valid.sum()
+        in_tail = wc.end(k) > num_tokens - cfg.recent_tail
+        editable = wc.valid & ~touched & (cooldown == 0) & ~in_tail
+        expand_p, legal, mean = _candidates(wc, scores, editable, cfg)
+        expand_rank = jnp.where(expand_p >= cfg.tau_expand, expand_p + noise(k1, (capacity,)), NEG)
+        collapse_ok = legal & (mean <= -cfg.tau_collapse)
+        collapse_rank = jnp.where(collapse_ok, -mean + noise(k2, (capacity,)), NEG)
+        e, c = jnp.argmax(expand_rank), jnp.argmax(collapse_rank)
+        has_e, has_c = expand_rank[e] > NEG, collapse_rank[c] > NEG
+        do_expand = has_e & (~has_c | (expand_rank[e] >= collapse_rank[c]))
+        do_collapse = has_c & ~do_expand
+        fits = count + k - 1 <= capacity
+        # Room for an expansion that does not fit: the lowest-mean legal group not holding e.
+        holds_e = (jnp.arange(capacity) <= e) & (jnp.arange(capacity) + k > e)
+        room_rank = jnp.where(legal & ~holds_e & (mean < scores[e]), -mean, NEG)
+        r = jnp.argmax(room_rank)
+        can_make_room = (room_rank[r] > NEG) & (expands + collapses + 2 <= cfg.max_edits)
+        make_room = do_expand & ~fits & can_make_room
+        skip = do_expand & ~fits & ~can_make_room
+
+        def apply_collapse(state, index):
+            wc, scores, cooldown, touched = state
+            parent_score = jnp.mean(jax.lax.dynamic_slice(scores, (index,), (k,)))
+            return (
+                collapse(wc, index, k),
+                shift_for_collapse(scores, index, k, parent_score),
+                shift_for_collapse(cooldown, index, k, cfg.cooldown),
+                shift_for_collapse(touched, index, k, True),
+            )
+
+        def apply_expand(state, index):
+            wc, scores, cooldown, touched = state
+            return (
+                expand(wc, index, k),
+                shift_for_expand(scores, index, k, 0.0),
+                shift_for_expand(cooldown, index, k, cfg.cooldown),
+                shift_for_expand(touched, index, k, True),
+            )
+
+        state = (wc, scores, cooldown, touched)
+        state = jax.lax.cond(make_room, lambda s: apply_collapse(s, r), lambda s: s, state)
+        e_after = jnp.where(make_room & (r < e), e - (k - 1), e)
+        state = jax.lax.cond(
+            do_expand & (fits | make_room), lambda s: apply_expand(s, e_after), lambda s: s, state
+        )
+        state = jax.lax.cond(do_collapse, lambda s: apply_collapse(s, c), lambda s: s, state)
+        wc, scores, cooldown, touched = state
+        # An expansion with no room is skipped: mark it so the loop moves on.
+        touched = touched | (skip & (jnp.arange(capacity) == e))
+        expands = expands + (do_expand & ~skip)
+        collapses = collapses + do_collapse + make_room
+        go_on = (has_e | has_c) & (expands + collapses < cfg.max_edits)
+        return wc, scores, cooldown, touched, expands, collapses, key, go_on
+
+    zero = jnp.zeros((), jnp.int32)
+    init = (
+        wc,
+        scores.astype(jnp.float32),
+        cooldown.astype(jnp.int32),
+        jnp.zeros(capacity, bool),
+        zero,
+        zero,
+        key,
+        jnp.asarray(cfg.max_edits > 0),
+    )
+    out = jax.lax.while_loop(lambda c: c[-1], body, init)
+    wc, _, cooldown, touched, expands, collapses = out[:6]
+    cooldown = jnp.where(touched | ~wc.valid, cooldown, jnp.maximum(cooldown - 1, 0))
+    return RefocusResult(
+        wc=wc, cooldown=jnp.where(wc.valid, cooldown, 0), expands=expands, collapses=collapses
+    )

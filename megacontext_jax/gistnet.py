@@ -1,0 +1,118 @@
+"""GistNet: compresses K embeddings into one gist that can stand in for them (DESIGN section 7).
+
+A small *bidirectional* transformer over one block of K children (local RoPE: child j at position j),
+a pooling head (``mean``, learned ``query``, or a ``cls`` entry), and a ``linear`` or ``mlp``
+projection into the base model's input-embedding space. One set of weights serves every level, or one
+set per level (``mc.gist.shared_levels``).
+"""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+import kernels
+from megacontext_jax.model import Block, _linear, rms_norm
+
+
+def block_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The transformer-block config of GistNet, at the base model's width."""
+    m, g = config.model, config.mc.gist
+    return ml_collections.ConfigDict(
+        {
+            "width": m.width,
+            "depth": g.depth,
+            "num_heads": g.num_heads,
+            "num_kv_heads": g.num_heads,
+            "mlp_ratio": g.mlp_ratio,
+            "rope_theta": m.rope_theta,
+            "dtype": m.dtype,
+            "param_dtype": m.param_dtype,
+            "attention_impl": m.attention_impl,
+        }
+    )
+
+
+class GistLevel(nnx.Module):
+    """One GistNet: ``[N, K, D]`` children -> ``[N, D]`` gists."""
+
+    def __init__(self, config: ml_collections.ConfigDict, rngs: nnx.Rngs):
+        cfg = block_config(config)
+        d, k = cfg.width, config.mc.block_size
+        self.pooling, self.projection = config.mc.gist.pooling, config.mc.gist.projection
+        self.head_dim = d // cfg.num_heads
+        self.rope_theta = cfg.rope_theta
+        self.blocks = nnx.List([Block(cfg, rngs, causal=False) for _ in range(cfg.depth)])
+        init = nnx.initializers.normal(1.0)
+        if self.pooling == "cls":
+            self.cls = nnx.Param(init(rngs.params(), (d,), jnp.dtype(cfg.param_dtype)))
+            # The cls entry stands for the whole block: centre and width of a level-1 span.
+            self.cls_position = ((k - 1) / 2, config.mc.sigma_scale * k)
+        elif self.pooling == "query":
+            self.query = nnx.Param(init(rngs.params(), (d,), jnp.dtype(cfg.param_dtype)))
+            self.key = _linear(d, d, d**-0.5, cfg, rngs)
+        if self.projection == "mlp":
+            self.up = _linear(d, 4 * d, d**-0.5, cfg, rngs)
+            self.down = _linear(4 * d, d, (4 * d) ** -0.5, cfg, rngs)
+        else:
+            self.out = _linear(d, d, d**-0.5, cfg, rngs)
+
+    def __call__(self, children: jax.Array) -> jax.Array:
+        n, k, d = children.shape
+        x = children.astype(self.blocks[0].attn.q.dtype)
+        mu = jnp.arange(k, dtype=jnp.float32)
+        sigma = jnp.zeros(k, jnp.float32)
+        if self.pooling == "cls":
+            x = jnp.concatenate([x, jnp.broadcast_to(self.cls.value.astype(x.dtype), (n, 1, d))], 1)
+            mu = jnp.append(mu, self.cls_position[0])
+            sigma = jnp.append(sigma, self.cls_position[1])
+        cos, sin = kernels.rope_tables(
+            jnp.broadcast_to(mu, (n, mu.size)),
+            jnp.broadcast_to(sigma, (n, mu.size)),
+            self.head_dim,
+            self.rope_theta,
+        )
+        x = rms_norm(x)
+        for block in self.blocks:
+            x, _ = block(x, cos, sin, None, None, 0)
+        x = rms_norm(x).astype(jnp.float32)
+        if self.pooling == "mean":
+            pooled = x.mean(axis=1)
+        elif self.pooling == "cls":
+            pooled = x[:, -1]
+        else:
+            logits = self.key(x).astype(jnp.float32) @ self.query.value.astype(jnp.float32)
+            pooled = jnp.einsum("nk,nkd->nd", jax.nn.softmax(logits * d**-0.5, axis=-1), x)
+        if self.projection == "mlp":
+            return self.down(jnp.square(jax.nn.relu(self.up(pooled)))).astype(jnp.float32)
+        return self.out(pooled).astype(jnp.float32)
+
+
+class GistNet(nnx.Module):
+    """Gists for any level: shared weights, or one ``GistLevel`` per level 1..max_level."""
+
+    def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+        num = 1 if config.mc.gist.shared_levels else config.mc.max_level
+        self.levels = nnx.List([GistLevel(config, rngs) for _ in range(num)])
+
+    def __call__(self, children: jax.Array, level: int) -> jax.Array:
+        """``children [N, K, D]`` (embeddings of level ``level - 1``) -> gists ``[N, D]`` float32."""
+        return self.levels[min(level, len(self.levels)) - 1](children)
+
+
+def build_levels(
+    gistnet: GistNet, embeddings: jax.Array, block_size: int, max_level: int
+) -> list[jax.Array]:
+    """Every complete node of a sequence, all levels, batched: ``[N, D]`` -> ``[[N // K^l, D]]``.
+
+    Entry 0 is ``embeddings`` itself. Jit-able (N is static); used in-graph by training.
+    """
+    levels = [embeddings]
+    for level in range(1, max_level + 1):
+        below = levels[-1]
+        n = below.shape[0] // block_size
+        if n == 0:
+            break
+        children = below[: n * block_size].reshape(n, block_size, below.shape[-1])
+        levels.append(gistnet(children, level))
+    return levels

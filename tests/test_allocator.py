@@ -1,0 +1,223 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from megacontext_jax.allocator import AllocatorConfig, refocus
+from megacontext_jax.working_context import check, entries, from_entries, recency_pyramid
+
+
+def reference_refocus(ents, scores, cooldown, num_tokens, capacity, cfg):
+    """The allocator's rules, written plainly over Python lists (the spec the jit code must match)."""
+    k = cfg.block_size
+    ents, scores, cooldown = list(ents), list(scores), list(cooldown)
+    touched = [False] * len(ents)
+    expands = collapses = 0
+
+    def first_max(ranks):
+        best = max(ranks, key=lambda x: x[0], default=None)
+        return None if best is None else next(r for r in ranks if r[0] == best[0])
+
+    go = cfg.max_edits > 0
+    while go:
+        n = len(ents)
+        editable = [
+            not touched[i]
+            and cooldown[i] == 0
+            and ents[i][1] + k ** ents[i][0] <= num_tokens - cfg.recent_tail
+            for i in range(n)
+        ]
+
+        def legal(i):
+            group = ents[i : i + k]
+            return (
+                i + k <= n
+                and all(editable[i : i + k])
+                and all(lod == ents[i][0] for lod, _ in group)
+                and ents[i][1] % k ** (ents[i][0] + 1) == 0
+                and ents[i][0] < cfg.max_level
+            )
+
+        means = [sum(scores[i : i + k]) / k if i + k <= n else 0.0 for i in range(n)]
+        exp = [
+            (scores[i], i)
+            for i in range(n)
+            if editable[i] and ents[i][0] > 0 and scores[i] >= cfg.tau_expand
+        ]
+        col = [(-means[i], i) for i in range(n) if legal(i) and means[i] <= -cfg.tau_collapse]
+        e, c = first_max(exp), first_max(col)
+        do_expand = e is not None and (c is None or e[0] >= c[0])
+        do_collapse = c is not None and not do_expand
+        skip = make_room = False
+        if do_expand:
+            e = e[1]
+            if n + k - 1 > capacity:
+                room = [
+                    (-means[i], i)
+                    for i in range(n)
+                    if legal(i) and not i <= e < i + k and means[i] < scores[e]
+                ]
+                r = first_max(room)
+                if r is not None and expands + collapses + 2 <= cfg.max_edits:
+                    make_room = True
+                    ents, scores, cooldown, touched = _collapse(
+                        ents, scores, cooldown, touched, r[1], k, cfg
+                    )
+                    e = e - (k - 1) if r[1] < e else e
+                else:
+                    skip = True
+            if not skip:
+                lod, start = ents[e]
+                children = [(lod - 1, start + j * k ** (lod - 1)) for j in range(k)]
+                ents = ents[:e] + children + ents[e + 1 :]
+                scores = scores[:e] + [0.0] * k + scores[e + 1 :]
+                cooldown = cooldown[:e] + [cfg.cooldown] * k + cooldown[e + 1 :]
+                touched = touched[:e] + [True] * k + touched[e + 1 :]
+            else:
+                touched[e] = True
+        if do_collapse:
+            ents, scores, cooldown, touched = _collapse(
+                ents, scores, cooldown, touched, c[1], k, cfg
+            )
+        expands += do_expand and not skip
+        collapses += do_collapse + make_room
+        go = (bool(exp) or bool(col)) and expands + collapses < cfg.max_edits
+    cooldown = [cd if t else max(cd - 1, 0) for cd, t in zip(cooldown, touched, strict=True)]
+    return ents, cooldown, expands, collapses
+
+
+def _collapse(ents, scores, cooldown, touched, i, k, cfg):
+    lod, start = ents[i]
+    mean = sum(scores[i : i + k]) / k
+    return (
+        ents[:i] + [(lod + 1, start)] + ents[i + k :],
+        scores[:i] + [mean] + scores[i + k :],
+        cooldown[:i] + [cfg.cooldown] + cooldown[i + k :],
+        touched[:i] + [True] + touched[i + k :],
+    )
+
+
+CONFIGS = [
+    (AllocatorConfig(4, 3, 8, tau_expand=0.25, tau_collapse=0.25, max_edits=6, cooldown=2), 48),
+    (AllocatorConfig(2, 4, 4, tau_expand=0.0, tau_collapse=0.5, max_edits=12, cooldown=0), 24),
+    (AllocatorConfig(8, 2, 16, tau_expand=0.5, tau_collapse=0.0, max_edits=3, cooldown=1), 64),
+]
+
+
+@pytest.mark.parametrize("cfg,capacity", CONFIGS)
+@settings(max_examples=120, deadline=None)
+@given(data=st.data())
+def test_matches_reference_and_keeps_invariants(cfg, capacity, data):
+    k = cfg.block_size
+    n = data.draw(st.integers(1, 6000))
+    wc = recency_pyramid(n, capacity, k, cfg.max_level, cfg.recent_tail)
+    # Scores on a 1/8 grid: sums and means are exact in float32, so ties are real ties.
+    scores = data.draw(st.lists(st.integers(-8, 8), min_size=capacity, max_size=capacity))
+    scores = [s / 8 for s in scores]
+    cooldown = data.draw(st.lists(st.integers(0, 2), min_size=capacity, max_size=capacity))
+    for _ in range(2):  # a second refocus starts from the first's output and cooldowns
+        out = refocus(wc, jnp.array(scores, jnp.float32), jnp.array(cooldown), n, cfg)
+        check(out.wc, n, k, cfg.max_level, cfg.recent_tail)
+        count = len(entries(wc))
+        want = reference_refocus(entries(wc), scores[:count], cooldown[:count], n, capacity, cfg)
+        got_ents = entries(out.wc)
+        assert got_ents == want[0]
+        assert list(np.asarray(out.cooldown)[: len(got_ents)]) == want[1]
+        assert (int(out.expands), int(out.collapses)) == want[2:]
+        assert int(out.expands) + int(out.collapses) <= cfg.max_edits
+        again = refocus(wc, jnp.array(scores, jnp.float32), jnp.array(cooldown), n, cfg)
+        assert entries(again.wc) == got_ents  # same input, same output
+        wc, cooldown = out.wc, list(np.asarray(out.cooldown))
+
+
+def _tokens_and_gists():
+    # Four level-1 gists, then 8 tokens (the last 4 of them form the recent tail).
+    return [(1, 0), (1, 4), (1, 8), (1, 12), *[(0, t) for t in range(16, 24)]], 24
+
+
+def _run(ents, scores, n, capacity=32, **kw):
+    cfg = AllocatorConfig(4, 2, kw.pop("tail", 4), **{"max_edits": 8, "cooldown": 2, **kw})
+    scores = jnp.array(scores + [0.0] * (capacity - len(scores)), jnp.float32)
+    return refocus(from_entries(ents, capacity), scores, jnp.zeros(capacity, jnp.int32), n, cfg)
+
+
+def test_expands_only_at_or_above_threshold():
+    ents, n = _tokens_and_gists()
+    out = _run(ents, [0.19, 0.2, 0.9, -0.1] + [0.0] * 8, n, tau_expand=0.2)
+    assert entries(out.wc)[:9] == [
+        (1, 0),
+        (0, 4),
+        (0, 5),
+        (0, 6),
+        (0, 7),
+        (0, 8),
+        (0, 9),
+        (0, 10),
+        (0, 11),
+    ]
+    assert int(out.expands) == 2 and int(out.collapses) == 0
+
+
+def test_collapses_aligned_siblings_and_protects_the_tail():
+    ents, n = _tokens_and_gists()
+    # Tokens 16..19 are siblings (parent (1, 16)); 20..23 are siblings but in the tail.
+    out = _run(ents, [0.0] * 4 + [-1.0] * 8, n, tau_collapse=0.5)
+    assert entries(out.wc) == [
+        (1, 0),
+        (1, 4),
+        (1, 8),
+        (1, 12),
+        (1, 16),
+        *[(0, t) for t in range(20, 24)],
+    ]
+    # The four level-1 gists are aligned to their parent (2, 0): they collapse too when cold.
+    out = _run(ents, [-0.9] * 4 + [0.0] * 8, n, tau_collapse=0.5)
+    assert entries(out.wc)[0] == (2, 0)
+    # Misaligned runs never collapse: tokens 17..20 are not siblings.
+    misaligned = [(1, 0), (1, 4), (1, 8), (1, 12), (0, 16), *[(0, t) for t in range(17, 24)]]
+    out = _run(misaligned, [0.0] * 4 + [1.0] + [-1.0] * 4 + [1.0] * 3, n, tau_collapse=0.6, tail=0)
+    assert entries(out.wc) == misaligned
+
+
+def test_budget_collapses_to_make_room():
+    ents, n = _tokens_and_gists()
+    capacity = len(ents)  # full: an expansion needs room
+    out = _run(
+        ents, [0.0, 0.0, 0.0, 0.9, -0.5, -0.5, -0.5, -0.5] + [0.0] * 4, n, capacity=capacity, tail=4
+    )
+    got = entries(out.wc)
+    assert got[3:8] == [(0, 12), (0, 13), (0, 14), (0, 15), (1, 16)]
+    assert (int(out.expands), int(out.collapses)) == (1, 1)
+    check(out.wc, n, 4, 2, 4)
+    # No group scores below the expansion: it is skipped rather than exceed the budget.
+    out = _run(ents, [0.0, 0.0, 0.0, 0.9] + [0.95] * 8, n, capacity=capacity, tail=4)
+    assert entries(out.wc) == ents
+
+
+def test_max_edits_and_cooldown():
+    ents, n = _tokens_and_gists()
+    out = _run(ents, [0.9, 0.8, 0.7, 0.6] + [0.0] * 8, n, max_edits=2)
+    assert int(out.expands) == 2 and entries(out.wc)[0] == (0, 0)
+    cfg = AllocatorConfig(4, 2, 4, max_edits=8, cooldown=2)
+    cooldown = jnp.array([0, 1, 0, 0] + [0] * 28)
+    scores = jnp.array([0.9] * 4 + [0.0] * 28)
+    out = refocus(from_entries(ents, 32), scores, cooldown, n, cfg)
+    got = entries(out.wc)
+    assert (1, 4) in got and (1, 0) not in got  # the cooling gist stayed
+    cd = np.asarray(out.cooldown)
+    assert cd[got.index((1, 4))] == 0  # cooldowns tick down each refocus
+    assert cd[got.index((0, 0))] == 2  # fresh edits start cooling
+
+
+def test_stochastic_variant_explores_and_stays_legal():
+    wc = recency_pyramid(3000, 64, 4, 3, 8)
+    cfg = AllocatorConfig(4, 3, 8, tau_expand=0.1, tau_collapse=0.1, max_edits=4, temperature=1.0)
+    scores = jax.random.uniform(jax.random.key(0), (64,), minval=-1, maxval=1)
+    outcomes = set()
+    for seed in range(8):
+        out = refocus(wc, scores, jnp.zeros(64, jnp.int32), 3000, cfg, jax.random.key(seed))
+        check(out.wc, 3000, 4, 3, 8)
+        outcomes.add(tuple(entries(out.wc)))
+    assert len(outcomes) > 1

@@ -1,0 +1,94 @@
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from megacontext_jax import working_context as wcm
+from megacontext_jax.positions import entry_positions
+from megacontext_jax.working_context import WCInvariantError, check, entries, from_entries
+
+
+@st.composite
+def wc_setups(draw):
+    k = draw(st.sampled_from([2, 4, 8]))
+    max_level = draw(st.integers(1, 4))
+    capacity = draw(st.integers(2 * k + 2, 120))
+    tail = draw(st.integers(0, capacity - 2 * k))
+    num_tokens = draw(st.integers(0, 20_000))
+    return num_tokens, capacity, k, max_level, tail
+
+
+@settings(max_examples=300, deadline=None)
+@given(wc_setups())
+def test_recency_pyramid_is_legal_and_full(setup):
+    n, capacity, k, max_level, tail = setup
+    wc = wcm.recency_pyramid(n, capacity, k, max_level, tail)
+    horizon = check(wc, n, k, max_level, tail)
+    ents = entries(wc)
+    has_gist = any(lod > 0 for lod, _ in ents)
+    # As full as legally possible: another expansion (K - 1 more entries) would not fit.
+    assert not has_gist or len(ents) + k - 1 > capacity
+    assert horizon == 0 or wcm.min_entries(n, k, max_level, tail) > capacity
+    if n <= capacity:
+        assert ents == [(0, t) for t in range(n)]
+
+
+def test_pyramid_detail_falls_off_with_distance():
+    ents = entries(wcm.recency_pyramid(100_000, 256, 8, 4, 32))
+    lods = [lod for lod, _ in ents]
+    assert lods == sorted(lods, reverse=True)  # coarse in the past, fine near the present
+    assert set(lods) == {0, 1, 2, 3, 4}
+    assert all(lod == 0 for lod, start in ents if start >= 100_000 - 32)
+
+
+def test_horizon_when_history_exceeds_coarsest_cover():
+    wc = wcm.recency_pyramid(5000, 40, 4, 2, 8)
+    horizon = check(wc, 5000, 4, 2, 8)
+    assert horizon == 4480 and entries(wc)[0] == (2, 4480)
+
+
+@pytest.mark.parametrize(
+    "ents,n,message",
+    [
+        ([(0, 0), (0, 2)], 3, "coverage: gap"),
+        ([(1, 0), (0, 3)], 4, "order"),
+        ([(0, 0), (1, 1)], 5, "alignment: start 1"),
+        ([(3, 0)], 64, "alignment: lod 3 outside"),
+        ([(1, 0), (0, 4)], 4, "alignment: node"),
+        ([(0, 0), (0, 1)], 3, "coverage: entries end at 2"),
+        ([(1, 4), (0, 8)], 9, "coverage: horizon 4"),
+        ([(0, 0), (0, 1), (0, 2), (0, 3), (1, 4)], 8, "recent tail"),
+    ],
+)
+def test_check_names_the_broken_invariant(ents, n, message):
+    with pytest.raises(WCInvariantError, match=message):
+        check(from_entries(ents, 16), n, 4, 2, 2)
+
+
+def test_check_requires_packed_layout():
+    wc = from_entries([(0, 0), (0, 1)], 4)
+    wc = wc.replace(valid=jnp.array([True, False, True, False]))
+    with pytest.raises(WCInvariantError, match="layout"):
+        check(wc, 2, 4, 2, 0)
+
+
+def test_expand_then_collapse_round_trips():
+    wc = wcm.recency_pyramid(1000, 64, 4, 3, 8)
+    ents = entries(wc)
+    for index, (lod, start) in enumerate(ents):
+        if lod == 0 or len(ents) + 3 > 64:
+            continue
+        expanded = wcm.expand(wc, index, 4)
+        new = entries(expanded)
+        assert new[index : index + 4] == [(lod - 1, start + j * 4 ** (lod - 1)) for j in range(4)]
+        assert new[:index] == ents[:index] and new[index + 4 :] == ents[index + 1 :]
+        assert entries(wcm.collapse(expanded, index, 4)) == ents
+
+
+def test_entry_positions():
+    lod = jnp.array([0, 1, 2])
+    start = jnp.array([7, 8, 16])
+    mu, sigma = entry_positions(lod, start, 4, 0.5)
+    np.testing.assert_array_equal(mu, [7.0, 9.5, 23.5])
+    np.testing.assert_array_equal(sigma, [0.0, 2.0, 8.0])
