@@ -49,6 +49,13 @@ class Gister:
         self.graphdef, self.state = nnx.split(gistnet)
         self.fingerprint = fingerprint(self.table, gistnet, config)
 
+    @classmethod
+    def initialized(cls, config: ml_collections.ConfigDict, seed: int = 0) -> "Gister":
+        """Freshly initialized weights (same seed, same weights): for tests and benchmarks."""
+        m = config.model
+        table = jax.random.normal(jax.random.key(seed), (m.vocab_size, m.width))
+        return cls(table, GistNet(config, rngs=nnx.Rngs(seed)), config)
+
     def embed(self, tokens: np.ndarray) -> np.ndarray:
         """Token ids ``[n]`` -> input embeddings ``[n, D]`` float32."""
         return self.table[tokens]

@@ -137,7 +137,7 @@ class DiskStorage:
 
     @staticmethod
     def _spec(path: Path, meta: TreeMeta, level: int) -> dict:
-        rows = 1 << 16 if level == 0 else max(1, (1 << 20) // (meta.dim * 2))
+        rows = 1 << 14 if level == 0 else max(1, (1 << 17) // (meta.dim * 2))
         return {
             "driver": "zarr3",
             "kvstore": {"driver": "file", "path": str(path / f"level_{level}")},

@@ -72,12 +72,6 @@ def mc_config(
 
 
 def make_gister(config: ml_collections.ConfigDict | None = None, seed: int = 0):
-    import jax
-    from flax import nnx
-
     from megacontext_jax.gister import Gister
-    from megacontext_jax.gistnet import GistNet
 
-    config = config or mc_config()
-    table = jax.random.normal(jax.random.key(seed), (config.model.vocab_size, config.model.width))
-    return Gister(table, GistNet(config, rngs=nnx.Rngs(seed)), config)
+    return Gister.initialized(config or mc_config(), seed)

@@ -9,94 +9,101 @@ from megacontext_jax.allocator import AllocatorConfig, refocus
 from megacontext_jax.working_context import check, entries, from_entries, recency_pyramid
 
 
+def _splice(values, i, count, new):
+    """``values`` with ``values[i : i + count]`` replaced by ``new``."""
+    return [*values[:i], *new, *values[i + count :]]
+
+
+def _legal_group(ents, editable, i, cfg):
+    k = cfg.block_size
+    lod, start = ents[i]
+    return (
+        i + k <= len(ents)
+        and all(editable[i : i + k])
+        and all(l == lod for l, _ in ents[i : i + k])
+        and start % k ** (lod + 1) == 0
+        and lod < cfg.max_level
+    )
+
+
+def _first_max(ranked):
+    """The first (rank, index) pair of highest rank, or None."""
+    best = None
+    for pair in ranked:
+        if best is None or pair[0] > best[0]:
+            best = pair
+    return best
+
+
 def reference_refocus(ents, scores, cooldown, num_tokens, capacity, cfg):
     """The allocator's rules, written plainly over Python lists (the spec the jit code must match)."""
     k = cfg.block_size
-    ents, scores, cooldown = list(ents), list(scores), list(cooldown)
-    touched = [False] * len(ents)
+    state = {"ents": list(ents), "scores": list(scores), "cooldown": list(cooldown)}
+    state["touched"] = [False] * len(ents)
     expands = collapses = 0
 
-    def first_max(ranks):
-        best = max(ranks, key=lambda x: x[0], default=None)
-        return None if best is None else next(r for r in ranks if r[0] == best[0])
+    def edit(i, count, ents_new, score, new_count):
+        for key, new in (
+            ("ents", ents_new),
+            ("scores", [score] * new_count),
+            ("cooldown", [cfg.cooldown] * new_count),
+            ("touched", [True] * new_count),
+        ):
+            state[key] = _splice(state[key], i, count, new)
+
+    def collapse_at(i):
+        lod, start = state["ents"][i]
+        edit(i, k, [(lod + 1, start)], sum(state["scores"][i : i + k]) / k, 1)
 
     go = cfg.max_edits > 0
     while go:
+        ents, scores = state["ents"], state["scores"]
         n = len(ents)
         editable = [
-            not touched[i]
-            and cooldown[i] == 0
+            not state["touched"][i]
+            and state["cooldown"][i] == 0
             and ents[i][1] + k ** ents[i][0] <= num_tokens - cfg.recent_tail
             for i in range(n)
         ]
-
-        def legal(i):
-            group = ents[i : i + k]
-            return (
-                i + k <= n
-                and all(editable[i : i + k])
-                and all(lod == ents[i][0] for lod, _ in group)
-                and ents[i][1] % k ** (ents[i][0] + 1) == 0
-                and ents[i][0] < cfg.max_level
-            )
-
-        means = [sum(scores[i : i + k]) / k if i + k <= n else 0.0 for i in range(n)]
+        legal = [_legal_group(ents, editable, i, cfg) for i in range(n)]
+        means = [sum(scores[i : i + k]) / k if legal[i] else 0.0 for i in range(n)]
         exp = [
             (scores[i], i)
             for i in range(n)
             if editable[i] and ents[i][0] > 0 and scores[i] >= cfg.tau_expand
         ]
-        col = [(-means[i], i) for i in range(n) if legal(i) and means[i] <= -cfg.tau_collapse]
-        e, c = first_max(exp), first_max(col)
+        col = [(-means[i], i) for i in range(n) if legal[i] and means[i] <= -cfg.tau_collapse]
+        e, c = _first_max(exp), _first_max(col)
         do_expand = e is not None and (c is None or e[0] >= c[0])
-        do_collapse = c is not None and not do_expand
         skip = make_room = False
         if do_expand:
             e = e[1]
             if n + k - 1 > capacity:
-                room = [
+                room = _first_max(
                     (-means[i], i)
                     for i in range(n)
-                    if legal(i) and not i <= e < i + k and means[i] < scores[e]
-                ]
-                r = first_max(room)
-                if r is not None and expands + collapses + 2 <= cfg.max_edits:
-                    make_room = True
-                    ents, scores, cooldown, touched = _collapse(
-                        ents, scores, cooldown, touched, r[1], k, cfg
-                    )
-                    e = e - (k - 1) if r[1] < e else e
-                else:
-                    skip = True
-            if not skip:
-                lod, start = ents[e]
-                children = [(lod - 1, start + j * k ** (lod - 1)) for j in range(k)]
-                ents = ents[:e] + children + ents[e + 1 :]
-                scores = scores[:e] + [0.0] * k + scores[e + 1 :]
-                cooldown = cooldown[:e] + [cfg.cooldown] * k + cooldown[e + 1 :]
-                touched = touched[:e] + [True] * k + touched[e + 1 :]
+                    if legal[i] and not i <= e < i + k and means[i] < scores[e]
+                )
+                make_room = room is not None and expands + collapses + 2 <= cfg.max_edits
+                skip = not make_room
+                if make_room:
+                    collapse_at(room[1])
+                    e = e - (k - 1) if room[1] < e else e
+            if skip:
+                state["touched"][e] = True
             else:
-                touched[e] = True
-        if do_collapse:
-            ents, scores, cooldown, touched = _collapse(
-                ents, scores, cooldown, touched, c[1], k, cfg
-            )
+                lod, start = state["ents"][e]
+                edit(e, 1, [(lod - 1, start + j * k ** (lod - 1)) for j in range(k)], 0.0, k)
+        elif c is not None:
+            collapse_at(c[1])
         expands += do_expand and not skip
-        collapses += do_collapse + make_room
+        collapses += (c is not None and not do_expand) + make_room
         go = (bool(exp) or bool(col)) and expands + collapses < cfg.max_edits
-    cooldown = [cd if t else max(cd - 1, 0) for cd, t in zip(cooldown, touched, strict=True)]
-    return ents, cooldown, expands, collapses
-
-
-def _collapse(ents, scores, cooldown, touched, i, k, cfg):
-    lod, start = ents[i]
-    mean = sum(scores[i : i + k]) / k
-    return (
-        ents[:i] + [(lod + 1, start)] + ents[i + k :],
-        scores[:i] + [mean] + scores[i + k :],
-        cooldown[:i] + [cfg.cooldown] + cooldown[i + k :],
-        touched[:i] + [True] + touched[i + k :],
-    )
+    cooldown = [
+        cd if t else max(cd - 1, 0)
+        for cd, t in zip(state["cooldown"], state["touched"], strict=True)
+    ]
+    return state["ents"], cooldown, expands, collapses
 
 
 CONFIGS = [
