@@ -62,13 +62,14 @@ def main(argv: list[str]) -> int:
         return 1
     from megacontext_jax.sampling import generate
     from megacontext_jax.tokenizer import ByteTokenizer
+    from megacontext_jax.train_step import base_model
 
     tokenizer = ByteTokenizer()
     feed = tokenizer.stream_decoder()
     sys.stdout.write(prompt)
     sys.stdout.flush()
     for token in generate(
-        model,
+        base_model(model),
         tokenizer.encode(prompt, bos=True),
         args.max_new_tokens,
         capacity=config.data.seq_len,

@@ -92,6 +92,25 @@ def base_config() -> ml_collections.ConfigDict:
     c.mc.gist.projection = "mlp"  # "linear" or "mlp" into the base model's embedding space
     c.mc.gist.shared_levels = True  # one GistNet for every level, or one per level
 
+    c.mc.enabled = False  # train the MegaContext model (base + GistNet + LensNet), not a plain LM
+    c.mc.mode = "e2e"  # "e2e": all parts from scratch; "frozen_base": base restored and frozen
+    c.mc.base_checkpoint = ""  # frozen_base: workdir of a trained base model
+    c.mc.scored_tokens = 32  # S: newest tokens whose predictions every condition scores
+    c.mc.num_random_variants = 3  # counterfactual variants per training sequence
+    c.mc.train_temperature = 0.5  # allocator exploration for the LensNet-guided variant
+    c.mc.lens_start = 0  # step at which the LensNet loss switches on
+    c.mc.loss = ml_collections.ConfigDict()
+    c.mc.loss.lm_tokens = 1.0
+    c.mc.loss.lm_wc = 1.0
+    c.mc.loss.kl = 1.0
+    c.mc.loss.lens = 1.0
+    c.mc.loss.lens_margin = 0.002  # nats: smaller loss differences are not preferences
+
+    c.mc.lens = ml_collections.ConfigDict()
+    c.mc.lens.depth = 2
+    c.mc.lens.num_heads = 4
+    c.mc.lens.mlp_ratio = 4
+
     c.mc.allocator = ml_collections.ConfigDict()
     c.mc.allocator.tau_expand = 0.2  # expand a gist scoring >= tau_expand
     c.mc.allocator.tau_collapse = 0.2  # collapse K siblings whose mean score <= -tau_collapse
@@ -243,6 +262,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "mc.gist.depth",
         "mc.gist.num_heads",
         "mc.gist.mlp_ratio",
+        "mc.lens.depth",
+        "mc.lens.num_heads",
+        "mc.lens.mlp_ratio",
         "mc.allocator.tau_expand",
         "mc.allocator.tau_collapse",
     )
@@ -285,6 +307,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         m.width % mc.gist.num_heads == 0 and (m.width // mc.gist.num_heads) % 2 == 0,
         "mc.gist.num_heads",
         f"{mc.gist.num_heads} heads must divide model.width={m.width} into even head dims",
+    )
+    _require(
+        m.width % mc.lens.num_heads == 0 and (m.width // mc.lens.num_heads) % 2 == 0,
+        "mc.lens.num_heads",
+        f"{mc.lens.num_heads} heads must divide model.width={m.width} into even head dims",
     )
     _require(
         0 <= mc.recent_tail < mc.wc_size,

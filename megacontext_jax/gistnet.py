@@ -12,32 +12,14 @@ import ml_collections
 from flax import nnx
 
 import kernels
-from megacontext_jax.model import Block, _linear, rms_norm
-
-
-def block_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The transformer-block config of GistNet, at the base model's width."""
-    m, g = config.model, config.mc.gist
-    return ml_collections.ConfigDict(
-        {
-            "width": m.width,
-            "depth": g.depth,
-            "num_heads": g.num_heads,
-            "num_kv_heads": g.num_heads,
-            "mlp_ratio": g.mlp_ratio,
-            "rope_theta": m.rope_theta,
-            "dtype": m.dtype,
-            "param_dtype": m.param_dtype,
-            "attention_impl": m.attention_impl,
-        }
-    )
+from megacontext_jax.model import Block, _linear, rms_norm, sub_config
 
 
 class GistLevel(nnx.Module):
     """One GistNet: ``[N, K, D]`` children -> ``[N, D]`` gists."""
 
     def __init__(self, config: ml_collections.ConfigDict, rngs: nnx.Rngs):
-        cfg = block_config(config)
+        cfg = sub_config(config.model, config.mc.gist)
         d, k = cfg.width, config.mc.block_size
         self.pooling, self.projection = config.mc.gist.pooling, config.mc.gist.projection
         self.head_dim = d // cfg.num_heads

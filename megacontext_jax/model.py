@@ -24,6 +24,28 @@ def rms_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
 
+def sub_config(
+    model: ml_collections.ConfigDict, net: ml_collections.ConfigDict
+) -> ml_collections.ConfigDict:
+    """Block config of a small bidirectional net (GistNet, LensNet) at the base model's width.
+
+    ``net`` supplies ``depth``, ``num_heads`` and ``mlp_ratio``; the rest follows the base model.
+    """
+    return ml_collections.ConfigDict(
+        {
+            "width": model.width,
+            "depth": net.depth,
+            "num_heads": net.num_heads,
+            "num_kv_heads": net.num_heads,
+            "mlp_ratio": net.mlp_ratio,
+            "rope_theta": model.rope_theta,
+            "dtype": model.dtype,
+            "param_dtype": model.param_dtype,
+            "attention_impl": model.attention_impl,
+        }
+    )
+
+
 def _linear(d_in: int, d_out: int, std: float, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
     return nnx.Linear(
         d_in,

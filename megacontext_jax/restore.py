@@ -7,12 +7,14 @@ from flax import nnx
 
 from megacontext_jax import sharding
 from megacontext_jax.checkpoint import Checkpointer, read_config
+from megacontext_jax.megacontext import MegaContext
 from megacontext_jax.model import GPT
 from megacontext_jax.train_step import make_trainable
 
 
-def load_model(workdir: str | Path) -> tuple[GPT, ml_collections.ConfigDict]:
-    """The model of the latest checkpoint in ``workdir`` and the config it was trained with.
+def load_model(workdir: str | Path) -> tuple[GPT | MegaContext, ml_collections.ConfigDict]:
+    """The model (GPT, or MegaContext with ``mc.enabled``) of the latest checkpoint in ``workdir``
+    and the config it was trained with.
 
     Raises ``CheckpointError`` (one line) for a missing or mismatched checkpoint.
     """

@@ -17,6 +17,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from megacontext_jax import sharding
+from megacontext_jax.mc_losses import mc_loss
+from megacontext_jax.megacontext import MegaContext
 from megacontext_jax.model import GPT, cross_entropy
 
 
@@ -52,8 +54,26 @@ def _muon_labels(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(label, params)
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW (or Muon) under the warmup + cosine schedule."""
+def build_model(config: ml_collections.ConfigDict, seed: int) -> GPT | MegaContext:
+    """The model a run trains: a plain GPT, or with ``mc.enabled`` the MegaContext model."""
+    rngs = nnx.Rngs(seed)
+    return MegaContext(config, rngs=rngs) if config.mc.enabled else GPT(config.model, rngs=rngs)
+
+
+def _frozen_labels(params: Any) -> Any:
+    """"frozen" for every leaf of the base model, "train" for GistNet and LensNet."""
+    return {
+        name: jax.tree.map(lambda _, label="frozen" if name == "base" else "train": label, sub)
+        for name, sub in params.items()
+    }
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW (or Muon) under the warmup + cosine schedule.
+
+    In ``frozen_base`` mode the base model's parameters get no updates.
+    """
+    cfg = config.train
     schedule = lr_schedule(cfg)
     adamw = optax.adamw(
         schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=_is_matrix
@@ -63,7 +83,10 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformati
     else:
         muon = optax.contrib.muon(schedule, weight_decay=cfg.weight_decay)
         inner = optax.multi_transform({"muon": muon, "adamw": adamw}, _muon_labels)
-    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), inner)
+    tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), inner)
+    if config.mc.enabled and config.mc.mode == "frozen_base":
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, _frozen_labels)
+    return tx
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +99,7 @@ class Trainable:
     mesh: Mesh
     state_shardings: Any
     init: Callable[[], TrainState]
+    config: ml_collections.ConfigDict
 
     def abstract_state(self) -> TrainState:
         """Shape/dtype/sharding structs of the state (the restore target of a checkpoint)."""
@@ -88,15 +112,15 @@ class Trainable:
 
 def make_trainable(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainable:
     """Builds the static parts of a run; ``Trainable.init()`` creates the sharded initial state."""
-    optimizer = make_optimizer(config.train)
+    optimizer = make_optimizer(config)
 
     def init() -> TrainState:
-        _, params = nnx.split(GPT(config.model, rngs=nnx.Rngs(config.seed)))
+        _, params = nnx.split(build_model(config, config.seed))
         return TrainState(
             step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params)
         )
 
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: GPT(config.model, rngs=nnx.Rngs(0))))
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(config, 0)))
     shardings = sharding.state_shardings(jax.eval_shape(init), mesh)
     return Trainable(
         graphdef=graphdef,
@@ -105,33 +129,44 @@ def make_trainable(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainable:
         mesh=mesh,
         state_shardings=shardings,
         init=jax.jit(init, out_shardings=shardings),
+        config=config,
     )
 
 
+def base_model(model: GPT | MegaContext) -> GPT:
+    return model.base if isinstance(model, MegaContext) else model
+
+
 def _nll(graphdef: nnx.GraphDef, params: nnx.State, batch: dict[str, jax.Array]):
-    model = nnx.merge(graphdef, params)
+    model = base_model(nnx.merge(graphdef, params))
     return cross_entropy(model(batch["inputs"]), batch["targets"], batch["mask"])
 
 
 def make_train_step(t: Trainable) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """The jitted step. ``batch``: ``inputs``/``targets`` int32 ``[B, L]``, ``mask`` bool ``[B, L]``.
 
-    Metrics: ``loss`` (mean nats per target), ``grad_norm``, ``lr`` (of this update), ``tokens``. The state is donated.
+    Metrics: ``loss`` (the optimized total; for a plain LM the mean nats per target),
+    ``grad_norm``, ``lr`` (of this update), and with ``mc.enabled`` the terms of ``mc_loss``. The state is donated.
     """
 
-    def loss_fn(params, batch):
+    def loss_fn(params, batch, step):
+        if t.config.mc.enabled:
+            key = jax.random.fold_in(jax.random.key(t.config.seed), step)
+            return mc_loss(nnx.merge(t.graphdef, params), batch, step, key, t.config)
         nll, count = _nll(t.graphdef, params, batch)
-        return nll / jnp.maximum(count, 1), count
+        loss = nll / jnp.maximum(count, 1)
+        return loss, {"loss": loss}
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, batch, state.step
+        )
         updates, opt_state = t.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {
-            "loss": loss,
+            **metrics,
             "grad_norm": optax.global_norm(grads),
             "lr": t.schedule(state.step),
-            "tokens": count,
         }
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from megacontext_jax import data, sharding
+from megacontext_jax import data, sharding, variants
 from megacontext_jax.checkpoint import Checkpointer, write_config
 from megacontext_jax.metrics import MetricsWriter, plot_loss_curve
 from megacontext_jax.model import count_params
@@ -19,6 +19,23 @@ from megacontext_jax.train_step import make_eval_step, make_train_step, make_tra
 def _local_rows(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
     start = jax.process_index() * rows
     return {k: v[start : start + rows] for k, v in batch.items()}
+
+
+def mc_batch(
+    batch: dict[str, np.ndarray], step: int, config: ml_collections.ConfigDict
+) -> dict[str, np.ndarray]:
+    """Adds the tokens and the host-built working contexts of a MegaContext training step.
+
+    The contexts' randomness derives from (seed, step, process), so a resumed run repeats it.
+    """
+    layout = variants.Layout.from_config(config)
+    rows, seq_len = batch["inputs"].shape
+    rng = np.random.default_rng([config.seed, step, jax.process_index()])
+    contexts, expand_lod = variants.training_contexts(
+        rows, config.mc.num_random_variants, seq_len - layout.scored, layout, rng
+    )
+    tokens = np.concatenate([batch["inputs"], batch["targets"][:, -1:]], axis=1)
+    return {**batch, **contexts, "tokens": tokens, "expand_lod": expand_lod}
 
 
 def evaluate(eval_step, params, batches, mesh, rows: int) -> dict[str, float]:
@@ -88,7 +105,10 @@ def train(
     step = start
     try:
         for step in range(start + 1, end + 1):
-            batch = sharding.global_batch(next(data_iter), mesh)
+            batch = next(data_iter)
+            if config.mc.enabled:
+                batch = mc_batch(batch, step, config)
+            batch = sharding.global_batch(batch, mesh)
             state, metrics = train_step(state, batch)
             pending.append(metrics)
             if step % config.train.log_every == 0 or step == end:
@@ -97,10 +117,11 @@ def train(
                 # The first interval includes compilation; tokens/s counts from the second one.
                 rate = (step - last_step) * tokens_per_step / (now - last_time)
                 record = {
-                    "train/loss": float(np.mean([m["loss"] for m in fetched])),
-                    "train/grad_norm": float(np.mean([m["grad_norm"] for m in fetched])),
-                    "train/lr": float(fetched[-1]["lr"]),
+                    f"train/{key}": float(np.nanmean([m[key] for m in fetched]))
+                    for key in fetched[0]
+                    if key != "lr" and not np.isnan([m[key] for m in fetched]).all()
                 }
+                record["train/lr"] = float(fetched[-1]["lr"])
                 if last_step > start:
                     record["train/tokens_per_s"] = rate
                 writer.write(step, record)

@@ -1,0 +1,214 @@
+"""MegaContext training losses (DESIGN section 8), in one jit-able function.
+
+Per sequence ``tokens [T + 1]`` and host-built contexts (pyramid, window, random variants; see
+``variants.py``), plus one LensNet-guided variant made in-graph by the allocator:
+
+* ``lm_tokens``: the ordinary next-token loss of the base model on the raw tokens (e2e only);
+* ``lm_wc``: next-token loss on every working-context entry, each labelled with the first token
+  after its span, so the base model learns to read gists;
+* ``kl``: substitutability, KL(full-token teacher || WC model) on the scored tokens, with a
+  stop-gradient teacher; trains GistNet (and the base model in e2e) to make gists stand in for spans;
+* ``lens``: Bradley–Terry preference loss: for two variants a, b of the pyramid with measured loss
+  L_a < L_b, ``-log sigmoid(u_a - u_b)`` where u is LensNet's utility of the variant's edits
+  (sum of scores of expanded gists minus mean scores of collapsed groups).
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from megacontext_jax.allocator import AllocatorConfig, refocus
+from megacontext_jax.megacontext import (
+    MegaContext,
+    entry_labels,
+    gather_entries,
+    node_table,
+    wc_positions,
+)
+from megacontext_jax.model import cross_entropy
+from megacontext_jax.working_context import WorkingContext
+
+sg = jax.lax.stop_gradient
+
+
+def _token_nll(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    return logz - jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+
+
+def _masked_mean(x: jax.Array, mask: jax.Array, axis=None) -> jax.Array:
+    return jnp.sum(jnp.where(mask, x, 0.0), axis) / jnp.maximum(jnp.sum(mask, axis), 1)
+
+
+def guided_contexts(
+    model: MegaContext, table, offsets, arrays, cursor: int, config, key
+) -> tuple[dict[str, jax.Array], jax.Array, jax.Array]:
+    """LensNet scores of the pyramid (variant 0) and the allocator's refocus of it.
+
+    Returns the refocused context followed by the scored tail (``[B, 1, W]`` arrays), the scores
+    ``[B, W]`` and the number of edits per example.
+    """
+    k, w = config.mc.block_size, config.mc.wc_size
+    wc_cap = w - config.mc.scored_tokens
+    lod, start, ctx = arrays["lod"][:, 0], arrays["start"][:, 0], arrays["context"][:, 0]
+    b = lod.shape[0]
+    emb = sg(gather_entries(table, offsets, lod, start, ctx, k))
+    mu, sigma = wc_positions(lod, start, config)
+    cursor_b = jnp.full((b,), cursor, jnp.int32)
+    scores = model.lensnet(emb, WorkingContext(lod, start, ctx), mu, sigma, ctx, cursor_b)
+
+    cfg = dataclasses.replace(
+        AllocatorConfig.from_config(config), temperature=config.mc.train_temperature
+    )
+    wc = WorkingContext(lod[:, :wc_cap], start[:, :wc_cap], ctx[:, :wc_cap])
+    keys = jax.random.split(key, b)
+    result = jax.vmap(
+        lambda wc, s, key: refocus(wc, s, jnp.zeros(wc_cap, jnp.int32), cursor, cfg, key)
+    )(wc, sg(scores[:, :wc_cap]), keys)
+    pad = ((0, 0), (0, w - wc_cap))
+    new_lod = jnp.pad(result.wc.lod, pad)
+    new_start = jnp.pad(result.wc.start, pad)
+    new_ctx = jnp.pad(result.wc.valid, pad)
+    tail = jnp.arange(w)[None] - new_ctx.sum(-1, keepdims=True)
+    is_tail = (tail >= 0) & (tail < config.mc.scored_tokens)
+    guided = {
+        "lod": jnp.where(is_tail, 0, new_lod)[:, None],
+        "start": jnp.where(is_tail, cursor + tail, new_start)[:, None],
+        "valid": (new_ctx | is_tail)[:, None],
+        "context": new_ctx[:, None],
+    }
+    return guided, scores, result.expands + result.collapses
+
+
+def utilities(scores, base_lod, base_start, base_ctx, lod, start, ctx, block_size):
+    """LensNet utility ``[B, V]`` of each variant's edits relative to the baseline entries.
+
+    A baseline entry is expanded in a variant when the entry covering its start there is finer,
+    collapsed when it is coarser. ``u = sum(score * expanded) - sum(score * collapsed) / K``.
+    """
+    big = jnp.iinfo(jnp.int32).max
+    var_start = jnp.where(ctx, start, big)
+
+    def cover(var_start_row, var_lod_row, base_start_row):
+        idx = jnp.searchsorted(var_start_row, base_start_row, side="right") - 1
+        return var_lod_row[jnp.clip(idx, 0, var_lod_row.shape[0] - 1)]
+
+    covering = jax.vmap(jax.vmap(cover, (0, 0, None)), (0, 0, 0))(var_start, lod, base_start)
+    expanded = (covering < base_lod[:, None]) & base_ctx[:, None]
+    collapsed = (covering > base_lod[:, None]) & base_ctx[:, None]
+    s = scores[:, None]
+    return (
+        jnp.sum(jnp.where(expanded, s, 0.0), -1)
+        - jnp.sum(jnp.where(collapsed, s, 0.0), -1) / block_size
+    )
+
+
+def mc_loss(
+    model: MegaContext,
+    batch: dict[str, jax.Array],
+    step: jax.Array,
+    key: jax.Array,
+    config: ml_collections.ConfigDict,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Total loss and metrics. ``batch``: ``tokens [B, T+1]``, contexts ``[B, V, W]``, ``expand_lod``."""
+    mc, weights = config.mc, config.mc.loss
+    k, s_len = mc.block_size, mc.scored_tokens
+    tokens = batch["tokens"]
+    b, t = tokens.shape[0], tokens.shape[1] - 1
+    cursor = t - s_len
+    inputs = tokens[:, :t]
+
+    full_logits = model.base(inputs)
+    targets = tokens[:, 1:]
+    target_mask = batch["mask"]
+    nll_sum, count = cross_entropy(full_logits, targets, target_mask)
+    lm_tokens = nll_sum / jnp.maximum(count, 1)
+
+    table, offsets = node_table(model.gistnet, model.base.embed(inputs), k, mc.max_level)
+    host = {name: batch[name] for name in ("lod", "start", "valid", "context")}
+    guided, scores, edits = guided_contexts(model, table, offsets, host, cursor, config, key)
+    arrays = {name: jnp.concatenate([host[name], guided[name]], axis=1) for name in host}
+    lod, start, valid, ctx = (arrays[n] for n in ("lod", "start", "valid", "context"))
+    v = lod.shape[1]
+
+    emb = gather_entries(table, offsets, lod, start, valid, k)
+    mu, sigma = wc_positions(lod, start, config)
+    w = lod.shape[-1]
+    logits = model.base(
+        embeddings=emb.reshape(b * v, w, -1),
+        mu=mu.reshape(b * v, w),
+        sigma=sigma.reshape(b * v, w),
+        kv_valid=valid.reshape(b * v, w),
+    ).reshape(b, v, w, -1)
+    labels, label_mask = entry_labels(tokens, lod, start, valid, k)
+    nll = _token_nll(logits, labels)
+    lm_wc = _masked_mean(nll, label_mask)
+    scored_mask = label_mask & ~ctx
+    variant_loss = _masked_mean(nll, scored_mask, axis=-1)  # [B, V]
+
+    # Substitutability: the scored tokens under each WC vs under the full-token teacher.
+    first = ctx.sum(-1)  # [B, V]: index of the first scored entry
+    rows = first[..., None] + jnp.arange(s_len)  # [B, V, S]
+    student = jnp.take_along_axis(logits, rows[..., None], axis=2)
+    teacher = sg(jax.nn.log_softmax(full_logits[:, cursor:t], axis=-1))[:, None]
+    log_student = jax.nn.log_softmax(student, axis=-1)
+    kl_tok = jnp.sum(jnp.exp(teacher) * (teacher - log_student), axis=-1)
+    kl_mask = jnp.take_along_axis(scored_mask, rows, axis=2)
+    kl = _masked_mean(kl_tok, kl_mask)
+    teacher_nll = _masked_mean(
+        _token_nll(full_logits[:, cursor:t], targets[:, cursor:t]), target_mask[:, cursor:t]
+    )
+
+    # LensNet preferences among the pyramid-derived variants (all but the window, index 1).
+    pyramid_like = jnp.array([i for i in range(v) if i != 1])
+    u = utilities(
+        scores,
+        lod[:, 0],
+        start[:, 0],
+        ctx[:, 0],
+        lod[:, pyramid_like],
+        start[:, pyramid_like],
+        ctx[:, pyramid_like],
+        k,
+    )
+    losses = sg(variant_loss[:, pyramid_like])
+    prefer = (losses[:, :, None] < losses[:, None, :] - mc.loss.lens_margin).astype(jnp.float32)
+    du = u[:, :, None] - u[:, None, :]
+    lens = jnp.sum(prefer * jax.nn.softplus(-du)) / jnp.maximum(prefer.sum(), 1.0)
+    agreement = jnp.sum(prefer * (du > 0)) / jnp.maximum(prefer.sum(), 1.0)
+    gain = (losses[:, :1] - losses)[:, 1:].reshape(-1)
+    util = u[:, 1:].reshape(-1)
+    corr = jnp.mean((gain - gain.mean()) * (util - util.mean())) / (
+        jnp.std(gain) * jnp.std(util) + 1e-9
+    )
+
+    lens_on = (step >= mc.lens_start).astype(jnp.float32)
+    total = (
+        weights.lm_tokens * lm_tokens
+        + weights.lm_wc * lm_wc
+        + weights.kl * kl
+        + weights.lens * lens_on * lens
+    )
+    delta = variant_loss[:, 2:-1] - variant_loss[:, :1]  # random variants vs the pyramid
+    metrics = {
+        "loss": total,
+        "lm_tokens": lm_tokens,
+        "lm_wc": lm_wc,
+        "kl": kl,
+        "lens": lens,
+        "loss/full": teacher_nll,
+        "loss/mc_static": variant_loss[:, 0].mean(),
+        "loss/window": variant_loss[:, 1].mean(),
+        "loss/random": variant_loss[:, 2:-1].mean(),
+        "loss/mc_focus": variant_loss[:, -1].mean(),
+        "lens/agreement": agreement,
+        "lens/correlation": corr,
+        "lens/pairs": prefer.sum(),
+        "swap_rate": jnp.mean(edits) / jnp.maximum(ctx[:, 0].sum(-1).mean(), 1),
+    }
+    for level in range(1, mc.max_level + 1):
+        hit = batch["expand_lod"] == level
+        metrics[f"delta_nll/lod{level}"] = jnp.where(hit.any(), _masked_mean(delta, hit), jnp.nan)
+    return total, metrics

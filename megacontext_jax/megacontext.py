@@ -1,0 +1,88 @@
+"""The MegaContext model (base model + GistNet + LensNet) and its in-graph working-context ops.
+
+Inside ``jit``: a sequence's tree is built by ``gistnet.build_levels``; a working context's input
+embeddings are gathered from the flattened node table; entries get Gaussian-RoPE positions; and each
+entry's label is the first token after its span (never a token inside it).
+"""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from megacontext_jax.gistnet import GistNet, build_levels
+from megacontext_jax.lensnet import LensNet
+from megacontext_jax.model import GPT
+from megacontext_jax.positions import entry_positions
+from megacontext_jax.tokenizer import BOS, PAD
+
+
+class MegaContext(nnx.Module):
+    """The three learned parts, split and checkpointed together."""
+
+    def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+        self.base = GPT(config.model, rngs=rngs)
+        self.gistnet = GistNet(config, rngs=rngs)
+        self.lensnet = LensNet(config, rngs=rngs)
+
+
+def node_table(
+    gistnet: GistNet, embeddings: jax.Array, block_size: int, max_level: int
+) -> tuple[jax.Array, tuple[int, ...]]:
+    """All nodes of each sequence's tree in one table.
+
+    Args:
+      embeddings: ``[B, T, D]`` token embeddings.
+    Returns:
+      ``table [B, M, D]`` (level 0 rows first, then level 1, ...) and the static row offset of
+      each level (levels with no complete node get an offset past the end).
+    """
+    levels = jax.vmap(lambda e: build_levels(gistnet, e, block_size, max_level))(embeddings)
+    offsets, total = [], 0
+    for level in levels:
+        offsets.append(total)
+        total += level.shape[1]
+    offsets += [total] * (max_level + 1 - len(levels))
+    table = jnp.concatenate([l.astype(jnp.float32) for l in levels], axis=1)
+    return table, tuple(offsets)
+
+
+def gather_entries(
+    table: jax.Array,
+    offsets: tuple[int, ...],
+    lod: jax.Array,
+    start: jax.Array,
+    valid: jax.Array,
+    block_size: int,
+) -> jax.Array:
+    """Input embeddings ``[B, ..., W, D]`` of WC entries ``[B, ..., W]`` (zeros where invalid)."""
+    node = start // jnp.power(block_size, lod)
+    row = jnp.asarray(offsets)[lod] + node
+    b = table.shape[0]
+    flat_rows = jnp.where(valid, row, 0).reshape(b, -1)
+    gathered = jnp.take_along_axis(table, flat_rows[..., None], axis=1)
+    gathered = gathered.reshape(*lod.shape, table.shape[-1])
+    return jnp.where(valid[..., None], gathered, 0.0)
+
+
+def wc_positions(
+    lod: jax.Array, start: jax.Array, config: ml_collections.ConfigDict
+) -> tuple[jax.Array, jax.Array]:
+    return entry_positions(lod, start, config.mc.block_size, config.mc.sigma_scale)
+
+
+def entry_labels(
+    tokens: jax.Array, lod: jax.Array, start: jax.Array, valid: jax.Array, block_size: int
+) -> tuple[jax.Array, jax.Array]:
+    """Label of each entry: the first token after its span, ``tokens[start + K^lod]``.
+
+    Args:
+      tokens: ``[B, T + 1]``; entries ``[B, ..., W]`` end at or before T.
+    Returns:
+      labels (int32) and a mask that is False for invalid entries and PAD/BOS labels.
+    """
+    end = start + jnp.power(block_size, lod)
+    b = tokens.shape[0]
+    idx = jnp.where(valid, end, 0).reshape(b, -1)
+    labels = jnp.take_along_axis(tokens, idx, axis=1).reshape(lod.shape)
+    return labels, valid & (labels != PAD) & (labels != BOS)

@@ -1,0 +1,157 @@
+"""Working contexts for MegaContext training and evaluation, built on the host.
+
+Every WC here has two parts: a *context* over ``[0, c)`` (capacity ``Wc = W - S``), and the ``S``
+newest tokens ``[c, c + S)`` at LOD0 whose next-token predictions are scored. LensNet and the
+allocator see only the context, as they would at a refocus during decoding; every condition scores
+the same S tokens, so their losses compare directly.
+
+Conditions over the context: ``pyramid`` (the recency pyramid), ``window`` (the newest Wc tokens,
+the plain-model baseline) and random counterfactual ``variants`` of the pyramid: one or two aligned
+edits (expand a gist, collapsing a random sibling group when the budget needs room; or collapse a
+group), each keeping every WC invariant.
+"""
+
+import dataclasses
+
+import numpy as np
+
+from megacontext_jax.working_context import recency_pyramid
+
+Entries = list[tuple[int, int]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Static sizes of the working contexts of one training or evaluation setting."""
+
+    block_size: int  # K
+    max_level: int
+    capacity: int  # W: total entries (context + scored tail)
+    scored: int  # S: newest tokens whose predictions are scored
+    recent_tail: int  # R: context tokens kept at LOD0 before the cursor
+
+    @property
+    def context_capacity(self) -> int:
+        return self.capacity - self.scored
+
+    @classmethod
+    def from_config(cls, config) -> "Layout":
+        mc = config.mc
+        return cls(mc.block_size, mc.max_level, mc.wc_size, mc.scored_tokens, mc.recent_tail)
+
+
+def pyramid(cursor: int, layout: Layout) -> Entries:
+    wc = recency_pyramid(
+        cursor, layout.context_capacity, layout.block_size, layout.max_level, layout.recent_tail
+    )
+    lod, start, valid = (np.asarray(a) for a in (wc.lod, wc.start, wc.valid))
+    return [(int(l), int(s)) for l, s in zip(lod[valid], start[valid], strict=True)]
+
+
+def window(cursor: int, layout: Layout) -> Entries:
+    return [(0, t) for t in range(max(0, cursor - layout.context_capacity), cursor)]
+
+
+def _legal_groups(ents: Entries, cursor: int, layout: Layout, frozen: set[int]) -> list[int]:
+    """Indices i where entries i .. i + K - 1 are aligned siblings that may collapse."""
+    k = layout.block_size
+    out = []
+    for i in range(len(ents) - k + 1):
+        lod, start = ents[i]
+        group = ents[i : i + k]
+        if (
+            lod < layout.max_level
+            and start % k ** (lod + 1) == 0
+            and all(l == lod for l, _ in group)
+            and group[-1][1] + k**lod <= cursor - layout.recent_tail
+            and not frozen & set(range(i, i + k))
+        ):
+            out.append(i)
+    return out
+
+
+def _expandable(ents: Entries, cursor: int, layout: Layout) -> list[int]:
+    k = layout.block_size
+    return [
+        i
+        for i, (lod, start) in enumerate(ents)
+        if lod > 0 and start + k**lod <= cursor - layout.recent_tail
+    ]
+
+
+def _expand(ents: Entries, i: int, k: int) -> Entries:
+    lod, start = ents[i]
+    return [*ents[:i], *[(lod - 1, start + j * k ** (lod - 1)) for j in range(k)], *ents[i + 1 :]]
+
+
+def _collapse(ents: Entries, i: int, k: int) -> Entries:
+    return [*ents[:i], (ents[i][0] + 1, ents[i][1]), *ents[i + k :]]
+
+
+def random_variant(
+    ents: Entries, cursor: int, layout: Layout, rng: np.random.Generator
+) -> tuple[Entries, int]:
+    """One counterfactual edit of ``ents``; returns it and the lod of the expanded gist (-1: none).
+
+    Half of the time (when a gist can expand) expands a random gist, collapsing random sibling
+    groups elsewhere while over budget; otherwise collapses a random sibling group.
+    """
+    k = layout.block_size
+    expandable = _expandable(ents, cursor, layout)
+    if expandable and rng.random() < 0.5:
+        i = int(rng.choice(expandable))
+        expanded_lod = ents[i][0]
+        new = _expand(ents, i, k)
+        while len(new) > layout.context_capacity:
+            groups = _legal_groups(new, cursor, layout, frozen=set(range(i, i + k)))
+            if not groups:
+                break
+            g = int(rng.choice(groups))
+            new = _collapse(new, g, k)
+            i = i - (k - 1) if g < i else i
+        else:
+            return new, expanded_lod
+    groups = _legal_groups(ents, cursor, layout, frozen=set())
+    if groups:
+        return _collapse(ents, int(rng.choice(groups)), k), -1
+    return list(ents), -1
+
+
+def to_arrays(contexts: list[Entries], cursor: int, layout: Layout) -> dict[str, np.ndarray]:
+    """Contexts, each followed by the S scored tokens, as ``lod``/``start``/``valid`` ``[n, W]``."""
+    n, w = len(contexts), layout.capacity
+    lod = np.zeros((n, w), np.int32)
+    start = np.zeros((n, w), np.int32)
+    valid = np.zeros((n, w), bool)
+    context = np.zeros((n, w), bool)
+    tail = [(0, t) for t in range(cursor, cursor + layout.scored)]
+    for row, ents in enumerate(contexts):
+        if len(ents) > layout.context_capacity:
+            raise ValueError(f"{len(ents)} context entries exceed {layout.context_capacity}")
+        full = ents + tail
+        lod[row, : len(full)] = [l for l, _ in full]
+        start[row, : len(full)] = [s for _, s in full]
+        valid[row, : len(full)] = True
+        context[row, : len(ents)] = True
+    return {"lod": lod, "start": start, "valid": valid, "context": context}
+
+
+def training_contexts(
+    batch: int, num_random: int, cursor: int, layout: Layout, rng: np.random.Generator
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Per example: pyramid, window, then ``num_random`` random variants of the pyramid.
+
+    Returns arrays ``[batch, 2 + num_random, W]`` and the expanded lod of each random variant
+    ``[batch, num_random]`` (-1 for a collapse-only variant).
+    """
+    base = pyramid(cursor, layout)
+    rows, lods = [], []
+    for _ in range(batch):
+        variants = [random_variant(base, cursor, layout, rng) for _ in range(num_random)]
+        rows.extend([base, window(cursor, layout), *(v for v, _ in variants)])
+        lods.append([l for _, l in variants])
+    arrays = to_arrays(rows, cursor, layout)
+    shape = (batch, 2 + num_random, layout.capacity)
+    return {k: v.reshape(shape) for k, v in arrays.items()}, np.array(lods, np.int32).reshape(
+        batch, num_random
+    )
