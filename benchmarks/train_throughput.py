@@ -1,5 +1,8 @@
 """Tokens/s (and on a GPU, model FLOPs utilization) of the jitted train step.
 
+The MegaContext step (``mc.enabled``) counts the T tokens of each training sequence; its extra
+work (the tree, V working contexts, LensNet) makes it slower per token than the plain GPT step.
+
     python benchmarks/train_throughput.py                      # tiny on CPU, small on a GPU
     python benchmarks/train_throughput.py --config configs/small.py --config.train.batch_size=32
 
@@ -21,6 +24,7 @@ from megacontext_jax import sharding
 from megacontext_jax.config import parse_args
 from megacontext_jax.model import count_params
 from megacontext_jax.train_step import make_train_step, make_trainable
+from megacontext_jax.trainer import mc_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 # Dense bf16 peak FLOP/s by device kind (without sparsity).
@@ -55,14 +59,14 @@ def main(argv: list[str]) -> None:
     state, step = trainable.init(), make_train_step(trainable)
     b, t = config.train.batch_size, config.data.seq_len
     rng = np.random.default_rng(0)
-    batch = sharding.global_batch(
-        {
-            "inputs": rng.integers(0, 256, (b, t)).astype(np.int32),
-            "targets": rng.integers(0, 256, (b, t)).astype(np.int32),
-            "mask": np.ones((b, t), bool),
-        },
-        mesh,
-    )
+    batch = {
+        "inputs": rng.integers(0, 256, (b, t)).astype(np.int32),
+        "targets": rng.integers(0, 256, (b, t)).astype(np.int32),
+        "mask": np.ones((b, t), bool),
+    }
+    if config.mc.enabled:
+        batch = mc_batch(batch, 0, config)
+    batch = sharding.global_batch(batch, mesh)
     state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
     start = time.perf_counter()
@@ -75,11 +79,14 @@ def main(argv: list[str]) -> None:
     tokens_per_s = b * t / seconds
     device = jax.devices()[0]
     print(f"device        {device.device_kind} x {jax.device_count()} ({device.platform})")
-    print(f"model         {n_params / 1e6:.2f}M params, batch {b} x seq {t}, {config.model.dtype}")
+    kind = "MegaContext (base + GistNet + LensNet)" if config.mc.enabled else "GPT"
+    print(
+        f"model         {kind}, {n_params / 1e6:.2f}M params, batch {b} x seq {t}, {config.model.dtype}"
+    )
     print(f"step time     {seconds * 1e3:.1f} ms")
     print(f"tokens/s      {tokens_per_s:,.0f}")
     peak = peak_flops(device)
-    if peak is not None:
+    if peak is not None and not config.mc.enabled:  # the FLOP count below is the plain GPT's
         achieved = tokens_per_s * flops_per_token(config, n_params) / jax.device_count()
         print(f"MFU           {achieved / peak:.1%} ({achieved / 1e12:.1f} TFLOP/s per device)")
 

@@ -20,6 +20,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 OPTIMIZERS = ("adamw", "muon")
 MODEL_FAMILIES = ("gpt",)
 POOLINGS = ("mean", "query", "cls")
+MC_MODES = ("e2e", "frozen_base")
 PROJECTIONS = ("linear", "mlp")
 
 
@@ -53,6 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.jsonl_field = "text"
     c.data.seq_len = 256
     c.data.val_fraction = 0.05  # fraction of documents (by file) held out for validation
+    c.data.passkey_fraction = 0.0  # training sequences turned into passkey tasks (tasks.py)
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 1000
@@ -288,6 +290,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"{m.vocab_size} is smaller than the byte tokenizer's 259 ids",
     )
     _require(0.0 < d.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)")
+    _require(0.0 <= d.passkey_fraction <= 1.0, "data.passkey_fraction", "must be in [0, 1]")
+    _require(
+        d.passkey_fraction == 0 or d.seq_len >= 128,
+        "data.passkey_fraction",
+        f"passkey tasks need data.seq_len >= 128, got {d.seq_len}",
+    )
     _require(t.steps >= 0, "train.steps", f"must be >= 0, got {t.steps}")
     _require(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
     _require(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must be in [0, 1]")
@@ -323,6 +331,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "mc.wc_size",
         f"{mc.wc_size} leaves no room for gists beside a tail of {mc.recent_tail} (needs >= tail + 2K)",
     )
+    if mc.enabled:
+        _require(mc.mode in MC_MODES, "mc.mode", f"must be one of {MC_MODES}")
+        _require(
+            mc.wc_size >= mc.scored_tokens + mc.recent_tail + 2 * k,
+            "mc.scored_tokens",
+            f"{mc.scored_tokens} scored + {mc.recent_tail} tail tokens leave W={mc.wc_size} "
+            f"no room for gists (needs W >= S + R + 2K)",
+        )
+        _require(
+            d.seq_len > mc.scored_tokens + mc.recent_tail,
+            "data.seq_len",
+            f"{d.seq_len} must exceed mc.scored_tokens + mc.recent_tail",
+        )
+        _require(mc.scored_tokens >= 1, "mc.scored_tokens", "must be >= 1")
     _require(mc.allocator.max_edits >= 0, "mc.allocator.max_edits", "must be >= 0")
     _require(mc.allocator.cooldown >= 0, "mc.allocator.cooldown", "must be >= 0")
     _require(mc.allocator.temperature >= 0, "mc.allocator.temperature", "must be >= 0")
@@ -340,6 +362,18 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 
 
 def from_json(text: str) -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict(json.loads(text))
+    """A saved config, over today's defaults: fields added since it was written get defaults."""
+    config = base_config()
+
+    def merge(node: ml_collections.ConfigDict, saved: dict) -> None:
+        for key, value in saved.items():
+            if key not in node:
+                continue  # a field this version no longer has
+            if isinstance(node[key], ml_collections.ConfigDict) and isinstance(value, dict):
+                merge(node[key], value)
+            else:
+                node[key] = value
+
+    merge(config, json.loads(text))
     config.lock()
     return config

@@ -178,6 +178,26 @@ class Materialize(grain.transforms.RandomMap):
         }
 
 
+class PlantPasskey(grain.transforms.RandomMap):
+    """With probability ``fraction``, turns an example into a passkey task over its own text."""
+
+    def __init__(self, fraction: float):
+        self.fraction = fraction
+
+    def random_map(self, example: dict[str, np.ndarray], rng: np.random.Generator):
+        if rng.random() >= self.fraction:
+            return example
+        from megacontext_jax.tasks import plant_passkey
+
+        tokens = plant_passkey(np.append(example["inputs"], example["targets"][-1]), rng)
+        targets = tokens[1:]
+        return {
+            "inputs": tokens[:-1],
+            "targets": targets,
+            "mask": (targets != PAD) & (targets != BOS),
+        }
+
+
 def train_dataset(
     docs: list[Document],
     seq_len: int,
@@ -185,10 +205,12 @@ def train_dataset(
     seed: int,
     process_index: int = 0,
     process_count: int = 1,
+    passkey_fraction: float = 0.0,
 ) -> grain.IterDataset:
     """Endless, reshuffled-every-epoch batches of this process's shard of the examples.
 
-    ``batch_size`` is per process. Iterators of the result checkpoint with Grain/Orbax.
+    ``batch_size`` is per process; ``passkey_fraction`` of the sequences become passkey tasks.
+    Iterators of the result checkpoint with Grain/Orbax.
     """
     examples = make_examples([len(d.data) + 1 for d in docs], seq_len)
     ds = grain.MapDataset.source(examples)[process_index::process_count]
@@ -199,6 +221,8 @@ def train_dataset(
         )
     ds = ds.shuffle(seed=seed).repeat()
     ds = ds.random_map(Materialize(docs, seq_len), seed=seed + 1 + 7919 * process_index)
+    if passkey_fraction > 0:
+        ds = ds.random_map(PlantPasskey(passkey_fraction), seed=seed + 2 + 7919 * process_index)
     return ds.batch(batch_size, drop_remainder=True).to_iter_dataset()
 
 

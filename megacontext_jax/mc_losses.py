@@ -24,18 +24,15 @@ from megacontext_jax.megacontext import (
     MegaContext,
     entry_labels,
     gather_entries,
+    lens_scores,
     node_table,
     wc_positions,
+    with_tail,
 )
-from megacontext_jax.model import cross_entropy
+from megacontext_jax.model import cross_entropy, token_nll
 from megacontext_jax.working_context import WorkingContext
 
 sg = jax.lax.stop_gradient
-
-
-def _token_nll(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    return logz - jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
 
 
 def _masked_mean(x: jax.Array, mask: jax.Array, axis=None) -> jax.Array:
@@ -50,36 +47,19 @@ def guided_contexts(
     Returns the refocused context followed by the scored tail (``[B, 1, W]`` arrays), the scores
     ``[B, W]`` and the number of edits per example.
     """
-    k, w = config.mc.block_size, config.mc.wc_size
-    wc_cap = w - config.mc.scored_tokens
+    w, wc_cap = config.mc.wc_size, config.mc.wc_size - config.mc.scored_tokens
     lod, start, ctx = arrays["lod"][:, 0], arrays["start"][:, 0], arrays["context"][:, 0]
-    b = lod.shape[0]
-    emb = sg(gather_entries(table, offsets, lod, start, ctx, k))
-    mu, sigma = wc_positions(lod, start, config)
-    cursor_b = jnp.full((b,), cursor, jnp.int32)
-    scores = model.lensnet(emb, WorkingContext(lod, start, ctx), mu, sigma, ctx, cursor_b)
-
+    scores = lens_scores(model, table, offsets, lod, start, ctx, cursor, config)
     cfg = dataclasses.replace(
         AllocatorConfig.from_config(config), temperature=config.mc.train_temperature
     )
     wc = WorkingContext(lod[:, :wc_cap], start[:, :wc_cap], ctx[:, :wc_cap])
-    keys = jax.random.split(key, b)
+    keys = jax.random.split(key, lod.shape[0])
     result = jax.vmap(
         lambda wc, s, key: refocus(wc, s, jnp.zeros(wc_cap, jnp.int32), cursor, cfg, key)
     )(wc, sg(scores[:, :wc_cap]), keys)
-    pad = ((0, 0), (0, w - wc_cap))
-    new_lod = jnp.pad(result.wc.lod, pad)
-    new_start = jnp.pad(result.wc.start, pad)
-    new_ctx = jnp.pad(result.wc.valid, pad)
-    tail = jnp.arange(w)[None] - new_ctx.sum(-1, keepdims=True)
-    is_tail = (tail >= 0) & (tail < config.mc.scored_tokens)
-    guided = {
-        "lod": jnp.where(is_tail, 0, new_lod)[:, None],
-        "start": jnp.where(is_tail, cursor + tail, new_start)[:, None],
-        "valid": (new_ctx | is_tail)[:, None],
-        "context": new_ctx[:, None],
-    }
-    return guided, scores, result.expands + result.collapses
+    guided = with_tail(result.wc, cursor, config.mc.scored_tokens, w)
+    return {k: v[:, None] for k, v in guided.items()}, scores, result.expands + result.collapses
 
 
 def utilities(scores, base_lod, base_start, base_ctx, lod, start, ctx, block_size):
@@ -143,7 +123,7 @@ def mc_loss(
         kv_valid=valid.reshape(b * v, w),
     ).reshape(b, v, w, -1)
     labels, label_mask = entry_labels(tokens, lod, start, valid, k)
-    nll = _token_nll(logits, labels)
+    nll = token_nll(logits, labels)
     lm_wc = _masked_mean(nll, label_mask)
     scored_mask = label_mask & ~ctx
     variant_loss = _masked_mean(nll, scored_mask, axis=-1)  # [B, V]
@@ -158,7 +138,7 @@ def mc_loss(
     kl_mask = jnp.take_along_axis(scored_mask, rows, axis=2)
     kl = _masked_mean(kl_tok, kl_mask)
     teacher_nll = _masked_mean(
-        _token_nll(full_logits[:, cursor:t], targets[:, cursor:t]), target_mask[:, cursor:t]
+        token_nll(full_logits[:, cursor:t], targets[:, cursor:t]), target_mask[:, cursor:t]
     )
 
     # LensNet preferences among the pyramid-derived variants (all but the window, index 1).

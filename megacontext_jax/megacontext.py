@@ -15,6 +15,7 @@ from megacontext_jax.lensnet import LensNet
 from megacontext_jax.model import GPT
 from megacontext_jax.positions import entry_positions
 from megacontext_jax.tokenizer import BOS, PAD
+from megacontext_jax.working_context import WorkingContext
 
 
 class MegaContext(nnx.Module):
@@ -86,3 +87,37 @@ def entry_labels(
     idx = jnp.where(valid, end, 0).reshape(b, -1)
     labels = jnp.take_along_axis(tokens, idx, axis=1).reshape(lod.shape)
     return labels, valid & (labels != PAD) & (labels != BOS)
+
+
+def lens_scores(
+    model: MegaContext, table, offsets, lod, start, context, cursor: int, config
+) -> jax.Array:
+    """LensNet scores ``[B, W]`` of the context entries (``context`` mask) of ``[B, W]`` WCs.
+
+    LensNet reads the entries as the base model would, but its loss never reaches the tree.
+    """
+    emb = jax.lax.stop_gradient(
+        gather_entries(table, offsets, lod, start, context, config.mc.block_size)
+    )
+    mu, sigma = wc_positions(lod, start, config)
+    cursor_b = jnp.full(lod.shape[:1], cursor, jnp.int32)
+    return model.lensnet(emb, WorkingContext(lod, start, context), mu, sigma, context, cursor_b)
+
+
+def with_tail(
+    context: WorkingContext, cursor: int, scored: int, capacity: int
+) -> dict[str, jax.Array]:
+    """``[B, Wc]`` contexts followed by the ``scored`` tokens ``[cursor, cursor + scored)``.
+
+    Returns ``lod``/``start``/``valid``/``context`` arrays ``[B, capacity]``.
+    """
+    pad = ((0, 0), (0, capacity - context.capacity))
+    lod, start, ctx = (jnp.pad(a, pad) for a in (context.lod, context.start, context.valid))
+    tail = jnp.arange(capacity)[None] - ctx.sum(-1, keepdims=True)
+    is_tail = (tail >= 0) & (tail < scored)
+    return {
+        "lod": jnp.where(is_tail, 0, lod),
+        "start": jnp.where(is_tail, cursor + tail, start),
+        "valid": ctx | is_tail,
+        "context": ctx,
+    }

@@ -71,6 +71,11 @@ class Attention(nnx.Module):
         self.k = _linear(d, self.num_kv_heads * self.head_dim, std, cfg, rngs)
         self.v = _linear(d, self.num_kv_heads * self.head_dim, std, cfg, rngs)
         self.o = _linear(self.num_heads * self.head_dim, d, out_std, cfg, rngs)
+        # Learned QK-norm gains: without them |q.k| / sqrt(Dh) is capped at sqrt(Dh), too flat a
+        # softmax to pick one key out of hundreds.
+        param_dtype = jnp.dtype(cfg.param_dtype)
+        self.q_gain = nnx.Param(jnp.ones((self.head_dim,), param_dtype))
+        self.k_gain = nnx.Param(jnp.ones((self.head_dim,), param_dtype))
 
     def __call__(
         self,
@@ -85,8 +90,9 @@ class Attention(nnx.Module):
         q = self.q(x).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         v = self.v(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        q = rms_norm(kernels.apply_rotary(q, cos, sin))
-        k = rms_norm(kernels.apply_rotary(k, cos, sin))
+        # Norm before rotation, so a gist's Gaussian damping of high frequencies survives.
+        q = kernels.apply_rotary(rms_norm(q) * self.q_gain.value.astype(q.dtype), cos, sin)
+        k = kernels.apply_rotary(rms_norm(k) * self.k_gain.value.astype(k.dtype), cos, sin)
         if cache is not None:
             k = jax.lax.dynamic_update_slice_in_dim(
                 cache["k"], k.astype(cache["k"].dtype), index, 1
@@ -228,6 +234,12 @@ def count_params(params: Any) -> int:
     return sum(x.size for x in jax.tree.leaves(params))
 
 
+def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """NLL (nats) of each target: logits ``[..., V]`` float32, targets ``[...]`` int."""
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    return logz - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+
+
 def cross_entropy(
     logits: jax.Array, targets: jax.Array, mask: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
@@ -235,7 +247,4 @@ def cross_entropy(
 
     logits ``[B, T, V]`` float32, targets ``[B, T]`` int, mask ``[B, T]`` bool.
     """
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    nll = jnp.where(mask, logz - picked, 0.0)
-    return nll.sum(), mask.sum()
+    return jnp.where(mask, token_nll(logits, targets), 0.0).sum(), mask.sum()

@@ -61,11 +61,12 @@ def build_model(config: ml_collections.ConfigDict, seed: int) -> GPT | MegaConte
 
 
 def _frozen_labels(params: Any) -> Any:
-    """"frozen" for every leaf of the base model, "train" for GistNet and LensNet."""
-    return {
-        name: jax.tree.map(lambda _, label="frozen" if name == "base" else "train": label, sub)
-        for name, sub in params.items()
-    }
+    """ "frozen" for every leaf of the base model, "train" for GistNet and LensNet."""
+
+    def label(path, _):
+        return "frozen" if getattr(path[0], "key", None) == "base" else "train"
+
+    return jax.tree_util.tree_map_with_path(label, params)
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:

@@ -7,6 +7,7 @@ from pathlib import Path
 import jax
 import ml_collections
 import numpy as np
+from flax import nnx
 from tqdm import tqdm
 
 from megacontext_jax import data, sharding, variants
@@ -36,6 +37,25 @@ def mc_batch(
     )
     tokens = np.concatenate([batch["inputs"], batch["targets"][:, -1:]], axis=1)
     return {**batch, **contexts, "tokens": tokens, "expand_lod": expand_lod}
+
+
+def with_pretrained_base(state, trainable, config: ml_collections.ConfigDict):
+    """Replaces the base model's parameters by those of ``config.mc.base_checkpoint``."""
+    from megacontext_jax.restore import load_model
+
+    if not config.mc.base_checkpoint:
+        raise ValueError("config.mc.mode=frozen_base needs config.mc.base_checkpoint (a workdir)")
+    model, base_config = load_model(config.mc.base_checkpoint)
+    for key, value in config.model.items():
+        if base_config.model[key] != value:
+            raise ValueError(
+                f"config.mc.base_checkpoint has model.{key}={base_config.model[key]!r}, "
+                f"this run model.{key}={value!r}"
+            )
+    base = model.base if hasattr(model, "base") else model
+    params = jax.device_put(nnx.state(base), trainable.state_shardings.params["base"])
+    state.params["base"] = params
+    return state
 
 
 def evaluate(eval_step, params, batches, mesh, rows: int) -> dict[str, float]:
@@ -72,7 +92,13 @@ def train(
     train_docs, val_docs = data.split_documents(docs, config.data.val_fraction)
     data_iter = iter(
         data.train_dataset(
-            train_docs, seq_len, rows, config.seed, jax.process_index(), jax.process_count()
+            train_docs,
+            seq_len,
+            rows,
+            config.seed,
+            jax.process_index(),
+            jax.process_count(),
+            config.data.passkey_fraction,
         )
     )
     val_batches = data.validation_batches(val_docs, seq_len, global_bs, config.train.eval_batches)
@@ -85,6 +111,8 @@ def train(
         tqdm.write(f"resumed {workdir} from step {start}")
     else:
         state, start = trainable.init(), 0
+        if config.mc.enabled and config.mc.mode == "frozen_base":
+            state = with_pretrained_base(state, trainable, config)
     train_step, eval_step = make_train_step(trainable), make_eval_step(trainable)
     writer = MetricsWriter(workdir)
     if start == 0:

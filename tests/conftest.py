@@ -75,3 +75,19 @@ def make_gister(config: ml_collections.ConfigDict | None = None, seed: int = 0):
     from megacontext_jax.gister import Gister
 
     return Gister.initialized(config or mc_config(), seed)
+
+
+def tiny_mc_config(workdir, corpus, **train) -> ml_collections.ConfigDict:
+    """``tiny_config`` with the MegaContext model on: K=4, W=24 (S=4 scored, R=4), T=64."""
+    c = tiny_config(workdir, corpus, **train)
+    c.unlock()
+    c.mc.enabled = True
+    c.data.seq_len = 64
+    c.mc.block_size, c.mc.max_level = 4, 2
+    c.mc.gist.num_heads = c.mc.lens.num_heads = 2
+    c.mc.gist.depth = c.mc.lens.depth = 1
+    c.mc.wc_size, c.mc.recent_tail, c.mc.scored_tokens = 24, 4, 4
+    c.mc.num_random_variants = 2
+    c.lock()
+    validate(c)
+    return c

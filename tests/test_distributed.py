@@ -29,6 +29,8 @@ def _launch(workdir: Path, corpus: Path, steps: int) -> list[subprocess.Complete
         f"--config.workdir={workdir}",
         f"--config.data.source={corpus}",
         "--config.data.val_fraction=0.2",
+        "--config.data.passkey_fraction=0",
+        "--config.mc.enabled=false",
         "--config.data.seq_len=32",
         "--config.model.width=32",
         "--config.model.depth=1",

@@ -135,6 +135,8 @@ def test_cli_train_then_decode(tmp_path, corpus_dir):
         f"--config.workdir={workdir}",
         f"--config.data.source={corpus_dir}",
         "--config.data.val_fraction=0.2",
+        "--config.data.passkey_fraction=0",
+        "--config.mc.enabled=false",
         "--config.data.seq_len=32",
         "--config.model.width=32",
         "--config.model.depth=1",

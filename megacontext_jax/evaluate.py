@@ -1,0 +1,367 @@
+"""Evaluation: does MegaContext beat a plain context window at the same budget? (DESIGN section 8)
+
+    python -m megacontext_jax.evaluate --checkpoint runs/tiny [--data DIR] [--out eval.json]
+
+On held-out documents of m x W tokens (m in ``--lengths``), the final S tokens (``mc.scored_tokens``)
+are scored under four conditions:
+
+* ``full``: every token at LOD0 (the upper bound);
+* ``window``: the newest W tokens only (what a plain model sees);
+* ``mc_static``: the recency pyramid over the whole history, no LensNet;
+* ``mc_focus``: the pyramid refocused by LensNet and the allocator (``--refocus-steps`` rounds).
+
+LensNet and the allocator see the history before the scored tokens only, as at a refocus during
+decoding. Reports NLL (nats/byte), bits per byte and ``gap_recovered = (window - mc) /
+(window - full)``; then passkey and multi-query associative recall accuracy per condition and
+length, and passkey accuracy by the level of detail of the needle's span. Writes JSON and a PNG.
+"""
+
+import argparse
+import json
+import math
+import sys
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from megacontext_jax import data, tasks, variants
+from megacontext_jax.allocator import AllocatorConfig, refocus
+from megacontext_jax.checkpoint import CheckpointError
+from megacontext_jax.megacontext import (
+    MegaContext,
+    entry_labels,
+    gather_entries,
+    lens_scores,
+    node_table,
+    wc_positions,
+    with_tail,
+)
+from megacontext_jax.model import token_nll
+from megacontext_jax.working_context import WorkingContext
+
+CONDITIONS = ("full", "window", "mc_static", "mc_focus")
+
+
+def _scored(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return token_nll(logits, labels), jnp.argmax(logits, axis=-1)
+
+
+@partial(nnx.jit, static_argnames=("scored",))
+def score_full(model: MegaContext, tokens: jax.Array, scored: int):
+    """NLL and argmax ``[B, S]`` of the last S tokens with every token in context."""
+    n = tokens.shape[1] - 1
+    logits = model.base(tokens[:, :n])[:, n - scored :]
+    return _scored(logits, tokens[:, n - scored + 1 :])
+
+
+@partial(nnx.jit, static_argnames=("config", "scored"))
+def score_wc(model: MegaContext, tokens: jax.Array, arrays: dict, config, scored: int = 0):
+    """NLL and argmax ``[B, S]`` of the tokens after the context under WCs ``arrays`` (``[B, W]``).
+
+    ``scored`` overrides S (``mc.scored_tokens``); the scored entries follow the context entries.
+    """
+    mc = config.mc
+    n = tokens.shape[1] - 1
+    table, offsets = _table(model, tokens[:, :n], config)
+    lod, start, valid, ctx = (arrays[k] for k in ("lod", "start", "valid", "context"))
+    emb = gather_entries(table, offsets, lod, start, valid, mc.block_size)
+    mu, sigma = wc_positions(lod, start, config)
+    logits = model.base(embeddings=emb, mu=mu, sigma=sigma, kv_valid=valid)
+    labels, _ = entry_labels(tokens, lod, start, valid, mc.block_size)
+    rows = ctx.sum(-1, keepdims=True) + jnp.arange(scored or mc.scored_tokens)
+    return _scored(
+        jnp.take_along_axis(logits, rows[..., None], axis=1), jnp.take_along_axis(labels, rows, 1)
+    )
+
+
+def _table(model, inputs, config):
+    if isinstance(model, MegaContext):
+        return node_table(
+            model.gistnet, model.base.embed(inputs), config.mc.block_size, config.mc.max_level
+        )
+    return model.embed(inputs).astype(jnp.float32), (0,) * (config.mc.max_level + 1)
+
+
+@partial(nnx.jit, static_argnames=("config", "steps"))
+def focus(model: MegaContext, tokens: jax.Array, arrays: dict, config, steps: int):
+    """``steps`` rounds of LensNet scoring + allocator edits of the pyramid's context."""
+    mc = config.mc
+    n = tokens.shape[1] - 1
+    cursor, wc_cap = n - mc.scored_tokens, mc.wc_size - mc.scored_tokens
+    table, offsets = _table(model, tokens[:, :n], config)
+    cfg = AllocatorConfig.from_config(config)
+    wc = WorkingContext(*(arrays[k][:, :wc_cap] for k in ("lod", "start", "context")))
+    cooldown = jnp.zeros(wc.lod.shape, jnp.int32)
+    for _ in range(steps):
+        scores = lens_scores(model, table, offsets, wc.lod, wc.start, wc.valid, cursor, config)
+        result = jax.vmap(lambda w, s, c: refocus(w, s, c, cursor, cfg))(wc, scores, cooldown)
+        wc, cooldown = result.wc, result.cooldown
+    return with_tail(wc, cursor, mc.scored_tokens, mc.wc_size)
+
+
+def condition_arrays(name: str, cursor: int, layout: variants.Layout, batch: int) -> dict:
+    ents = variants.window(cursor, layout) if name == "window" else variants.pyramid(cursor, layout)
+    arrays = variants.to_arrays([ents] * batch, cursor, layout)
+    return {k: jnp.asarray(v) for k, v in arrays.items()}
+
+
+def run_conditions(model, config, tokens: np.ndarray, refocus_steps: int):
+    """``{condition: (nll [B, S], argmax [B, S], arrays or None)}`` for one batch of sequences."""
+    layout = variants.Layout.from_config(config)
+    config = ml_collections.FrozenConfigDict(config)  # hashable: a static argument of jit
+    n = tokens.shape[1] - 1
+    cursor = n - layout.scored
+    tokens = jnp.asarray(tokens)
+    out = {"full": (*score_full(model, tokens, layout.scored), None)}
+    names = ["window"] + (["mc_static", "mc_focus"] if isinstance(model, MegaContext) else [])
+    for name in names:
+        arrays = condition_arrays(name, cursor, layout, tokens.shape[0])
+        if name == "mc_focus":
+            arrays = focus(model, tokens, arrays, config, refocus_steps)
+        out[name] = (*score_wc(model, tokens, arrays, config), arrays)
+    return {
+        k: tuple(np.asarray(x) if x is not None and not isinstance(x, dict) else x for x in v)
+        for k, v in out.items()
+    }
+
+
+def substitutability(
+    model, config, docs: list[data.Document], num_docs: int, after: int = 32
+) -> dict:
+    """Mean ΔNLL of the ``after`` tokens following a span when the span is replaced by its LOD1
+    gist (span K) or LOD2 gist (span K^2), or dropped, against the span as tokens.
+
+    Sequences: ``K^2`` tokens of prefix, the LOD2 span ``[K^2, 2K^2)`` (the LOD1 span is its last
+    K tokens), then the scored tokens; every other entry is a token.
+    """
+    k = config.mc.block_size
+    span_start, span_end = k * k, 2 * k * k
+    n = span_end + after
+    seqs = [
+        np.concatenate([[data.BOS], d.data[:n].astype(np.int32)]) for d in docs if len(d.data) >= n
+    ]
+    seqs = seqs[:num_docs]
+    if not seqs:
+        raise ValueError(f"no held-out document has {n} bytes for the substitutability test")
+    tokens = jnp.asarray(np.stack(seqs))
+    prefix = [(0, t) for t in range(span_start)]
+    variants_of_span = {
+        "tokens": [(0, t) for t in range(span_start, span_end)],
+        "lod1_gist": [(0, t) for t in range(span_start, span_end - k)] + [(1, span_end - k)],
+        "lod1_dropped": [(0, t) for t in range(span_start, span_end - k)],
+        "lod2_gist": [(2, span_start)],
+        "lod2_dropped": [],
+    }
+    frozen = ml_collections.FrozenConfigDict(config)
+    nll = {}
+    for name, span in variants_of_span.items():
+        ents = prefix + span
+        capacity = len(ents) + after
+        layout = variants.Layout(k, config.mc.max_level, capacity, after, 0)
+        arrays = variants.to_arrays([ents] * len(seqs), span_end, layout)
+        arrays = {key: jnp.asarray(v) for key, v in arrays.items()}
+        nll[name] = float(np.asarray(score_wc(model, tokens, arrays, frozen, after)[0]).mean())
+    return {name: value - nll["tokens"] for name, value in nll.items() if name != "tokens"} | {
+        "tokens_nll": nll["tokens"],
+        "documents": len(seqs),
+    }
+
+
+def _needle_lod(arrays: dict, row: int, needle: tuple[int, int], block_size: int) -> int:
+    """Coarsest level among the context entries overlapping the needle (-1: outside the WC)."""
+    lod, start, ctx = (np.asarray(arrays[k][row]) for k in ("lod", "start", "context"))
+    end = start + block_size**lod
+    hit = ctx & (start < needle[1]) & (end > needle[0])
+    return int(lod[hit].max()) if hit.any() else -1
+
+
+def evaluate(
+    model,
+    config: ml_collections.ConfigDict,
+    docs: list[data.Document],
+    lengths: list[int],
+    num_docs: int,
+    batch: int,
+    refocus_steps: int,
+    num_probes: int,
+    seed: int = 0,
+) -> dict:
+    w, s = config.mc.wc_size, config.mc.scored_tokens
+    results: dict = {"conditions": {}, "passkey": {}, "mqar": {}, "passkey_by_lod": {}}
+    if isinstance(model, MegaContext) and config.mc.max_level >= 2:
+        results["substitutability"] = substitutability(model, config, docs, num_docs)
+    filler = np.concatenate([d.data.astype(np.int32) for d in docs])
+    rng = np.random.default_rng(seed)
+    for m in tqdm(lengths, desc="lengths", leave=False):
+        n = m * w
+        seqs = [
+            np.concatenate([[data.BOS], d.data[:n].astype(np.int32)])
+            for d in docs
+            if len(d.data) >= n
+        ][:num_docs]
+        if not seqs:
+            raise ValueError(f"no held-out document has {n} bytes (length {m}W)")
+        batch = min(batch, len(seqs))
+        totals = {c: [] for c in CONDITIONS}
+        for i in range(0, len(seqs) - batch + 1, batch):
+            outs = run_conditions(model, config, np.stack(seqs[i : i + batch]), refocus_steps)
+            for c, (nll, _, _) in outs.items():
+                totals[c].append(nll)
+        row = {}
+        for c, parts in totals.items():
+            if parts:
+                nll = float(np.concatenate(parts).mean())
+                row[c] = {"nll": nll, "bpb": nll / math.log(2)}
+        gap = row["window"]["nll"] - row["full"]["nll"]
+        row["gap_recovered"] = {
+            c: (row["window"]["nll"] - row[c]["nll"]) / gap if abs(gap) > 1e-9 else float("nan")
+            for c in ("mc_static", "mc_focus")
+            if c in row
+        }
+        row["documents"] = len(totals["full"]) * batch
+        results["conditions"][f"{m}W"] = row
+        for task in ("passkey", "mqar"):
+            make = tasks.passkey if task == "passkey" else tasks.mqar
+            span = n + 1 - make(filler, n + 1, np.random.default_rng(0)).answer.min()
+            if span > s:
+                results[task][f"{m}W"] = {"skipped": f"answers span {span} tokens > S={s}"}
+                continue
+            correct: dict = {}
+            by_lod: dict = {}
+            for _ in range(max(1, num_probes // batch)):
+                probes = []
+                for _ in range(batch):
+                    offset = int(rng.integers(0, len(filler) - n - 2))
+                    window_text = np.concatenate([[data.BOS], filler[offset : offset + n]])
+                    probes.append(make(window_text, n + 1, rng))
+                outs = run_conditions(
+                    model, config, np.stack([p.tokens for p in probes]), refocus_steps
+                )
+                for c, (_, pred, arrays) in outs.items():
+                    for r, p in enumerate(probes):
+                        rows = p.answer - (n - s) - 1
+                        ok = bool((pred[r, rows] == p.tokens[p.answer]).all())
+                        correct.setdefault(c, []).append(ok)
+                        if task == "passkey" and arrays is not None and c != "window":
+                            lod = _needle_lod(arrays, r, p.needle, config.mc.block_size)
+                            by_lod.setdefault(c, {}).setdefault(str(lod), []).append(ok)
+            results[task][f"{m}W"] = {c: float(np.mean(v)) for c, v in correct.items()}
+            if task == "passkey":
+                results["passkey_by_lod"][f"{m}W"] = {
+                    c: {lod: [float(np.mean(v)), len(v)] for lod, v in sorted(d.items())}
+                    for c, d in by_lod.items()
+                }
+    return results
+
+
+def print_substitutability(sub: dict) -> None:
+    print(f"substitutability over {sub['documents']} documents: ΔNLL (nats/byte) of the 32 tokens")
+    print(f"after a span, vs the span as tokens (NLL {sub['tokens_nll']:.4f}):")
+    for level in (1, 2):
+        print(
+            f"  LOD{level} span: gist {sub[f'lod{level}_gist']:+.4f}   "
+            f"dropped {sub[f'lod{level}_dropped']:+.4f}"
+        )
+
+
+def _accuracy(row: dict, condition: str) -> str:
+    value = row.get(condition)
+    return "-" if not isinstance(value, float) else f"{value:.3f}"
+
+
+def print_table(results: dict) -> None:
+    print(
+        f"{'length':>7} {'condition':>10} {'nll':>8} {'bpb':>8} {'gap_rec':>8} {'passkey':>8} {'mqar':>8}"
+    )
+    for length, row in results["conditions"].items():
+        for c in CONDITIONS:
+            if c not in row:
+                continue
+            gap = row["gap_recovered"].get(c)
+            print(
+                f"{length:>7} {c:>10} {row[c]['nll']:8.4f} {row[c]['bpb']:8.4f} "
+                f"{'' if gap is None else f'{gap:8.3f}':>8} "
+                f"{_accuracy(results['passkey'][length], c):>8} "
+                f"{_accuracy(results['mqar'][length], c):>8}"
+            )
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = list(results["conditions"])
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for c in CONDITIONS:
+        ys = [results["conditions"][m].get(c, {}).get("bpb") for m in lengths]
+        if any(y is not None for y in ys):
+            ax1.plot(lengths, ys, marker="o", label=c)
+        acc = [results["passkey"][m].get(c) for m in lengths]
+        if any(isinstance(a, float) for a in acc):
+            ax2.plot(lengths, acc, marker="o", label=c)
+    ax1.set_title("scored tokens: bits per byte")
+    ax1.set_xlabel("history length")
+    ax2.set_title("passkey accuracy")
+    ax2.set_xlabel("history length")
+    ax2.set_ylim(-0.05, 1.05)
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m megacontext_jax.evaluate", description=__doc__.splitlines()[0]
+    )
+    p.add_argument("--checkpoint", required=True, help="a training workdir")
+    p.add_argument(
+        "--data", help="directory of text files or .jsonl (default: the run's held-out split)"
+    )
+    p.add_argument("--out", default=None, help="JSON results (default: CHECKPOINT/eval.json)")
+    p.add_argument("--lengths", default="4,8,16", help="history lengths in multiples of W")
+    p.add_argument("--docs", type=int, default=32, help="documents per length")
+    p.add_argument("--probes", type=int, default=32, help="retrieval probes per task and length")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--refocus-steps", type=int, default=4)
+    args = p.parse_args(argv)
+    try:
+        from megacontext_jax.restore import load_model
+
+        model, config = load_model(args.checkpoint)
+        if args.data:
+            docs = data.load_documents(args.data, config.data.jsonl_field)
+        else:
+            docs = data.split_documents(
+                data.load_documents(config.data.source, config.data.jsonl_field),
+                config.data.val_fraction,
+            )[1]
+        lengths = [int(x) for x in args.lengths.split(",")]
+        results = evaluate(
+            model, config, docs, lengths, args.docs, args.batch, args.refocus_steps, args.probes
+        )
+    except (CheckpointError, data.DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print_table(results)
+    if "substitutability" in results:
+        print_substitutability(results["substitutability"])
+    out = Path(args.out) if args.out else Path(args.checkpoint) / "eval.json"
+    out.write_text(json.dumps(results, indent=2))
+    plot(results, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

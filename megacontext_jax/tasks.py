@@ -1,0 +1,91 @@
+"""Synthetic long-context retrieval tasks, generated in code over any filler text.
+
+* passkey: a needle ``"\\n# the pass key is 48213\\n"`` is planted at a random depth; the sequence
+  ends ``"\\n# what is the pass key? the pass key is 48213"``. The answer is the final 5 digits.
+* multi-query associative recall (MQAR): ``" key=value"`` pairs are planted through the filler;
+  the sequence ends with queries ``" key=value"`` of pairs chosen at random.
+
+Each generator returns the token sequence, the positions whose predictions are the answer
+(``answer[i]`` is predicted from position ``answer[i] - 1``), and the span holding the needle.
+"""
+
+import dataclasses
+
+import numpy as np
+
+from megacontext_jax.tokenizer import ByteTokenizer
+
+_TOKENIZER = ByteTokenizer()
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    tokens: np.ndarray  # int32 [n]
+    answer: np.ndarray  # int [a]: positions of the answer tokens
+    needle: tuple[int, int]  # token span [start, stop) of the planted fact
+
+
+def _encode(text: str) -> np.ndarray:
+    return _TOKENIZER.encode(text)
+
+
+def _plant(
+    filler: np.ndarray, length: int, parts: list[tuple[int, np.ndarray]], suffix: np.ndarray
+):
+    """``filler[:length]`` with ``parts`` written at their offsets and ``suffix`` at the end."""
+    if len(filler) < length:
+        raise ValueError(f"filler of {len(filler)} tokens is shorter than {length}")
+    tokens = np.array(filler[:length], np.int32)
+    for offset, part in parts:
+        tokens[offset : offset + len(part)] = part
+    tokens[length - len(suffix) :] = suffix
+    return tokens
+
+
+def passkey(
+    filler: np.ndarray, length: int, rng: np.random.Generator, depth: float | None = None
+) -> Probe:
+    """A passkey probe of ``length`` tokens; ``depth`` in [0, 1] places the needle (random if None)."""
+    key = "".join(str(d) for d in rng.integers(0, 10, 5))
+    needle = _encode(f"\n# the pass key is {key}\n")
+    question = _encode(f"\n# what is the pass key? the pass key is {key}")
+    room = length - len(question) - len(needle) - 1
+    if room < 1:
+        raise ValueError(f"length {length} leaves no room for a passkey")
+    offset = 1 + round((rng.random() if depth is None else depth) * (room - 1))
+    tokens = _plant(filler, length, [(offset, needle)], question)
+    return Probe(tokens, np.arange(length - 5, length), (offset, offset + len(needle)))
+
+
+def mqar(
+    filler: np.ndarray, length: int, rng: np.random.Generator, pairs: int = 8, queries: int = 2
+) -> Probe:
+    """An MQAR probe: ``pairs`` planted ``" abc=42"`` facts, ``queries`` asked at the end."""
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    keys = ["".join(rng.choice(letters, 3)) for _ in range(pairs)]
+    values = [f"{v:02d}" for v in rng.integers(0, 100, pairs)]
+    facts = [_encode(f" {k}={v};") for k, v in zip(keys, values, strict=True)]
+    asked = rng.choice(pairs, queries, replace=False)
+    suffix = _encode("".join(f" {keys[i]}={values[i]};" for i in asked)[:-1])
+    room = length - len(suffix) - sum(len(f) for f in facts) - 1
+    if room < pairs:
+        raise ValueError(f"length {length} leaves no room for {pairs} pairs")
+    gaps = np.sort(rng.choice(room, pairs, replace=False))
+    parts, position = [], 1
+    for i, fact in enumerate(facts):
+        position = 1 + gaps[i] + sum(len(f) for f in facts[:i])
+        parts.append((int(position), fact))
+    tokens = _plant(filler, length, parts, suffix)
+    # Answers: the two value digits of each query (each query is " key=vv;", the last without ";").
+    ends = []
+    end = length
+    for _ in range(queries):
+        ends[:0] = [end - 2, end - 1]
+        end -= 8
+    first, last = parts[0][0], parts[-1][0] + len(facts[-1])
+    return Probe(tokens, np.array(ends), (first, last))
+
+
+def plant_passkey(tokens: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A training example: a passkey planted into (a copy of) a text window."""
+    return passkey(tokens, len(tokens), rng).tokens

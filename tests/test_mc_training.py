@@ -1,0 +1,183 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from megacontext_jax import variants
+from megacontext_jax.checkpoint import Checkpointer
+from megacontext_jax.gistnet import build_levels
+from megacontext_jax.mc_losses import guided_contexts, mc_loss
+from megacontext_jax.megacontext import MegaContext, entry_labels, gather_entries, node_table
+from megacontext_jax.restore import load_model
+from megacontext_jax.sharding import make_mesh
+from megacontext_jax.train_step import make_trainable
+from megacontext_jax.trainer import mc_batch, train
+from megacontext_jax.working_context import check, from_entries
+from tests.conftest import tiny_mc_config
+
+LAYOUT = variants.Layout(block_size=4, max_level=2, capacity=24, scored=4, recent_tail=4)
+
+
+def _rows(arrays, b, v, key="context"):
+    keep = arrays[key][b, v]
+    return [
+        (int(l), int(s))
+        for l, s in zip(arrays["lod"][b, v][keep], arrays["start"][b, v][keep], strict=True)
+    ]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.sampled_from([2, 4, 8]),
+    st.integers(1, 3),
+    st.integers(0, 2**31 - 1),
+    st.data(),
+)
+def test_training_contexts_keep_every_invariant(k, max_level, seed, data):
+    capacity = data.draw(st.integers(4 * k + 8, 80))
+    scored = data.draw(st.integers(1, 8))
+    tail = data.draw(st.integers(0, capacity - scored - 2 * k))
+    layout = variants.Layout(k, max_level, capacity, scored, tail)
+    cursor = data.draw(st.integers(1, 3000))
+    arrays, expand_lod = variants.training_contexts(
+        3, 3, cursor, layout, np.random.default_rng(seed)
+    )
+    for b in range(3):
+        for v in (0, 2, 3, 4):  # the window (1) drops history on purpose
+            context = _rows(arrays, b, v)
+            check(from_entries(context, layout.context_capacity), cursor, k, max_level, tail)
+            whole = _rows(arrays, b, v, "valid")
+            assert whole[len(context) :] == [(0, t) for t in range(cursor, cursor + scored)]
+        assert _rows(arrays, b, 1) == [
+            (0, t) for t in range(max(0, cursor - capacity + scored), cursor)
+        ]
+        for v, lod in zip((2, 3, 4), expand_lod[b], strict=True):
+            if lod > 0:  # an expansion really happened, of a gist of that level
+                assert any(l == lod - 1 for l, _ in _rows(arrays, b, v))
+
+
+def test_labels_are_the_first_token_after_each_span():
+    cursor = 60
+    arrays, _ = variants.training_contexts(2, 2, cursor, LAYOUT, np.random.default_rng(0))
+    tokens = jnp.broadcast_to(jnp.arange(65), (2, 65))  # token value == position
+    labels, mask = entry_labels(
+        tokens, *(jnp.asarray(arrays[n]) for n in ("lod", "start", "valid")), 4
+    )
+    lod, start, valid = arrays["lod"], arrays["start"], arrays["valid"]
+    end = start + 4**lod
+    np.testing.assert_array_equal(np.asarray(labels)[valid], end[valid])
+    assert not ((np.asarray(labels) >= start) & (np.asarray(labels) < end) & valid).any()
+    np.testing.assert_array_equal(np.asarray(mask), valid)
+
+
+def test_gathered_entries_are_tree_nodes():
+    config = tiny_mc_config("/unused", "/unused")
+    model = MegaContext(config, rngs=nnx.Rngs(0))
+    emb = jax.random.normal(jax.random.key(0), (2, 64, 32))
+    table, offsets = node_table(model.gistnet, emb, 4, 2)
+    levels = build_levels(model.gistnet, emb[1], 4, 2)
+    lod = jnp.array([[[0, 1, 2, 0]]] * 2)
+    start = jnp.array([[[5, 8, 16, 63]]] * 2)
+    valid = jnp.array([[[True, True, True, False]]] * 2)
+    got = gather_entries(table, offsets, lod, start, valid, 4)
+    np.testing.assert_allclose(got[1, 0, 0], emb[1, 5])
+    np.testing.assert_allclose(got[1, 0, 1], levels[1][2], atol=1e-5)
+    np.testing.assert_allclose(got[1, 0, 2], levels[2][1], atol=1e-5)
+    np.testing.assert_array_equal(got[:, 0, 3], 0.0)
+
+
+def _batch(config, step=0, seed=0):
+    rng = np.random.default_rng(seed)
+    seq = rng.integers(0, 256, (2, config.data.seq_len + 1)).astype(np.int32)
+    raw = {"inputs": seq[:, :-1], "targets": seq[:, 1:], "mask": np.ones_like(seq[:, 1:], bool)}
+    return {k: jnp.asarray(v) for k, v in mc_batch(raw, step, config).items()}
+
+
+def test_guided_variant_keeps_invariants():
+    config = tiny_mc_config("/unused", "/unused")
+    model = MegaContext(config, rngs=nnx.Rngs(0))
+    batch = _batch(config)
+    table, offsets = node_table(model.gistnet, model.base.embed(batch["tokens"][:, :64]), 4, 2)
+    host = {n: batch[n] for n in ("lod", "start", "valid", "context")}
+    guided, scores, _ = guided_contexts(model, table, offsets, host, 60, config, jax.random.key(1))
+    assert scores.shape == (2, 24) and float(jnp.abs(scores).max()) <= 1.0
+    arrays = {k: np.asarray(v) for k, v in guided.items()}
+    for b in range(2):
+        check(from_entries(_rows(arrays, b, 0), 20), 60, 4, 2, 4)
+        check(from_entries(_rows(arrays, b, 0, "valid"), 24), 64, 4, 2, 4)
+
+
+@pytest.mark.parametrize("lens_start,lens_grads", [(0, True), (10, False)])
+def test_gradients_reach_every_part(lens_start, lens_grads):
+    config = tiny_mc_config("/unused", "/unused")
+    config.unlock()
+    config.mc.lens_start = lens_start
+    model = MegaContext(config, rngs=nnx.Rngs(0))
+    batch = _batch(config)
+    grads = nnx.grad(lambda m: mc_loss(m, batch, jnp.int32(0), jax.random.key(0), config)[0])(model)
+
+    def norm(part):
+        return sum(float(jnp.sum(jnp.abs(g))) for g in jax.tree.leaves(part))
+
+    assert norm(grads.base) > 0
+    assert norm(grads.gistnet) > 0
+    assert (norm(grads.lensnet) > 0) == lens_grads
+
+
+def test_checkpoint_restores_all_three_parts(tmp_path, corpus_dir):
+    config = tiny_mc_config(tmp_path, corpus_dir, steps=2)
+    summary = train(config, progress=False)
+    assert np.isfinite(summary["train/lens"]) and "train/loss/mc_focus" in summary
+    model, restored_config = load_model(tmp_path)
+    assert isinstance(model, MegaContext) and restored_config.mc.enabled
+    trainable = make_trainable(config, make_mesh())
+    checkpointer = Checkpointer(tmp_path, create=False)
+    state, step = checkpointer.restore(trainable.abstract_state())
+    checkpointer.close()
+    assert step == 2
+    fresh = trainable.init()
+    for part in ("base", "gistnet", "lensnet"):
+        saved = jax.tree.leaves(nnx.state(getattr(model, part)))
+        assert saved, part
+        for a, b in zip(saved, jax.tree.leaves(state.params[part]), strict=True):
+            np.testing.assert_array_equal(a, b)
+        # Training moved every part away from its initialization.
+        moved = [
+            not np.array_equal(a, b)
+            for a, b in zip(
+                jax.tree.leaves(state.params[part]),
+                jax.tree.leaves(fresh.params[part]),
+                strict=True,
+            )
+        ]
+        assert any(moved), part
+
+
+def test_mc_resume_is_exact(tmp_path, corpus_dir):
+    straight = train(tiny_mc_config(tmp_path / "a", corpus_dir, steps=4), progress=False)
+    train(tiny_mc_config(tmp_path / "b", corpus_dir, steps=4), stop_at=2, progress=False)
+    resumed = train(tiny_mc_config(tmp_path / "b", corpus_dir, steps=4), progress=False)
+    for key in ("train/loss", "train/lens", "train/loss/mc_focus", "val/loss"):
+        assert resumed[key] == straight[key], key
+
+
+def test_frozen_base_trains_only_gistnet_and_lensnet(tmp_path, corpus_dir):
+    base_dir = tmp_path / "base"
+    base_cfg = tiny_mc_config(base_dir, corpus_dir, steps=1)
+    base_cfg.unlock()
+    base_cfg.mc.enabled = False
+    train(base_cfg, progress=False)
+    config = tiny_mc_config(tmp_path / "mc", corpus_dir, steps=2)
+    config.unlock()
+    config.mc.mode = "frozen_base"
+    config.mc.base_checkpoint = str(base_dir)
+    train(config, progress=False)
+    base, _ = load_model(base_dir)
+    mc, _ = load_model(tmp_path / "mc")
+    for a, b in zip(
+        jax.tree.leaves(nnx.state(base)), jax.tree.leaves(nnx.state(mc.base)), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
