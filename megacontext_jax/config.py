@@ -258,7 +258,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "train.keep_checkpoints",
         "mc.block_size",
         "mc.max_level",
-        "mc.sigma_scale",
         "mc.ingest_chunk",
         "mc.wc_size",
         "mc.gist.depth",
@@ -306,6 +305,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         k >= 2 and (k & (k - 1)) == 0, "mc.block_size", f"must be a power of two >= 2, got {k}"
     )
     mc = config.mc
+    _require(mc.sigma_scale >= 0, "mc.sigma_scale", f"must be >= 0, got {mc.sigma_scale}")
     _require(mc.gist_dtype in DTYPES, "mc.gist_dtype", f"must be one of {DTYPES}")
     _require(mc.gist.pooling in POOLINGS, "mc.gist.pooling", f"must be one of {POOLINGS}")
     _require(

@@ -15,7 +15,7 @@ import dataclasses
 
 import numpy as np
 
-from megacontext_jax.working_context import recency_pyramid
+from megacontext_jax.working_context import entries, recency_pyramid
 
 Entries = list[tuple[int, int]]
 
@@ -41,11 +41,11 @@ class Layout:
 
 
 def pyramid(cursor: int, layout: Layout) -> Entries:
-    wc = recency_pyramid(
-        cursor, layout.context_capacity, layout.block_size, layout.max_level, layout.recent_tail
+    return entries(
+        recency_pyramid(
+            cursor, layout.context_capacity, layout.block_size, layout.max_level, layout.recent_tail
+        )
     )
-    lod, start, valid = (np.asarray(a) for a in (wc.lod, wc.start, wc.valid))
-    return [(int(l), int(s)) for l, s in zip(lod[valid], start[valid], strict=True)]
 
 
 def window(cursor: int, layout: Layout) -> Entries:

@@ -37,6 +37,8 @@ def test_overrides_are_typed():
         ("--config.train.optimizer=sgd", "config.train.optimizer: must be one of"),
         ("--config.data.val_fraction=1.5", r"config.data.val_fraction: must be in \(0, 1\)"),
         ("--config.model=3", "config.model is a group of fields"),
+        ("--config.mc.sigma_scale=-1", r"config.mc.sigma_scale: must be >= 0, got -1.0"),
+        ("--config.data.seq_len=100", "passkey tasks need data.seq_len >= 128, got 100"),
     ],
 )
 def test_bad_values_name_the_field(override, message):
