@@ -171,8 +171,10 @@ def train(
             if step % config.train.checkpoint_every == 0 or step == end:
                 checkpointer.save(step, state, data_iter)
     except KeyboardInterrupt:
-        bar.write(f"interrupted: saving a checkpoint at step {int(state.step)}")
-        checkpointer.save(int(state.step), state, data_iter)
+        done = int(state.step)
+        if checkpointer.latest_step() != done:
+            bar.write(f"interrupted: saving a checkpoint at step {done}")
+            checkpointer.save(done, state, data_iter)
         raise
     finally:
         bar.close()

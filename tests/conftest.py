@@ -2,6 +2,7 @@
 
 import os
 import random
+import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -31,6 +32,27 @@ def corpus_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("corpus")
     write_corpus(directory)
     return directory
+
+
+def train_cli(workdir, corpus, steps: int) -> list[str]:
+    """``train.py`` arguments for a seconds-long plain-LM run of configs/tiny.py on ``corpus``."""
+    return [
+        sys.executable,
+        "train.py",
+        "--config",
+        "configs/tiny.py",
+        f"--config.workdir={workdir}",
+        f"--config.data.source={corpus}",
+        "--config.data.val_fraction=0.2",
+        "--config.data.passkey_fraction=0",
+        "--config.mc.enabled=false",
+        "--config.data.seq_len=32",
+        "--config.model.width=32",
+        "--config.model.depth=1",
+        "--config.train.batch_size=4",
+        f"--config.train.steps={steps}",
+        "--config.train.eval_batches=1",
+    ]
 
 
 def tiny_config(workdir, corpus, **train) -> ml_collections.ConfigDict:

@@ -4,10 +4,10 @@ import json
 import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 from megacontext_jax.metrics import read_metrics
+from tests.conftest import train_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,23 +21,9 @@ def _free_port() -> int:
 def _launch(workdir: Path, corpus: Path, steps: int) -> list[subprocess.CompletedProcess]:
     port = _free_port()
     cmd = [
-        sys.executable,
-        "train.py",
-        "--config",
-        "configs/tiny.py",
+        *train_cli(workdir, corpus, steps),
         "--config.distributed=true",
-        f"--config.workdir={workdir}",
-        f"--config.data.source={corpus}",
-        "--config.data.val_fraction=0.2",
-        "--config.data.passkey_fraction=0",
-        "--config.mc.enabled=false",
-        "--config.data.seq_len=32",
-        "--config.model.width=32",
-        "--config.model.depth=1",
-        "--config.train.batch_size=4",
-        f"--config.train.steps={steps}",
         "--config.train.log_every=1",
-        "--config.train.eval_batches=1",
     ]
     procs = []
     for rank in range(2):

@@ -11,7 +11,7 @@ from megacontext_jax.checkpoint import CheckpointError
 from megacontext_jax.metrics import read_metrics
 from megacontext_jax.restore import load_model
 from megacontext_jax.trainer import train
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, train_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,23 +127,7 @@ def test_sharded_step_matches_single_device(corpus_dir):
 @pytest.mark.slow
 def test_cli_train_then_decode(tmp_path, corpus_dir):
     workdir = tmp_path / "run"
-    train_cmd = [
-        sys.executable,
-        "train.py",
-        "--config",
-        "configs/tiny.py",
-        f"--config.workdir={workdir}",
-        f"--config.data.source={corpus_dir}",
-        "--config.data.val_fraction=0.2",
-        "--config.data.passkey_fraction=0",
-        "--config.mc.enabled=false",
-        "--config.data.seq_len=32",
-        "--config.model.width=32",
-        "--config.model.depth=1",
-        "--config.train.batch_size=4",
-        "--config.train.steps=3",
-        "--config.train.eval_batches=1",
-    ]
+    train_cmd = train_cli(workdir, corpus_dir, steps=3)
     result = subprocess.run(train_cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "done: step 3" in result.stdout
