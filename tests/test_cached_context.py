@@ -1,0 +1,79 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from megacontext_jax.cached_context import CachedContext
+from megacontext_jax.model import GPT
+from megacontext_jax.positions import entry_positions
+from megacontext_jax.working_context import collapse, entries, expand, from_entries, recency_pyramid
+from tests.conftest import mc_config
+
+K, W = 4, 32
+
+
+def _inputs(ents, table):
+    """Embeddings (a fixed random vector per node) and Gaussian-RoPE positions of entries."""
+    lod = np.array([l for l, _ in ents])
+    start = np.array([s for _, s in ents])
+    emb = table[(lod * 10_000 + start) % table.shape[0]]
+    mu, sigma = entry_positions(jnp.asarray(lod), jnp.asarray(start), K, 12**-0.5)
+    return emb, np.asarray(mu), np.asarray(sigma)
+
+
+def test_cache_across_edits_matches_recomputing_from_scratch():
+    config = mc_config(block_size=K, max_level=2)
+    model = GPT(config.model, rngs=nnx.Rngs(0))
+    table = np.asarray(jax.random.normal(jax.random.key(1), (997, config.model.width)))
+    cached = CachedContext(model, W)
+    rng = np.random.default_rng(0)
+    n_tokens = 60
+    ents = entries(recency_pyramid(n_tokens, W - 8, K, 2, 4))
+    recomputed = []
+    for step in range(30):
+        kind = rng.choice(["append", "expand", "collapse"])
+        wc = from_entries(ents, W)
+        if kind == "append" and len(ents) < W:
+            ents = [*ents, (0, n_tokens)]
+            n_tokens += 1
+        elif kind == "expand":
+            gists = [i for i, (l, _) in enumerate(ents) if l > 0]
+            if gists and len(ents) + K - 1 <= W:
+                ents = entries(expand(wc, int(rng.choice(gists)), K))
+        else:
+            groups = [
+                i
+                for i in range(len(ents) - K + 1)
+                if len({l for l, _ in ents[i : i + K]}) == 1
+                and ents[i][0] < 2
+                and ents[i][1] % K ** (ents[i][0] + 1) == 0
+            ]
+            if groups:
+                ents = entries(collapse(wc, int(rng.choice(groups)), K))
+        emb, mu, sigma = _inputs(ents, table)
+        logits, count = cached.update(ents, emb, mu, sigma)
+        recomputed.append(count)
+        full = model(
+            embeddings=jnp.asarray(emb)[None],
+            mu=jnp.asarray(mu)[None],
+            sigma=jnp.asarray(sigma)[None],
+        )
+        np.testing.assert_allclose(logits, full[0, -1], atol=2e-4, err_msg=f"step {step} ({kind})")
+    # Appends recompute one entry; edits recompute only from the first changed entry on.
+    assert min(recomputed) <= 1 and max(recomputed) < W
+
+
+def test_unchanged_context_is_free_and_errors():
+    config = mc_config(block_size=K, max_level=2)
+    model = GPT(config.model, rngs=nnx.Rngs(0))
+    table = np.ones((997, config.model.width), np.float32)
+    cached = CachedContext(model, W)
+    ents = [(0, t) for t in range(5)]
+    first, count = cached.update(ents, *_inputs(ents, table))
+    assert count == 5
+    again, count = cached.update(ents, *_inputs(ents, table))
+    assert count == 0 and again is first
+    too_many = [(0, t) for t in range(W + 1)]
+    with pytest.raises(ValueError, match="33 entries does not fit capacity 32"):
+        cached.update(too_many, *_inputs(too_many, table))
