@@ -238,7 +238,7 @@ def _check_compatible(meta: TreeMeta, gister: Gister, where) -> None:
     if meta.fingerprint != gister.fingerprint:
         raise TreeMismatchError(
             f"tree at {where} was gisted by other weights (fingerprint {meta.fingerprint}, this "
-            f"GistNet {gister.fingerprint}): use the matching checkpoint or re-gist the tree"
+            f"GistNet {gister.fingerprint}): open it with the checkpoint whose GistNet built it"
         )
 
 
