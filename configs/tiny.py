@@ -30,6 +30,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.mc.block_size = 8
     c.mc.max_level = 3
     c.mc.wc_size = 64
+    # 16 blocks per GistNet call: a decode refocus gists one new block in a fixed-shape chunk, so
+    # a small chunk keeps that cheap (bulk ingest pays ~25% more dispatches than with 64).
+    c.mc.ingest_chunk = 16
     c.mc.recent_tail = 16
     c.mc.scored_tokens = 16
     c.mc.gist.num_heads = 4

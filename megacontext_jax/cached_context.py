@@ -6,6 +6,7 @@ the decode step compiles a handful of times, not once per edit; the cache holds 
 padded write never runs off its end.
 """
 
+from collections.abc import Callable
 from functools import partial
 
 import jax
@@ -14,10 +15,14 @@ import numpy as np
 from flax import nnx
 
 from megacontext_jax.model import GPT
+from megacontext_jax.positions import entry_positions
+
+Entry = tuple[int, int]  # (lod, start)
 
 
-@partial(nnx.jit, donate_argnums=(1,))
-def _run_suffix(model: GPT, cache, index, embeddings, mu, sigma):
+@partial(nnx.jit, donate_argnums=(1,), static_argnums=(6, 7))
+def _run_suffix(model: GPT, cache, index, embeddings, lod, start, block_size, sigma_scale):
+    mu, sigma = entry_positions(lod, start, block_size, sigma_scale)
     return model.decode(cache, index, embeddings=embeddings, mu=mu, sigma=sigma)
 
 
@@ -28,24 +33,23 @@ def _bucket(n: int) -> int:
 class CachedContext:
     """Keeps ``model``'s KV cache in step with a working context of at most ``capacity`` entries.
 
-    Entries are identified by ``(lod, start)``; ``update`` returns the logits ``[V]`` of the last
-    entry and how many entries it had to recompute.
+    Entries are identified by ``(lod, start)``; their Gaussian-RoPE positions follow from
+    ``block_size`` and ``sigma_scale``. ``update`` returns the logits ``[V]`` of the last entry and
+    how many entries it had to recompute.
     """
 
-    def __init__(self, model: GPT, capacity: int):
+    def __init__(self, model: GPT, capacity: int, block_size: int, sigma_scale: float):
         self.model, self.capacity = model, capacity
+        self.block_size, self.sigma_scale = block_size, sigma_scale
         self.cache = model.init_cache(1, 2 * capacity)
-        self.entries: list[tuple[int, int]] = []
+        self.entries: list[Entry] = []
         self.last_logits = None
 
     def update(
-        self,
-        entries: list[tuple[int, int]],
-        embeddings: np.ndarray,
-        mu: np.ndarray,
-        sigma: np.ndarray,
+        self, entries: list[Entry], embed: Callable[[list[Entry]], np.ndarray]
     ) -> tuple[jax.Array, int]:
-        """Brings the cache to ``entries`` (with their ``[n, D]`` embeddings and ``[n]`` positions).
+        """Brings the cache to ``entries``; ``embed(suffix)`` gives the ``[n, D]`` input embeddings
+        of the entries it must recompute (only those are asked for).
 
         Returns the last entry's logits and the number of entries recomputed.
         """
@@ -67,12 +71,21 @@ class CachedContext:
         first = min(first, n - 1)  # always run at least the last entry, for its logits
         count = n - first
         pad = _bucket(count)
+        suffix = entries[first:]
+        embeddings = embed(suffix)
         emb = np.zeros((1, pad, embeddings.shape[-1]), np.float32)
-        emb[0, :count] = embeddings[first:]
-        positions = np.zeros((2, 1, pad), np.float32)
-        positions[0, 0, :count], positions[1, 0, :count] = mu[first:], sigma[first:]
+        emb[0, :count] = embeddings
+        lod_start = np.zeros((2, 1, pad), np.int32)
+        lod_start[:, 0, :count] = np.array(suffix, np.int32).T
         logits, self.cache = _run_suffix(
-            self.model, self.cache, jnp.int32(first), emb, positions[0], positions[1]
+            self.model,
+            self.cache,
+            jnp.int32(first),
+            emb,
+            lod_start[0],
+            lod_start[1],
+            self.block_size,
+            self.sigma_scale,
         )
         self.entries = list(entries)
         self.last_logits = logits[0, count - 1]

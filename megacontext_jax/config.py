@@ -85,6 +85,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mc.ingest_chunk = 64  # blocks per GistNet call while ingesting (fixed shape, aligned)
     c.mc.wc_size = 512  # W: working-context capacity in entries
     c.mc.recent_tail = 64  # R: the newest R tokens always stay at LOD0
+    c.mc.refocus_every = 0  # decode: tokens between refocus steps (0: every K tokens)
 
     c.mc.gist = ml_collections.ConfigDict()
     c.mc.gist.depth = 2
@@ -330,6 +331,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
         mc.wc_size >= mc.recent_tail + 2 * k,
         "mc.wc_size",
         f"{mc.wc_size} leaves no room for gists beside a tail of {mc.recent_tail} (needs >= tail + 2K)",
+    )
+    _require(mc.refocus_every >= 0, "mc.refocus_every", "must be >= 0 (0: every K tokens)")
+    every = mc.refocus_every or k
+    _require(
+        mc.wc_size - every >= mc.recent_tail + 2 * k,
+        "mc.refocus_every",
+        f"{every} tokens between refocus steps leave W={mc.wc_size} too little room for a tail "
+        f"of {mc.recent_tail} and gists (needs W - refocus_every >= tail + 2K)",
     )
     if mc.enabled:
         _require(mc.mode in MC_MODES, "mc.mode", f"must be one of {MC_MODES}")

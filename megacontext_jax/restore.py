@@ -6,7 +6,7 @@ import ml_collections
 from flax import nnx
 
 from megacontext_jax import sharding
-from megacontext_jax.checkpoint import Checkpointer, read_config
+from megacontext_jax.checkpoint import Checkpointer, CheckpointError, read_config
 from megacontext_jax.megacontext import MegaContext
 from megacontext_jax.model import GPT
 from megacontext_jax.train_step import make_trainable
@@ -27,3 +27,15 @@ def load_model(workdir: str | Path) -> tuple[GPT | MegaContext, ml_collections.C
     finally:
         checkpointer.close()
     return nnx.merge(trainable.graphdef, state.params), config
+
+
+def latest_step(workdir: str | Path) -> int:
+    """The training step of the latest checkpoint in ``workdir``."""
+    checkpointer = Checkpointer(Path(workdir), create=False)
+    try:
+        step = checkpointer.latest_step()
+    finally:
+        checkpointer.close()
+    if step is None:
+        raise CheckpointError(f"no checkpoint saved under {workdir}")
+    return step

@@ -14,10 +14,16 @@ import numpy as np
 from flax import nnx
 
 from megacontext_jax.model import GPT
+from megacontext_jax.tokenizer import EOS
 
 
 def sample_logits(logits: jax.Array, key: jax.Array, temperature: float, top_k: int) -> jax.Array:
-    """Draws ids from ``logits [B, V]``: greedy when ``temperature == 0``; ``top_k == 0`` keeps all."""
+    """Draws ids from ``logits [B, V]``: greedy when ``temperature == 0``; ``top_k == 0`` keeps all.
+
+    Only bytes and ``EOS`` are drawn: never padding rows of the vocabulary, ``PAD`` or ``BOS``.
+    """
+    ids = jnp.arange(logits.shape[-1])
+    logits = jnp.where((ids < 256) | (ids == EOS), logits, -jnp.inf)
     if temperature == 0:
         return jnp.argmax(logits, axis=-1)
     logits = logits / temperature

@@ -42,10 +42,16 @@ def meta_for(gister: Gister, max_level: int, vocab_size: int) -> TreeMeta:
 
 
 class Tree:
-    """A tree over one storage backend. Reads see committed data only."""
+    """A tree over one storage backend.
+
+    Readers see committed data only. A writer also sees its own uncommitted appends, which wait
+    in memory (``_staged``) until ``commit`` writes them to the storage and publishes them.
+    """
 
     def __init__(self, storage: MemoryStorage | DiskStorage, gister: Gister | None):
         self.storage, self.meta, self.gister = storage, storage.meta, gister
+        self._lengths = list(storage.lengths)  # committed + staged
+        self._staged = MemoryStorage(self.meta, offsets=storage.lengths)
         if gister is not None:
             _check_compatible(self.meta, gister, getattr(storage, "path", "memory"))
 
@@ -92,23 +98,38 @@ class Tree:
 
     @property
     def num_tokens(self) -> int:
-        return self.storage.lengths[0]
+        return self._lengths[0]
 
     def length(self, level: int) -> int:
-        """Committed nodes at ``level`` (0: tokens)."""
-        return self.storage.lengths[level] if level <= self.meta.max_level else 0
+        """Nodes at ``level`` (0: tokens): committed ones, plus the writer's uncommitted appends."""
+        return self._lengths[level] if level <= self.meta.max_level else 0
+
+    @property
+    def uncommitted(self) -> int:
+        """Tokens appended with ``commit=False`` and not committed yet."""
+        return self._lengths[0] - self.storage.lengths[0]
 
     def tokens(self, start: int, stop: int) -> np.ndarray:
-        """Token ids ``[stop - start]`` int32 of the committed range."""
+        """Token ids ``[stop - start]`` int32."""
         self._check_range(0, start, stop)
-        return self.storage.read(0, start, stop)
+        return self._read(0, start, stop)
 
     def gists(self, level: int, start: int, stop: int) -> np.ndarray:
         """Gists ``[stop - start, D]`` (storage dtype) of nodes ``start .. stop - 1`` of ``level``."""
         if not 1 <= level <= self.meta.max_level:
             raise ValueError(f"gist level must be in [1, {self.meta.max_level}], got {level}")
         self._check_range(level, start, stop)
-        return self.storage.read(level, start, stop)
+        return self._read(level, start, stop)
+
+    def _read(self, level: int, start: int, stop: int) -> np.ndarray:
+        committed = self.storage.lengths[level]
+        if stop <= committed:
+            return self.storage.read(level, start, stop)
+        if start >= committed:
+            return self._staged.read(level, start, stop)
+        return np.concatenate(
+            [self.storage.read(level, start, committed), self._staged.read(level, committed, stop)]
+        )
 
     def _check_range(self, level: int, start: int, stop: int) -> None:
         if not 0 <= start <= stop <= self.length(level):
@@ -117,12 +138,20 @@ class Tree:
             )
 
     # -- ingest --------------------------------------------------------------------------------
-    def append(self, tokens: np.ndarray, progress: Callable[[int], None] | None = None) -> None:
+    def append(
+        self,
+        tokens: np.ndarray,
+        progress: Callable[[int], None] | None = None,
+        *,
+        commit: bool = True,
+    ) -> None:
         """Appends token ids, gisting every node they complete, and commits.
 
         Long inputs are ingested and committed in pieces of ``APPEND_PIECE`` tokens; ``progress``
-        is called with the number of tokens committed by each piece. Invalid tokens raise before
-        anything is written.
+        is called with the number of tokens appended by each piece. Invalid tokens raise before
+        anything is written. ``commit=False`` leaves the data written but unpublished (this
+        writer reads it; a crash loses it) until ``commit``: decoding appends a few tokens at a
+        time and commits once per turn, not paying two fsyncs per block.
         """
         if self.gister is None:
             raise TreeError("this tree was opened read-only: open it with a Gister to append")
@@ -130,8 +159,21 @@ class Tree:
         for start in range(0, len(tokens), APPEND_PIECE):
             piece = tokens[start : start + APPEND_PIECE]
             self._append_piece(piece)
+            if commit:
+                self.commit()
             if progress is not None:
                 progress(len(piece))
+
+    def commit(self) -> None:
+        """Writes and publishes every append so far (a crash leaves the old or the new state)."""
+        lengths, committed = list(self._lengths), self.storage.lengths
+        if lengths == committed:
+            return
+        for level, (old, new) in enumerate(zip(committed, lengths, strict=True)):
+            if new > old:
+                self.storage.write(level, old, self._staged.read(level, old, new))
+        self.storage.commit(lengths)
+        self._staged = MemoryStorage(self.meta, offsets=lengths)
 
     def _validate_tokens(self, tokens) -> np.ndarray:
         array = np.asarray(tokens)
@@ -149,21 +191,23 @@ class Tree:
         return array.astype(np.int32)
 
     def _append_piece(self, tokens: np.ndarray) -> None:
-        k, store = self.block_size, self.storage
-        lengths = list(store.lengths)
+        # Rows go to the staging area; ``_lengths``, assigned last, makes them part of the tree,
+        # so an interrupted piece leaves nothing behind but rows past the lengths.
+        k, staged = self.block_size, self._staged
+        lengths = self._lengths
         total = lengths[0] + len(tokens)
-        store.write(0, lengths[0], tokens)
+        staged.write(0, lengths[0], tokens)
         new_lengths = [total]
         for level in range(1, self.meta.max_level + 1):
             old, new = lengths[level], total // k**level
             if new > old:
-                below = store.read(level - 1, old * k, new * k)
+                below = self._read(level - 1, old * k, new * k)
                 if level == 1:
                     below = self.gister.embed(below)
                 children = below.astype(np.float32).reshape(new - old, k, -1)
-                store.write(level, old, self.gister.gists(level, old, children))
+                staged.write(level, old, self.gister.gists(level, old, children))
             new_lengths.append(new)
-        store.commit(new_lengths)
+        self._lengths = new_lengths
 
     # -- checks --------------------------------------------------------------------------------
     def verify(self, deep: bool = False) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 import tensorstore as ts
 
 FORMAT_VERSION = 1
+CACHE_BYTES = 32 << 20  # per open tree
 MANIFEST = "manifest.json"
 LOCK = "writer.lock"
 
@@ -61,17 +62,23 @@ class TreeMeta:
 
 
 class MemoryStorage:
-    """Arrays in host memory with amortized growth; commit is a plain assignment."""
+    """Arrays in host memory with amortized growth; commit is a plain assignment.
 
-    def __init__(self, meta: TreeMeta):
+    ``offsets`` (rows per level) makes it hold rows from there on only: the staging area of
+    appends not yet committed to another storage.
+    """
+
+    def __init__(self, meta: TreeMeta, offsets: list[int] | None = None):
         self.meta = meta
-        self.lengths = [0] * (meta.max_level + 1)
+        self.offsets = list(offsets or [0] * (meta.max_level + 1))
+        self.lengths = list(self.offsets)
         self._arrays = [
             np.zeros((0, *meta.row_shape(l)), meta.dtype(l)) for l in range(meta.max_level + 1)
         ]
 
     def write(self, level: int, start: int, rows: np.ndarray) -> None:
         array = self._arrays[level]
+        start -= self.offsets[level]
         stop = start + len(rows)
         if stop > len(array):
             grown = np.zeros((max(stop, 2 * len(array)), *array.shape[1:]), array.dtype)
@@ -80,7 +87,8 @@ class MemoryStorage:
         array[start:stop] = rows
 
     def read(self, level: int, start: int, stop: int) -> np.ndarray:
-        return self._arrays[level][start:stop].copy()
+        offset = self.offsets[level]
+        return self._arrays[level][start - offset : stop - offset].copy()
 
     def commit(self, lengths: list[int]) -> None:
         self.lengths = list(lengths)
@@ -102,6 +110,9 @@ class DiskStorage:
 
     def __init__(self, path: Path, meta: TreeMeta, lengths: list[int], writable: bool):
         self.path, self.meta, self.lengths, self.writable = path, meta, list(lengths), writable
+        # Decoded chunks of recent reads and writes stay in memory (bounded): a decode refocus
+        # touches the same few chunks again and again.
+        self._context = ts.Context({"cache_pool": {"total_bytes_limit": CACHE_BYTES}})
         self._lock_fd = self._acquire_lock() if writable else None
         try:
             self._arrays = [self._open_array(l) for l in range(meta.max_level + 1)]
@@ -159,7 +170,8 @@ class DiskStorage:
     def _open_array(self, level: int):
         spec = {k: v for k, v in self._spec(self.path, self.meta, level).items() if k != "metadata"}
         mode = {"open": True} if self.writable else {"open": True, "read": True}
-        array = ts.open(spec, **mode).result()
+        # Committed rows never change, so chunks cached since opening need no revalidation.
+        array = ts.open(spec, context=self._context, recheck_cached_data="open", **mode).result()
         if array.shape[0] < self.lengths[level]:
             raise TreeCorruptError(
                 f"tree at {self.path}: level {level} holds {array.shape[0]} rows but "

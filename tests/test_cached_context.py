@@ -13,20 +13,24 @@ from tests.conftest import mc_config
 K, W = 4, 32
 
 
-def _inputs(ents, table):
-    """Embeddings (a fixed random vector per node) and Gaussian-RoPE positions of entries."""
-    lod = np.array([l for l, _ in ents])
-    start = np.array([s for _, s in ents])
-    emb = table[(lod * 10_000 + start) % table.shape[0]]
-    mu, sigma = entry_positions(jnp.asarray(lod), jnp.asarray(start), K, 12**-0.5)
-    return emb, np.asarray(mu), np.asarray(sigma)
+def _embedder(table, asked=None):
+    """Embeddings: a fixed random vector per node; records the entries asked for."""
+
+    def embed(ents):
+        if asked is not None:
+            asked.append(list(ents))
+        lod, start = np.array(ents).T
+        return table[(lod * 10_000 + start) % table.shape[0]]
+
+    return embed
 
 
 def test_cache_across_edits_matches_recomputing_from_scratch():
     config = mc_config(block_size=K, max_level=2)
     model = GPT(config.model, rngs=nnx.Rngs(0))
     table = np.asarray(jax.random.normal(jax.random.key(1), (997, config.model.width)))
-    cached = CachedContext(model, W)
+    cached = CachedContext(model, W, K, 12**-0.5)
+    embed = _embedder(table)
     rng = np.random.default_rng(0)
     n_tokens = 60
     ents = entries(recency_pyramid(n_tokens, W - 8, K, 2, 4))
@@ -51,14 +55,11 @@ def test_cache_across_edits_matches_recomputing_from_scratch():
             ]
             if groups:
                 ents = entries(collapse(wc, int(rng.choice(groups)), K))
-        emb, mu, sigma = _inputs(ents, table)
-        logits, count = cached.update(ents, emb, mu, sigma)
+        logits, count = cached.update(ents, embed)
         recomputed.append(count)
-        full = model(
-            embeddings=jnp.asarray(emb)[None],
-            mu=jnp.asarray(mu)[None],
-            sigma=jnp.asarray(sigma)[None],
-        )
+        lod, start = (jnp.asarray(a) for a in np.array(ents).T)
+        mu, sigma = entry_positions(lod, start, K, 12**-0.5)
+        full = model(embeddings=jnp.asarray(embed(ents))[None], mu=mu[None], sigma=sigma[None])
         np.testing.assert_allclose(logits, full[0, -1], atol=2e-4, err_msg=f"step {step} ({kind})")
     # Appends recompute one entry; edits recompute only from the first changed entry on.
     assert min(recomputed) <= 1 and max(recomputed) < W
@@ -68,12 +69,16 @@ def test_unchanged_context_is_free_and_errors():
     config = mc_config(block_size=K, max_level=2)
     model = GPT(config.model, rngs=nnx.Rngs(0))
     table = np.ones((997, config.model.width), np.float32)
-    cached = CachedContext(model, W)
+    cached = CachedContext(model, W, K, 12**-0.5)
+    asked = []
+    embed = _embedder(table, asked)
     ents = [(0, t) for t in range(5)]
-    first, count = cached.update(ents, *_inputs(ents, table))
+    first, count = cached.update(ents, embed)
     assert count == 5
-    again, count = cached.update(ents, *_inputs(ents, table))
+    again, count = cached.update(ents, embed)
     assert count == 0 and again is first
+    _, count = cached.update([*ents, (0, 5)], embed)
+    assert count == 1 and asked == [ents, [(0, 5)]]  # only the changed suffix is embedded
     too_many = [(0, t) for t in range(W + 1)]
     with pytest.raises(ValueError, match="33 entries does not fit capacity 32"):
-        cached.update(too_many, *_inputs(too_many, table))
+        cached.update(too_many, embed)

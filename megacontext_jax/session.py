@@ -1,0 +1,362 @@
+"""The decode runtime: a MegaContext over a tree on disk, refocused as it decodes (DESIGN section 8).
+
+Per generated token the base model decodes one new entry against its KV cache. Every
+``refocus_every`` tokens (default K) the new tokens go into the tree (gisting every block they
+complete), the working context *ages* (the sibling groups farthest from the present, relative to
+their span, collapse into their parents until ``W - refocus_every`` entries remain, so the next
+tokens fit), then LensNet scores it and the allocator edits it. The KV cache is kept up to the
+first changed entry. Per-token work depends on W and K, never on the length of the history.
+
+Without a trained LensNet the session says so and keeps the aged recency pyramid.
+"""
+
+import time
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from megacontext_jax.allocator import AllocatorConfig, refocus
+from megacontext_jax.cached_context import CachedContext, Entry
+from megacontext_jax.gister import Gister
+from megacontext_jax.megacontext import MegaContext
+from megacontext_jax.positions import entry_positions
+from megacontext_jax.sampling import sample_logits
+from megacontext_jax.telemetry import Telemetry
+from megacontext_jax.tree import APPEND_PIECE, Tree
+from megacontext_jax.working_context import entries, from_entries, recency_pyramid
+
+
+class SessionError(ValueError):
+    """A session that cannot start or go on; the message says why in one line."""
+
+
+def gister_for(model: MegaContext, config: ml_collections.ConfigDict) -> Gister:
+    """The Gister of a MegaContext model: its token embeddings and GistNet."""
+    return Gister(model.base.wte.embedding[...], model.gistnet, config)
+
+
+@partial(jax.jit, static_argnums=(0, 1, 2))
+def _focus(lens_graph, cfg: AllocatorConfig, sigma_scale: float, lens_state, emb, wc, cooldown, n):
+    """LensNet scores ``[W]`` of one WC and the allocator's edits of it."""
+    lensnet = nnx.merge(lens_graph, lens_state)
+    mu, sigma = entry_positions(wc.lod, wc.start, cfg.block_size, sigma_scale)
+    batched = jax.tree.map(lambda a: a[None], wc)
+    scores = lensnet(emb[None], batched, mu[None], sigma[None], wc.valid[None], n[None])[0]
+    return refocus(wc, scores, cooldown, n, cfg), scores
+
+
+_sample = jax.jit(sample_logits, static_argnames=("temperature", "top_k"))
+
+
+def _runs(ids: list[int]) -> list[tuple[int, int]]:
+    """Sorted distinct ids as ``[start, stop)`` runs of consecutive values."""
+    runs = []
+    for i in ids:
+        if runs and runs[-1][1] == i:
+            runs[-1][1] += 1
+        else:
+            runs.append([i, i + 1])
+    return [(a, b) for a, b in runs]
+
+
+class Session:
+    """Ingest, refocus and decode over one tree.
+
+    Args:
+      model: the MegaContext model (its base model decodes; LensNet scores).
+      tree: opened for writing with this model's Gister.
+      use_lens: score with LensNet and let the allocator edit; False keeps the recency pyramid.
+      telemetry: gets one record per refocus.
+    """
+
+    def __init__(
+        self,
+        model: MegaContext,
+        config: ml_collections.ConfigDict,
+        tree: Tree,
+        *,
+        use_lens: bool = True,
+        telemetry: Telemetry | None = None,
+    ):
+        mc = config.mc
+        if tree.gister is None:
+            raise SessionError("the session's tree must be opened for writing (with a Gister)")
+        self.tree, self.use_lens, self.telemetry = tree, use_lens, telemetry
+        self.k, self.max_level, self.tail = mc.block_size, mc.max_level, mc.recent_tail
+        self.capacity = mc.wc_size
+        self.every = mc.refocus_every or self.k
+        self.budget = self.capacity - self.every  # entries kept after a refocus
+        self.sigma_scale = mc.sigma_scale
+        self.alloc = AllocatorConfig.from_config(config)
+        self.cached = CachedContext(model.base, self.capacity, self.k, mc.sigma_scale)
+        self.lens_graph, self.lens_state = nnx.split(model.lensnet)
+        self.pending: list[int] = []  # decoded tokens not yet in the tree
+        self.entries: list[Entry] = []
+        self.cooldown: dict[Entry, int] = {}
+        self.since: dict[Entry, int] = {}  # refocus count when each entry entered the WC
+        self.refocus_count = 0
+        self.step = 0  # tokens decoded by this session
+        self.new_tokens = 0  # tokens since the last refocus
+        self._emb: dict[Entry, np.ndarray] = {}
+        if self.num_tokens:
+            self._assemble()
+
+    @property
+    def num_tokens(self) -> int:
+        """History length N, decoded tokens included."""
+        return self.tree.num_tokens + len(self.pending)
+
+    @property
+    def horizon(self) -> int:
+        return self.entries[0][1] if self.entries else 0
+
+    # -- ingest ----------------------------------------------------------------------------------
+    def ingest(self, tokens: np.ndarray, progress: Callable[[int], None] | None = None) -> None:
+        """Appends ``tokens [n]`` to the memory (committed), then brings the WC up to date.
+
+        A short input joins the WC as tokens and is focused like decoded tokens; a long one
+        re-assembles the recency pyramid over the whole history first.
+        """
+        tokens = np.asarray(tokens)
+        if tokens.size == 0:
+            return
+        self._flush()
+        fits = len(self.entries) + len(tokens) <= self.capacity
+        first = self.tree.num_tokens
+        self.tree.append(tokens, progress)
+        if fits and self.entries:
+            self.entries += [(0, t) for t in range(first, self.tree.num_tokens)]
+            self.refocus()
+        else:
+            self._assemble()
+
+    def commit(self) -> None:
+        """Publishes everything decoded so far to the tree on disk."""
+        self._flush()
+        self.tree.commit()
+
+    def close(self) -> None:
+        """Commits and releases the tree."""
+        try:
+            self.commit()
+        finally:
+            self.tree.close()
+
+    # -- decode ----------------------------------------------------------------------------------
+    def logits(self) -> jax.Array:
+        """Next-token logits ``[V]`` given the current WC."""
+        if not self.entries:
+            raise SessionError("the memory is empty: give a prompt to start from")
+        return self.cached.update(self.entries, self._embed)[0]
+
+    def generate(
+        self,
+        max_new_tokens: int,
+        *,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        seed: int = 0,
+        stop: tuple[int, ...] = (),
+    ) -> Iterator[int]:
+        """Yields up to ``max_new_tokens`` decoded ids (each joins the memory); ends after a
+        ``stop`` id. Commits when done."""
+        key = jax.random.key(seed)
+        try:
+            for _ in range(max_new_tokens):
+                key, sub = jax.random.split(key)
+                logits = self.logits()
+                token = int(_sample(logits[None], sub, temperature=temperature, top_k=top_k)[0])
+                self._push(token)
+                yield token
+                if token in stop:
+                    break
+        finally:
+            self.commit()
+
+    def _push(self, token: int) -> None:
+        self.entries.append((0, self.num_tokens))
+        self.pending.append(token)
+        self.step += 1
+        self.new_tokens += 1
+        if self.new_tokens >= self.every:
+            self.refocus()
+
+    # -- the working context ---------------------------------------------------------------------
+    def _assemble(self) -> None:
+        """The recency pyramid over the whole history, then a refocus."""
+        pyramid = recency_pyramid(self.num_tokens, self.budget, self.k, self.max_level, self.tail)
+        self.entries = entries(pyramid)
+        self.cooldown = {}
+        self.refocus()
+
+    def refocus(self) -> dict:
+        """Ages the WC to the budget, lets LensNet + allocator edit it, updates the KV cache.
+
+        Returns the telemetry record (also sent to ``telemetry``).
+        """
+        times, t = {}, time.perf_counter()
+        self._flush()
+        if self.tree.uncommitted >= APPEND_PIECE:  # long generations commit as they go
+            self.tree.commit()
+        n = self.num_tokens
+        times["flush"], t = _lap(t)
+        before = set(self.entries)
+        ents, aged = self._age(self.entries, n)
+        times["age"], t = _lap(t)
+        expands = collapses = 0
+        if self.use_lens:
+            ents, expands, collapses = self._lens_edits(ents, n)
+        times["focus"], t = _lap(t)
+        self.entries = ents
+        self.refocus_count += 1
+        self.since = {e: self.since.get(e, self.refocus_count) for e in ents}
+        self._emb = {e: v for e, v in self._emb.items() if e in self.since}
+        _, recomputed = self.cached.update(ents, self._embed)
+        times["cache"], _ = _lap(t)
+        self.new_tokens = 0
+        lods = np.array([l for l, _ in ents])
+        record = {
+            "refocus": self.refocus_count,
+            "step": self.step,
+            "num_tokens": n,
+            "horizon": self.horizon,
+            "count": len(ents),
+            "aged": aged,
+            "expands": int(expands),
+            "collapses": int(collapses),
+            "swap_rate": sum(e not in before for e in ents) / len(ents),
+            "residency": float(np.mean([self.refocus_count - s for s in self.since.values()])),
+            "recomputed": recomputed,
+            "lod_hist": np.bincount(lods, minlength=self.max_level + 1).tolist(),
+            "lens": self.use_lens,
+            "ms": {k: round(v * 1e3, 3) for k, v in times.items()},
+            "entries": [[l, s] for l, s in ents],
+        }
+        if self.telemetry is not None:
+            self.telemetry.write(record)
+        return record
+
+    def _age(self, ents: list[Entry], n: int) -> tuple[list[Entry], int]:
+        """Collapses sibling groups, lowest recency priority first, until ``budget`` entries remain;
+        drops the oldest entries (the horizon) when nothing more can collapse."""
+        ents, k, aged = list(ents), self.k, 0
+        while len(ents) > self.budget:
+            best, best_priority = None, None
+            i = 0
+            while i + k <= len(ents):
+                lod, start = ents[i]
+                span = k ** (lod + 1)
+                if (
+                    lod < self.max_level
+                    and start % span == 0
+                    and start + span <= n - self.tail
+                    and all(ents[i + j][0] == lod for j in range(k))
+                ):
+                    priority = span / (n - start)  # span / (distance + span) of the parent
+                    if best_priority is None or priority < best_priority:
+                        best, best_priority = i, priority
+                    i += k
+                else:
+                    i += 1
+            if best is None:
+                ents.pop(0)
+            else:
+                ents[best : best + k] = [(ents[best][0] + 1, ents[best][1])]
+                aged += 1
+        return ents, aged
+
+    def _lens_edits(self, ents: list[Entry], n: int) -> tuple[list[Entry], int, int]:
+        emb = np.zeros((self.budget, self.tree.meta.dim), np.float32)
+        emb[: len(ents)] = self._embed(ents)
+        wc = from_entries(ents, self.budget)
+        cooldown = np.zeros(self.budget, np.int32)
+        cooldown[: len(ents)] = [self.cooldown.get(e, 0) for e in ents]
+        result, _ = _focus(
+            self.lens_graph,
+            self.alloc,
+            self.sigma_scale,
+            self.lens_state,
+            jnp.asarray(emb),
+            wc,
+            jnp.asarray(cooldown),
+            jnp.int32(n),
+        )
+        new = entries(result.wc)
+        self.cooldown = {
+            e: c for e, c in zip(new, np.asarray(result.cooldown).tolist(), strict=False) if c
+        }
+        return new, int(result.expands), int(result.collapses)
+
+    # -- entry embeddings ------------------------------------------------------------------------
+    def _flush(self) -> None:
+        if self.pending:
+            tokens = np.asarray(self.pending, np.int32)
+            self.pending = []
+            self.tree.append(tokens, commit=False)
+
+    def _embed(self, ents: list[Entry]) -> np.ndarray:
+        """Input embeddings ``[n, D]`` float32 of entries: token embeddings or stored gists."""
+        missing = sorted({e for e in ents if e not in self._emb})
+        for lod in sorted({l for l, _ in missing}):
+            span = self.k**lod
+            nodes = [s // span for l, s in missing if l == lod]
+            for a, b in _runs(nodes):
+                rows = self._read(lod, a, b)
+                for node, row in zip(range(a, b), rows, strict=True):
+                    self._emb[(lod, node * span)] = row
+        return np.stack([self._emb[e] for e in ents])
+
+    def _read(self, lod: int, a: int, b: int) -> np.ndarray:
+        if lod > 0:
+            return self.tree.gists(lod, a, b).astype(np.float32)
+        stored = self.tree.num_tokens
+        ids = self.tree.tokens(min(a, stored), min(b, stored)).tolist()
+        ids += self.pending[max(a - stored, 0) : max(b - stored, 0)]
+        return self.tree.gister.embed(np.asarray(ids, np.int32))
+
+
+def _lap(t: float) -> tuple[float, float]:
+    now = time.perf_counter()
+    return now - t, now
+
+
+def open_session(
+    checkpoint: str | Path,
+    memory: str | Path,
+    *,
+    telemetry: Telemetry | None = None,
+    log: Callable[[str], None] = print,
+) -> Session:
+    """A session over the memory directory ``memory`` (created if new) for a trained checkpoint.
+
+    Raises ``CheckpointError`` / ``TreeError`` / ``SessionError`` (one line each).
+    """
+    from megacontext_jax.restore import latest_step, load_model
+
+    model, config = load_model(checkpoint)
+    if not isinstance(model, MegaContext):
+        raise SessionError(
+            f"{checkpoint} holds a plain language model: a memory needs a MegaContext "
+            "checkpoint (trained with --config.mc.enabled=true)"
+        )
+    step = latest_step(checkpoint)
+    use_lens = config.mc.loss.lens > 0 and step > config.mc.lens_start
+    if not use_lens:
+        log(
+            f"note: LensNet of {checkpoint} was not trained (step {step}, lens loss starts at "
+            f"{config.mc.lens_start}): decoding keeps the recency pyramid, no learned focus"
+        )
+    tree = Tree.open_or_create(
+        memory, gister_for(model, config), config.mc.max_level, config.model.vocab_size
+    )
+    try:
+        return Session(model, config, tree, use_lens=use_lens, telemetry=telemetry)
+    except BaseException:
+        tree.close()
+        raise

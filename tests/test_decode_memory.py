@@ -1,0 +1,155 @@
+"""decode.py over a persistent memory: decoding, continuing, interactive turns, ingest, errors."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import decode
+from megacontext_jax.gister import Gister
+from megacontext_jax.tokenizer import BOS, ByteTokenizer
+from megacontext_jax.trainer import train
+from megacontext_jax.tree import APPEND_PIECE, Tree
+from megacontext_jax.tree_storage import read_manifest
+from tests.conftest import tiny_config, tiny_mc_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, corpus_dir):
+    workdir = tmp_path_factory.mktemp("mc_run")
+    train(tiny_mc_config(workdir, corpus_dir, steps=3), progress=False)
+    return workdir
+
+
+def _decode(*args, stdin=None):
+    return subprocess.run(
+        [sys.executable, "decode.py", *map(str, args)],
+        cwd=ROOT,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_decode_grows_a_memory_across_runs(checkpoint, tmp_path):
+    memory = tmp_path / "memory"
+    common = ["--checkpoint", checkpoint, "--memory", memory, "--temperature", "0"]
+    first = _decode(*common, "--prompt", "the quick", "--max-new-tokens", 20)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stdout.startswith("the quick")
+    lengths = read_manifest(memory)["lengths"]
+    assert lengths[0] == 1 + len("the quick") + 20  # BOS, the prompt, every decoded token
+    records = [json.loads(l) for l in (memory / "telemetry" / "refocus.jsonl").open()]
+    assert records and all(r["count"] <= 24 for r in records)
+    assert (memory / "telemetry" / "lod_map.png").is_file()
+
+    second = _decode(*common, "--interactive", "--max-new-tokens", 8, stdin="fox\njumps\n\n")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"memory {memory}: {lengths[0]} tokens" in second.stderr
+    assert read_manifest(memory)["lengths"][0] == lengths[0] + len("fox\njumps\n") + 2 * 8
+
+    tree = Tree.open(memory)
+    tokens = tree.tokens(0, tree.num_tokens)
+    tree.close()
+    assert tokens[0] == BOS and ByteTokenizer().decode(tokens[1:10]) == "the quick"
+    assert ByteTokenizer().decode(tokens[30:34]) == "fox\n"  # the first turn follows run one
+
+
+def test_bad_input_is_one_line(checkpoint, tmp_path, capsys, corpus_dir):
+    memory = tmp_path / "memory"
+
+    def error(*args):
+        assert decode.main([*map(str, args)]) == 1
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err, err
+        return err
+
+    base = ["--checkpoint", checkpoint, "--memory", memory]
+    assert error(*base, "--prompt", "") == "error: the prompt is empty"
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"ok \xff\xfe")
+    assert (
+        error(*base, "--prompt-file", bad)
+        == f"error: prompt file {bad} is not UTF-8 text (bad byte at 3)"
+    )
+    assert (
+        error("ingest", *base, "--file", bad)
+        == f"error: file {bad} is not UTF-8 text (bad byte at 3)"
+    )
+    assert (
+        error(*base, "--prompt", "x\udcff")
+        == "error: the prompt holds bytes that are not UTF-8 (at 1)"
+    )
+    missing = tmp_path / "nope"
+    assert error("--checkpoint", missing, "--memory", memory, "--prompt", "x") == (
+        f"error: no checkpoint at {missing}: config.json not found"
+    )
+    other = tiny_mc_config(tmp_path, corpus_dir)
+    Tree.create(tmp_path / "other", Gister.initialized(other, seed=7), 2, 320).close()
+    assert re.fullmatch(
+        r"error: tree at .*other was gisted by other weights .* open it with the checkpoint whose "
+        r"GistNet built it\)?",
+        error("--checkpoint", checkpoint, "--memory", tmp_path / "other", "--prompt", "x"),
+    )
+    plain = tmp_path / "plain"
+    train(tiny_config(plain, corpus_dir, steps=1), progress=False)
+    assert error("--checkpoint", plain, "--memory", memory, "--prompt", "x") == (
+        f"error: {plain} holds a plain language model: a memory needs a MegaContext checkpoint "
+        "(trained with --config.mc.enabled=true)"
+    )
+    held = Tree.create(memory, Gister.initialized(other, seed=7), 2, 320)
+    try:
+        assert re.fullmatch(
+            rf"error: tree at {memory} is locked by another writer \(pid {os.getpid()}\)",
+            error(*base, "--prompt", "x"),
+        )
+    finally:
+        held.close()
+
+
+def test_interrupted_ingest_keeps_what_was_committed(checkpoint, tmp_path):
+    memory = tmp_path / "memory"
+    text = "".join(chr(97 + i % 26) for i in range(10 * APPEND_PIECE))
+    big = tmp_path / "big.txt"
+    big.write_text(text)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "decode.py",
+            "ingest",
+            "--checkpoint",
+            checkpoint,
+            "--memory",
+            memory,
+            "--file",
+            big,
+        ],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    seen = ""
+    while not re.search(r"\b(6[5-9]|[7-9]\d|\d{3})\.?\d*k/", seen):  # one piece committed
+        char = process.stderr.read(1)
+        assert char, f"ingest ended early: {seen[-2000:]}"
+        seen += char
+    process.send_signal(signal.SIGINT)
+    seen += process.stderr.read()
+    assert process.wait(timeout=120) == 130, seen[-2000:]
+    assert "interrupted: the memory keeps everything committed so far" in seen
+    tree = Tree.open(memory)
+    n = tree.num_tokens
+    tree.verify()
+    stored = tree.tokens(0, n)
+    tree.close()
+    assert 0 < n < 1 + len(text) and n % APPEND_PIECE == 0
+    np.testing.assert_array_equal(stored, ByteTokenizer().encode(text, bos=True)[:n])
