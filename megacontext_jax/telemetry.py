@@ -29,11 +29,14 @@ class Telemetry:
         self._file.close()
 
 
-def lod_grid(records: list[dict], block_size: int, rows: int = 256) -> tuple[np.ndarray, int]:
+def lod_grid(
+    records: list[dict], block_size: int, rows: int = 256
+) -> tuple[np.ndarray, tuple[int, int]]:
     """``[rows, len(records)]`` LOD of the entry covering each history bin (NaN: none), and the
-    history length the rows span."""
-    n = max(r["num_tokens"] for r in records)
-    edges = np.linspace(0, n, rows + 1)
+    token range ``(lo, hi)`` the rows span: from the earliest horizon to the longest history."""
+    lo = min(r["entries"][0][1] for r in records if r["entries"])
+    hi = max(r["num_tokens"] for r in records)
+    edges = np.linspace(lo, hi, rows + 1)
     centres = (edges[:-1] + edges[1:]) / 2
     grid = np.full((rows, len(records)), np.nan)
     for col, record in enumerate(records):
@@ -43,7 +46,7 @@ def lod_grid(records: list[dict], block_size: int, rows: int = 256) -> tuple[np.
         which = np.searchsorted(start, centres, side="right") - 1
         inside = (which >= 0) & (centres < end[np.maximum(which, 0)])
         grid[inside, col] = lod[which[inside]]
-    return grid, n
+    return grid, (lo, hi)
 
 
 def plot_lod_map(records: list[dict], block_size: int, path: str | Path) -> None:
@@ -53,18 +56,21 @@ def plot_lod_map(records: list[dict], block_size: int, path: str | Path) -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    grid, n = lod_grid(records, block_size)
+    grid, (lo, hi) = lod_grid(records, block_size)
     steps = [r["step"] for r in records]
+    levels = max(len(r["lod_hist"]) for r in records)
     fig, ax = plt.subplots(figsize=(8, 4.5))
     image = ax.imshow(
         grid,
         aspect="auto",
         origin="lower",
         interpolation="nearest",
-        cmap="viridis",
-        extent=(min(steps) - 0.5, max(steps) + 0.5, 0, n),
+        cmap=plt.get_cmap("viridis", levels),
+        vmin=-0.5,
+        vmax=levels - 0.5,
+        extent=(min(steps) - 0.5, max(steps) + 0.5, lo, hi),
     )
-    fig.colorbar(image, ax=ax, label="level of detail (0 = tokens)")
+    fig.colorbar(image, ax=ax, ticks=range(levels), label="level of detail (0 = tokens)")
     ax.set_xlabel("decode step")
     ax.set_ylabel("history position (tokens)")
     ax.set_title("working context level of detail per refocus")

@@ -109,11 +109,11 @@ def test_fresh_session_assembles_the_pyramid_and_empty_memory_errors():
 
 def test_lod_map(tmp_path):
     records = [
-        {"step": 0, "num_tokens": 6, "entries": [[1, 0], [0, 4], [0, 5]]},
-        {"step": 4, "num_tokens": 8, "entries": [[0, 4], [0, 5], [0, 6], [0, 7]]},
+        {"step": 0, "num_tokens": 6, "entries": [[1, 0], [0, 4], [0, 5]], "lod_hist": [2, 1]},
+        {"step": 4, "num_tokens": 8, "entries": [[0, 4], [0, 5], [0, 6], [0, 7]], "lod_hist": [4]},
     ]
-    grid, n = lod_grid(records, block_size=4, rows=8)
-    assert n == 8
+    grid, span = lod_grid(records, block_size=4, rows=8)
+    assert span == (0, 8)
     np.testing.assert_array_equal(grid[:, 0], [1, 1, 1, 1, 0, 0, np.nan, np.nan])
     np.testing.assert_array_equal(grid[:, 1], [np.nan] * 4 + [0] * 4)  # horizon at 4
     plot_lod_map(records, 4, tmp_path / "map.png")
