@@ -1,7 +1,8 @@
 """The attention entry point every model calls.
 
-``attention`` dispatches on ``impl``; today only the pure-jnp ``attention_reference`` exists (the Pallas
-kernels of DESIGN section 6 plug in here behind the same signature).
+``attention`` dispatches on ``impl``: ``reference`` (pure jnp, below) or ``pallas`` (the
+mixed-resolution kernels of ``kernels.mixed_attention`` with pre-rotated q/k; interpreted on CPU,
+compiled on GPU).
 
 Masks: ``causal=True`` is the WC-causal mask (query i sees key j iff j <= i + q_offset); with
 ``q_offset = kv_len - q_len`` it is the decode mask over a KV cache. ``causal=False`` is bidirectional
@@ -11,7 +12,7 @@ Masks: ``causal=True`` is the WC-causal mask (query i sees key j iff j <= i + q_
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("reference",)
+IMPLS = ("reference", "pallas")
 
 
 def attention_reference(
@@ -71,4 +72,17 @@ def attention(
     """Dispatches to the implementation named by ``impl`` (see ``IMPLS``)."""
     if impl == "reference":
         return attention_reference(q, k, v, causal=causal, kv_valid=kv_valid, q_offset=q_offset)
+    if impl == "pallas":
+        from kernels.mixed_attention import Entries, mixed_attention
+
+        b, tq, tk = q.shape[0], q.shape[1], k.shape[1]
+        # Entries in order: key j ends at j + 1, query i at q_offset + i + 1 (or never, when
+        # bidirectional), so the metadata rule "end_k <= end_q" is the causal mask.
+        q_meta = Entries.tokens(b, tq, q_offset)
+        if not causal:
+            q_meta.end = jnp.full_like(q_meta.end, tk)
+        k_meta = Entries.tokens(b, tk)
+        if kv_valid is not None:
+            k_meta.valid = kv_valid
+        return mixed_attention(q, k, v, q_meta, k_meta, rope=False)
     raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")

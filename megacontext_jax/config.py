@@ -16,6 +16,8 @@ from pathlib import Path
 
 import ml_collections
 
+from kernels.attention import IMPLS as ATTENTION_IMPLS
+
 DTYPES = ("float32", "bfloat16", "float16")
 OPTIMIZERS = ("adamw", "muon")
 MODEL_FAMILIES = ("gpt",)
@@ -47,7 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.logit_soft_cap = 15.0  # 0 disables the cap
     c.model.dtype = "float32"  # activations / matmul inputs
     c.model.param_dtype = "float32"
-    c.model.attention_impl = "reference"
+    c.model.attention_impl = "reference"  # or "pallas" (kernels/mixed_attention.py)
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "stdlib"  # "stdlib", a directory of text files, or a .jsonl file
@@ -239,6 +241,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Checks every value the training and decode code relies on; raises ``ConfigError``."""
     m, d, t = config.model, config.data, config.train
     _require(m.family in MODEL_FAMILIES, "model.family", f"must be one of {MODEL_FAMILIES}")
+    _require(
+        m.attention_impl in ATTENTION_IMPLS,
+        "model.attention_impl",
+        f"must be one of {ATTENTION_IMPLS}, got {m.attention_impl!r}",
+    )
     _positive(
         config,
         "model.vocab_size",

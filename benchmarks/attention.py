@@ -1,0 +1,205 @@
+"""Mixed-resolution attention on a GPU: the wc_causal and pyramid kernels against cuDNN and Pallas mha.
+
+    python benchmarks/attention.py                   # the full table (T = 4K..32K, Dh 64 and 128)
+    python benchmarks/attention.py --quick           # T = 4K only
+    python benchmarks/attention.py --out results.json
+
+Every row is measured in this one run, side by side, bf16, batch 1, 16 heads:
+  * forward and forward+backward TFLOP/s (causal FLOPs: 2 matmuls x T^2/2 x Dh x heads, x2.5
+    for forward+backward) of ``wc_causal`` (``kernels.mixed_attention``, pre-rotated q/k),
+    ``jax.nn.dot_product_attention(implementation="cudnn", is_causal=True)`` and jax's Pallas
+    ``mha(causal=True)``, with the kernel's ratio to cuDNN;
+  * the pyramid mask over every token and gist of a 64K-token sequence (K=32, levels 1-3 in a
+    level-major layout, LOD0 window 512) against dense causal cuDNN at N = 64K: time and speedup.
+Before timing, each implementation's output is checked against the float32 reference at T=1K
+(relative error printed). A failure in one implementation is reported in its row and the run goes
+on. Without a GPU it says so and exits 0.
+"""
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernels.mixed_attention import (
+    BlockSizes,
+    Entries,
+    MaskSpec,
+    mixed_attention,
+    mixed_attention_reference,
+)
+
+HEADS = 16
+BLOCKS = BlockSizes(block_q=128, block_k=64, block_q_bwd=64, block_k_bwd=64)
+
+
+def _time(fn, *args, repeats: int = 20) -> float:
+    """Median seconds of ``fn(*args)`` (compiled and warmed up first)."""
+    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _inputs(t: int, dh: int, seed: int = 0):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    shape = (1, t, HEADS, dh)
+    return [jax.random.normal(k, shape, jnp.bfloat16) for k in keys]
+
+
+def _impls(t: int):
+    meta = Entries.tokens(1, t)
+
+    def wc_causal(q, k, v):
+        return mixed_attention(
+            q, k, v, meta, meta, MaskSpec("wc_causal"), rope=False, blocks=BLOCKS
+        )
+
+    def cudnn(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+
+    def pallas_mha(q, k, v):
+        from jax.experimental.pallas.ops.gpu.attention import mha
+
+        # mha takes [B, T, H, D] and a segment-id argument.
+        return mha(q, k, v, segment_ids=None, causal=True, sm_scale=q.shape[-1] ** -0.5)
+
+    return {"wc_causal": wc_causal, "cudnn": cudnn, "pallas_mha": pallas_mha}
+
+
+def _fwd_bwd(fn):
+    def loss(q, k, v):
+        return jnp.sum(fn(q, k, v).astype(jnp.float32))
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def check(t: int = 1024, dh: int = 128) -> dict:
+    """Relative error of each implementation against the float32 reference."""
+    q, k, v = _inputs(t, dh, seed=1)
+    meta = Entries.tokens(1, t)
+    up = [x.astype(jnp.float32) for x in (q, k, v)]
+    ref = mixed_attention_reference(*up, meta, meta, MaskSpec("wc_causal"), rope=False)
+    errors = {}
+    for name, fn in _impls(t).items():
+        try:
+            out = jax.jit(fn)(q, k, v).astype(jnp.float32)
+            errors[name] = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+        except Exception as e:  # one implementation failing must not stop the table
+            errors[name] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    return errors
+
+
+def causal_table(lengths, dims) -> list[dict]:
+    rows = []
+    for dh in dims:
+        for t in lengths:
+            q, k, v = _inputs(t, dh)
+            flops = 4 * t * t / 2 * dh * HEADS
+            row = {"T": t, "Dh": dh}
+            for name, fn in _impls(t).items():
+                try:
+                    row[f"{name}_fwd"] = flops / _time(jax.jit(fn), q, k, v) / 1e12
+                    row[f"{name}_fwdbwd"] = 2.5 * flops / _time(_fwd_bwd(fn), q, k, v) / 1e12
+                except Exception as e:
+                    row[f"{name}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def pyramid_meta(n: int, k: int, levels: int) -> Entries:
+    nodes = [(l, i * k**l) for l in range(levels + 1) for i in range(n // k**l)]
+    size = -(-len(nodes) // 128) * 128
+    lod = np.zeros((1, size), np.int32)
+    start = np.zeros((1, size), np.int32)
+    lod[0, : len(nodes)], start[0, : len(nodes)] = np.array(nodes).T
+    valid = np.arange(size)[None] < len(nodes)
+    return Entries.make(lod, start, valid, k)
+
+
+def pyramid_vs_dense(n: int = 65536, k: int = 32, levels: int = 3, window: int = 512) -> dict:
+    meta = pyramid_meta(n, k, levels)
+    spec = MaskSpec("pyramid", window=window, block_size=k, max_level=levels)
+    entries = meta.lod.shape[1]
+    out = {"N": n, "entries": entries, "K": k, "levels": levels, "window": window}
+    q, kk, v = _inputs(entries, 128)
+    qd, kd, vd = _inputs(n, 128)
+
+    def pyramid(q, k, v):
+        return mixed_attention(q, k, v, meta, meta, spec, rope=True, blocks=BLOCKS)
+
+    def dense(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+
+    for name, fn, args in (("pyramid", pyramid, (q, kk, v)), ("dense_cudnn", dense, (qd, kd, vd))):
+        try:
+            out[f"{name}_fwd_ms"] = 1e3 * _time(jax.jit(fn), *args, repeats=10)
+            out[f"{name}_fwdbwd_ms"] = 1e3 * _time(_fwd_bwd(fn), *args, repeats=5)
+        except Exception as e:
+            out[f"{name}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    for phase in ("fwd", "fwdbwd"):
+        a, b = out.get(f"dense_cudnn_{phase}_ms"), out.get(f"pyramid_{phase}_ms")
+        if a and b:
+            out[f"speedup_{phase}"] = a / b
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="T = 4K only, head dim 128")
+    p.add_argument("--skip-pyramid", action="store_true")
+    p.add_argument("--out", help="also write the results as JSON here")
+    args = p.parse_args()
+    if jax.default_backend() != "gpu":
+        print(f"no GPU (backend {jax.default_backend()!r}): nothing to time")
+        return
+    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
+    results = {"check_rel_error_T1024": check()}
+    print("check:", json.dumps(results["check_rel_error_T1024"]), flush=True)
+    lengths = [4096] if args.quick else [4096, 8192, 16384, 32768]
+    dims = [128] if args.quick else [64, 128]
+    results["causal"] = causal_table(lengths, dims)
+    if not args.skip_pyramid:
+        results["pyramid"] = pyramid_vs_dense()
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+
+    print()
+    print(
+        "| T | Dh | wc_causal fwd | cuDNN fwd | mha fwd | ratio | wc_causal f+b | cuDNN f+b | ratio |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in results["causal"]:
+        get = lambda key, row=row: row.get(key, math.nan)
+        print(
+            f"| {row['T']} | {row['Dh']} | {get('wc_causal_fwd'):.0f} | {get('cudnn_fwd'):.0f} | "
+            f"{get('pallas_mha_fwd'):.0f} | {get('wc_causal_fwd') / get('cudnn_fwd'):.2f} | "
+            f"{get('wc_causal_fwdbwd'):.0f} | {get('cudnn_fwdbwd'):.0f} | "
+            f"{get('wc_causal_fwdbwd') / get('cudnn_fwdbwd'):.2f} |"
+        )
+    errors = [
+        (r["T"], r["Dh"], k, v) for r in results["causal"] for k, v in r.items() if "error" in k
+    ]
+    for error in errors:
+        print("error:", *error)
+    if "pyramid" in results:
+        print("pyramid vs dense causal cuDNN:", json.dumps(results["pyramid"]))
+
+
+if __name__ == "__main__":
+    main()
