@@ -35,20 +35,26 @@ def attention_reference(
       ``[B, Tq, Hq, Dh]`` in q.dtype. Logits and softmax in float32. A query that sees no key
       returns zeros.
     """
-    b, tq, hq, dh = q.shape
-    tk, hkv = k.shape[1], k.shape[2]
-    if hq % hkv:
-        raise ValueError(f"query heads {hq} must be a multiple of key/value heads {hkv}")
-    group = hq // hkv
-    qg = q.reshape(b, tq, hkv, group, dh)
-    logits = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32)
-    logits = logits * (dh**-0.5)
+    b, tq, tk = q.shape[0], q.shape[1], k.shape[1]
     mask = jnp.ones((b, tq, tk), dtype=bool)
     if causal:
         q_idx = jnp.arange(tq)[:, None] + q_offset
         mask = mask & (jnp.arange(tk)[None, :] <= q_idx)[None]
     if kv_valid is not None:
         mask = mask & kv_valid[:, None, :]
+    return masked_attention(q, k, v, mask)
+
+
+def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax attention of ``q [B, Tq, Hq, Dh]`` over ``k, v [B, Tk, Hkv, Dh]`` where ``mask
+    [B, Tq, Tk]`` allows; GQA, float32 logits and softmax, zeros for a query that sees nothing."""
+    b, tq, hq, dh = q.shape
+    hkv = k.shape[2]
+    if hq % hkv:
+        raise ValueError(f"query heads {hq} must be a multiple of key/value heads {hkv}")
+    qg = q.reshape(b, tq, hkv, hq // hkv, dh)
+    logits = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32)
+    logits = logits * (dh**-0.5)
     mask = mask[:, None, None]  # [B, 1, 1, Tq, Tk]
     # A finite fill keeps fully masked rows (and their gradients) free of NaN; they are zeroed after.
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)

@@ -31,6 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
+from kernels.attention import masked_attention
+from kernels.rope import gaussian_rope
+
 MASKS = ("wc_causal", "decode", "pyramid")
 NEG_INF = float("-inf")
 _FAR = 1 << 30  # a bound no position reaches
@@ -168,24 +171,11 @@ def mixed_attention_reference(
     Returns:
       ``[B, Tq, Hq, Dh]`` in q.dtype.
     """
-    from kernels.rope import gaussian_rope
-
     if rope:
         q = gaussian_rope(q, q_meta.mu, q_meta.sigma, theta)
         k = gaussian_rope(k, k_meta.mu, k_meta.sigma, theta)
-    b, tq, hq, dh = q.shape
-    hkv = k.shape[2]
-    qg = q.reshape(b, tq, hkv, hq // hkv, dh)
-    logits = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32)
-    logits = logits * dh**-0.5
     mask = visible(q_meta.end, k_meta.lod, k_meta.start, k_meta.end, k_meta.valid, spec)
-    mask = mask[:, None, None]
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    weights = jnp.where(mask, jax.nn.softmax(logits, axis=-1), 0.0)
-    out = jnp.einsum(
-        "bhgqk,bkhd->bqhgd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32
-    )
-    return out.reshape(b, tq, hq, dh).astype(q.dtype)
+    return masked_attention(q, k, v, mask)
 
 
 # -- kernels -----------------------------------------------------------------------------------
