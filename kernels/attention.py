@@ -74,8 +74,22 @@ def attention(
     kv_valid: jax.Array | None = None,
     q_offset: jax.Array | int = 0,
     impl: str = "reference",
+    entries=None,
 ) -> jax.Array:
-    """Dispatches to the implementation named by ``impl`` (see ``IMPLS``)."""
+    """Dispatches to the implementation named by ``impl`` (see ``IMPLS``).
+
+    ``entries = (meta, spec)`` (``kernels.mixed_attention.Entries`` of the sequence and a
+    ``MaskSpec``) replaces ``causal`` / ``kv_valid`` / ``q_offset`` by the metadata-driven mask
+    of self-attention over entries, e.g. the pyramid mask.
+    """
+    if entries is not None:
+        from kernels.mixed_attention import mixed_attention, mixed_attention_reference
+
+        meta, spec = entries
+        fn = mixed_attention if impl == "pallas" else mixed_attention_reference
+        if impl not in IMPLS:
+            raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")
+        return fn(q, k, v, meta, meta, spec, rope=False)
     if impl == "reference":
         return attention_reference(q, k, v, causal=causal, kv_valid=kv_valid, q_offset=q_offset)
     if impl == "pallas":

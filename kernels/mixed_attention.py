@@ -377,8 +377,16 @@ def _pad_halves(x, half: int):
     return jnp.concatenate([_pad_to(x[..., :h], -1, half), _pad_to(x[..., h:], -1, half)], -1)
 
 
+def _pow2_tiles(summary: jax.Array, rows: int) -> jax.Array:
+    """Pads ``[B, r, n]`` to ``[B, rows, 2^k >= n]`` (zeros: padding tiles hold no valid key), so
+    every block the kernels see has power-of-two dimensions."""
+    r, n = summary.shape[1:]
+    return jnp.pad(summary, ((0, 0), (0, rows - r), (0, pl.next_power_of_2(n) - n)))
+
+
 def _tile_summaries(meta: Entries, block: int) -> jax.Array:
-    """``[B, 5, T / block]`` int32 per key tile: min end, max start, min lod, max lod, any valid."""
+    """``[B, 8, n]`` int32 per key tile (rows: min end, max start, min lod, max lod, any valid;
+    tiles past ``T / block`` are padding)."""
     b, t = meta.lod.shape
     shape = (b, t // block, block)
     valid = meta.valid.reshape(shape)
@@ -387,7 +395,7 @@ def _tile_summaries(meta: Entries, block: int) -> jax.Array:
     def masked(x, fill):
         return jnp.where(valid, x.reshape(shape), fill)
 
-    return jnp.stack(
+    summary = jnp.stack(
         [
             masked(meta.end, big).min(-1),
             masked(meta.start, -big).max(-1),
@@ -397,13 +405,14 @@ def _tile_summaries(meta: Entries, block: int) -> jax.Array:
         ],
         axis=1,
     )
+    return _pow2_tiles(summary, 8)
 
 
 def _query_summaries(q_end: jax.Array, block: int) -> jax.Array:
-    """``[B, 2, Tq / block]`` min and max query end per query tile."""
+    """``[B, 2, n]`` min and max query end per query tile (tiles past ``Tq / block``: padding)."""
     b, t = q_end.shape
     tiles = q_end.reshape(b, t // block, block)
-    return jnp.stack([tiles.min(-1), tiles.max(-1)], axis=1)
+    return _pow2_tiles(jnp.stack([tiles.min(-1), tiles.max(-1)], axis=1), 2)
 
 
 def _meta_arrays(meta: Entries) -> list[jax.Array]:
@@ -458,7 +467,7 @@ def _forward(q, k, v, q_meta, k_meta, cfg: _Cfg, interpret: bool):
     q_arrays = [q_meta.end, q_meta.mu.astype(jnp.float32), q_meta.sigma.astype(jnp.float32)]
     in_specs = [
         *_specs(cfg, tq, tk, dp, dvp, hq // hkv, bq, grid_q=True),
-        pl.BlockSpec((None, 5, nk), lambda i, b, h: (b, 0, 0)),
+        pl.BlockSpec((None, 8, nk), lambda i, b, h: (b, 0, 0)),
     ]
     return pl.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg),
@@ -498,7 +507,7 @@ def _backward(q, k, v, q_meta, k_meta, out, lse, do, cfg: _Cfg, interpret: bool)
         grid=(tk // bk, b, hq),
         in_specs=[
             *specs,
-            pl.BlockSpec((None, 5, nk), lambda j, b, h: (b, 0, 0)),
+            pl.BlockSpec((None, 8, nk), lambda j, b, h: (b, 0, 0)),
             pl.BlockSpec((None, 2, nq), lambda j, b, h: (b, 0, 0)),
             pl.BlockSpec((None, tq, None, dvp), lambda j, b, h: (b, 0, h, 0)),
             pl.BlockSpec((None, None, tq), lambda j, b, h: (b, h, 0)),
@@ -525,7 +534,7 @@ def _backward(q, k, v, q_meta, k_meta, out, lse, do, cfg: _Cfg, interpret: bool)
         grid=(tq // bq, b, hq),
         in_specs=[
             *specs,
-            pl.BlockSpec((None, 5, nk), lambda i, b, h: (b, 0, 0)),
+            pl.BlockSpec((None, 8, nk), lambda i, b, h: (b, 0, 0)),
             pl.BlockSpec((None, bq, None, dvp), lambda i, b, h: (b, i, h, 0)),
             pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i)),
             pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i)),

@@ -110,6 +110,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.mc.loss.kl = 1.0
     c.mc.loss.lens = 1.0
     c.mc.loss.lens_margin = 0.002  # nats: smaller loss differences are not preferences
+    c.mc.loss.pyramid = 0.0  # weight of the pyramid pass (DESIGN 6.2); 0 leaves it out
+    c.mc.pyramid_window = 0  # pyramid pass: entries per level band (0: wc_size // (levels + 1))
 
     c.mc.lens = ml_collections.ConfigDict()
     c.mc.lens.depth = 2
@@ -339,6 +341,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "mc.wc_size",
         f"{mc.wc_size} leaves no room for gists beside a tail of {mc.recent_tail} (needs >= tail + 2K)",
     )
+    _require(mc.loss.pyramid >= 0, "mc.loss.pyramid", "must be >= 0 (0 leaves the pass out)")
+    _require(mc.pyramid_window >= 0, "mc.pyramid_window", "must be >= 0 (0: W / (levels + 1))")
     _require(mc.refocus_every >= 0, "mc.refocus_every", "must be >= 0 (0: every K tokens)")
     every = mc.refocus_every or k
     _require(

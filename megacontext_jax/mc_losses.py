@@ -8,6 +8,9 @@ Per sequence ``tokens [T + 1]`` and host-built contexts (pyramid, window, random
   after its span, so the base model learns to read gists;
 * ``kl``: substitutability, KL(full-token teacher || WC model) on the scored tokens, with a
   stop-gradient teacher; trains GistNet (and the base model in e2e) to make gists stand in for spans;
+* ``pyramid`` (optional, DESIGN section 6.2): every token and gist of the sequence in one pass of
+  the base model under the pyramid mask, each entry labelled with the first token after its span:
+  the base model learns to read gists at every position, not only at the scored ones;
 * ``lens``: Bradley–Terry preference loss: for two variants a, b of the pyramid with measured loss
   L_a < L_b, ``-log sigmoid(u_a - u_b)`` where u is LensNet's utility of the variant's edits
   (sum of scores of expanded gists minus mean scores of collapsed groups).
@@ -19,12 +22,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from kernels.mixed_attention import Entries, MaskSpec
 from megacontext_jax.allocator import AllocatorConfig, refocus
 from megacontext_jax.megacontext import (
     MegaContext,
     entry_labels,
     gather_entries,
     lens_scores,
+    node_layout,
     node_table,
     wc_positions,
     with_tail,
@@ -37,6 +42,29 @@ sg = jax.lax.stop_gradient
 
 def _masked_mean(x: jax.Array, mask: jax.Array, axis=None) -> jax.Array:
     return jnp.sum(jnp.where(mask, x, 0.0), axis) / jnp.maximum(jnp.sum(mask, axis), 1)
+
+
+def pyramid_spec(config: ml_collections.ConfigDict) -> MaskSpec:
+    mc = config.mc
+    window = mc.pyramid_window or mc.wc_size // (mc.max_level + 1)
+    return MaskSpec("pyramid", window=window, block_size=mc.block_size, max_level=mc.max_level)
+
+
+def pyramid_pass(
+    model: MegaContext, table: jax.Array, tokens: jax.Array, config: ml_collections.ConfigDict
+) -> jax.Array:
+    """Mean next-token loss of every node of ``node_table`` (``table [B, M, D]``) read in one
+    pass under the pyramid mask; ``tokens [B, T + 1]`` give the labels."""
+    b, t = tokens.shape[0], tokens.shape[1] - 1
+    k = config.mc.block_size
+    lod, start = (jnp.broadcast_to(a, (b, len(a))) for a in node_layout(t, k, config.mc.max_level))
+    valid = jnp.ones(lod.shape, bool)
+    meta = Entries.make(lod, start, valid, k, config.mc.sigma_scale)
+    logits = model.base(
+        embeddings=table, mu=meta.mu, sigma=meta.sigma, entries=(meta, pyramid_spec(config))
+    )
+    labels, label_mask = entry_labels(tokens, lod, start, valid, k)
+    return _masked_mean(token_nll(logits, labels), label_mask)
 
 
 def guided_contexts(
@@ -171,6 +199,10 @@ def mc_loss(
         + weights.kl * kl
         + weights.lens * lens_on * lens
     )
+    extra = {}
+    if weights.pyramid > 0:
+        extra["loss/pyramid"] = pyramid_pass(model, table, tokens, config)
+        total = total + weights.pyramid * extra["loss/pyramid"]
     delta = variant_loss[:, 2:-1] - variant_loss[:, :1]  # random variants vs the pyramid
     metrics = {
         "loss": total,
@@ -187,6 +219,7 @@ def mc_loss(
         "lens/correlation": corr,
         "lens/pairs": prefer.sum(),
         "swap_rate": jnp.mean(edits) / jnp.maximum(ctx[:, 0].sum(-1).mean(), 1),
+        **extra,
     }
     for level in range(1, mc.max_level + 1):
         hit = batch["expand_lod"] == level

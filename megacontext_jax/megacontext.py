@@ -8,6 +8,7 @@ entry's label is the first token after its span (never a token inside it).
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from megacontext_jax.gistnet import GistNet, build_levels
@@ -46,6 +47,17 @@ def node_table(
     offsets += [total] * (max_level + 1 - len(levels))
     table = jnp.concatenate([l.astype(jnp.float32) for l in levels], axis=1)
     return table, tuple(offsets)
+
+
+def node_layout(num_tokens: int, block_size: int, max_level: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(lod, start)`` int32 ``[M]`` of the rows of ``node_table`` for a sequence of N tokens."""
+    lod, start = [], []
+    for level in range(max_level + 1):
+        span = block_size**level
+        count = num_tokens // span
+        lod.append(np.full(count, level, np.int32))
+        start.append(np.arange(count, dtype=np.int32) * span)
+    return np.concatenate(lod), np.concatenate(start)
 
 
 def gather_entries(

@@ -85,6 +85,7 @@ class Attention(nnx.Module):
         kv_valid: jax.Array | None,
         cache: dict[str, jax.Array] | None,
         index: jax.Array | int,
+        entries=None,
     ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
         b, t, _ = x.shape
         q = self.q(x).reshape(b, t, self.num_heads, self.head_dim)
@@ -102,7 +103,14 @@ class Attention(nnx.Module):
             )
             cache = {"k": k, "v": v}
         y = kernels.attention(
-            q, k, v, causal=self.causal, kv_valid=kv_valid, q_offset=index, impl=self.impl
+            q,
+            k,
+            v,
+            causal=self.causal,
+            kv_valid=kv_valid,
+            q_offset=index,
+            impl=self.impl,
+            entries=entries,
         )
         return self.o(y.reshape(b, t, -1)), cache
 
@@ -124,8 +132,8 @@ class Block(nnx.Module):
         self.attn = Attention(cfg, rngs, causal)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x, cos, sin, kv_valid, cache, index):
-        y, cache = self.attn(rms_norm(x), cos, sin, kv_valid, cache, index)
+    def __call__(self, x, cos, sin, kv_valid, cache, index, entries=None):
+        y, cache = self.attn(rms_norm(x), cos, sin, kv_valid, cache, index, entries)
         x = x + y
         return x + self.mlp(rms_norm(x)), cache
 
@@ -155,7 +163,7 @@ class GPT(nnx.Module):
         """Input embeddings of token ids: ``[B, T]`` -> ``[B, T, D]``."""
         return self.wte(tokens)
 
-    def _run(self, tokens, embeddings, mu, sigma, kv_valid, cache, index):
+    def _run(self, tokens, embeddings, mu, sigma, kv_valid, cache, index, entries=None):
         if (tokens is None) == (embeddings is None):
             raise ValueError("pass exactly one of tokens or embeddings")
         x = self.embed(tokens) if embeddings is None else embeddings.astype(self.dtype)
@@ -167,7 +175,7 @@ class GPT(nnx.Module):
         new_cache = []
         for i, block in enumerate(self.blocks):
             x, layer_cache = block(
-                x, cos, sin, kv_valid, None if cache is None else cache[i], index
+                x, cos, sin, kv_valid, None if cache is None else cache[i], index, entries
             )
             new_cache.append(layer_cache)
         logits = self.lm_head(rms_norm(x)).astype(jnp.float32)
@@ -184,6 +192,7 @@ class GPT(nnx.Module):
         mu: jax.Array | None = None,
         sigma: jax.Array | None = None,
         kv_valid: jax.Array | None = None,
+        entries=None,
     ) -> jax.Array:
         """Logits ``[B, T, V]`` (float32) under the WC-causal mask.
 
@@ -193,8 +202,10 @@ class GPT(nnx.Module):
           mu, sigma: ``[B, T]`` Gaussian-RoPE position and width; default ``mu = arange(T)``,
             ``sigma = 0`` (ordinary RoPE).
           kv_valid: ``[B, T]`` bool, False for padding entries (never attended to).
+          entries: ``(Entries, MaskSpec)`` of ``kernels.mixed_attention``: a metadata-driven
+            mask (the pyramid pass) instead of the WC-causal one.
         """
-        logits, _ = self._run(tokens, embeddings, mu, sigma, kv_valid, None, 0)
+        logits, _ = self._run(tokens, embeddings, mu, sigma, kv_valid, None, 0, entries)
         return logits
 
     def init_cache(self, batch: int, capacity: int, dtype: Any = None) -> Cache:

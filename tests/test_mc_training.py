@@ -6,11 +6,18 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kernels.mixed_attention import Entries, MaskSpec
 from megacontext_jax import variants
 from megacontext_jax.checkpoint import Checkpointer
 from megacontext_jax.gistnet import build_levels
 from megacontext_jax.mc_losses import guided_contexts, mc_loss
-from megacontext_jax.megacontext import MegaContext, entry_labels, gather_entries, node_table
+from megacontext_jax.megacontext import (
+    MegaContext,
+    entry_labels,
+    gather_entries,
+    node_layout,
+    node_table,
+)
 from megacontext_jax.restore import load_model
 from megacontext_jax.sharding import make_mesh
 from megacontext_jax.train_step import make_trainable
@@ -181,3 +188,33 @@ def test_frozen_base_trains_only_gistnet_and_lensnet(tmp_path, corpus_dir):
         jax.tree.leaves(nnx.state(base)), jax.tree.leaves(nnx.state(mc.base)), strict=True
     ):
         np.testing.assert_array_equal(a, b)
+
+
+def test_pyramid_pass_over_tokens_alone_is_the_causal_model():
+    """With a band wider than the sequence, the pyramid mask over tokens is the causal mask."""
+    config = tiny_mc_config("/unused", "/unused")
+    model = MegaContext(config, rngs=nnx.Rngs(0))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 13)), jnp.int32)
+    meta = Entries.tokens(2, 13)
+    spec = MaskSpec("pyramid", window=13, block_size=4, max_level=2)
+    pyramid = model.base(embeddings=model.base.embed(tokens), entries=(meta, spec))
+    np.testing.assert_allclose(pyramid, model.base(tokens), atol=1e-5)
+
+
+def test_pyramid_pass_trains_base_and_gistnet():
+    config = tiny_mc_config("/unused", "/unused")
+    config.unlock()
+    for name in ("lm_tokens", "lm_wc", "kl", "lens"):
+        config.mc.loss[name] = 0.0
+    config.mc.loss.pyramid = 1.0
+    model = MegaContext(config, rngs=nnx.Rngs(0))
+    batch = _batch(config)
+    loss, metrics = mc_loss(model, batch, jnp.int32(0), jax.random.key(0), config)
+    assert float(loss) == pytest.approx(float(metrics["loss/pyramid"]))
+    assert 0 < float(loss) < 10
+    grads = nnx.grad(lambda m: mc_loss(m, batch, jnp.int32(0), jax.random.key(0), config)[0])(model)
+    for part in (grads.base, grads.gistnet):
+        assert sum(float(jnp.sum(jnp.abs(g))) for g in jax.tree.leaves(part)) > 0
+    # The pass reads every node: 64 tokens, 16 LOD1 and 4 LOD2 gists, each with its own label.
+    lod, start = node_layout(64, 4, 2)
+    assert len(lod) == 84 and (start[lod == 2] == [0, 16, 32, 48]).all()
