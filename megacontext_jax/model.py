@@ -94,25 +94,21 @@ class Attention(nnx.Module):
         # Norm before rotation, so a gist's Gaussian damping of high frequencies survives.
         q = kernels.apply_rotary(rms_norm(q) * self.q_gain.value.astype(q.dtype), cos, sin)
         k = kernels.apply_rotary(rms_norm(k) * self.k_gain.value.astype(k.dtype), cos, sin)
-        if cache is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(
-                cache["k"], k.astype(cache["k"].dtype), index, 1
-            )
-            v = jax.lax.dynamic_update_slice_in_dim(
-                cache["v"], v.astype(cache["v"].dtype), index, 1
-            )
-            cache = {"k": k, "v": v}
-        y = kernels.attention(
-            q,
-            k,
-            v,
-            causal=self.causal,
-            kv_valid=kv_valid,
-            q_offset=index,
-            impl=self.impl,
-            entries=entries,
-        )
+        y, cache = attend(q, k, v, cache, index, kv_valid, self.causal, self.impl, entries)
         return self.o(y.reshape(b, t, -1)), cache
+
+
+def attend(q, k, v, cache, index, kv_valid, causal: bool, impl: str, entries=None):
+    """Writes ``k, v [B, T, Hkv, Dh]`` into ``cache`` at slot ``index`` (when decoding) and
+    attends with ``q [B, T, Hq, Dh]``; returns ``[B, T, Hq, Dh]`` and the cache."""
+    if cache is not None:
+        k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, 1)
+        v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, 1)
+        cache = {"k": k, "v": v}
+    y = kernels.attention(
+        q, k, v, causal=causal, kv_valid=kv_valid, q_offset=index, impl=impl, entries=entries
+    )
+    return y, cache
 
 
 class MLP(nnx.Module):
@@ -138,30 +134,12 @@ class Block(nnx.Module):
         return x + self.mlp(rms_norm(x)), cache
 
 
-class GPT(nnx.Module):
-    """Decoder-only transformer over token ids or input embeddings with per-entry (mu, sigma)."""
-
-    def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
-        self.cfg = cfg
-        self.dtype = jnp.dtype(cfg.dtype)
-        self.wte = nnx.Embed(
-            cfg.vocab_size,
-            cfg.width,
-            embedding_init=nnx.initializers.normal(1.0),
-            dtype=self.dtype,
-            param_dtype=jnp.dtype(cfg.param_dtype),
-            rngs=rngs,
-        )
-        self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.depth)])
-        self.lm_head = _linear(cfg.width, cfg.vocab_size, cfg.width**-0.5 * 0.1, cfg, rngs)
-
-    @property
-    def head_dim(self) -> int:
-        return self.cfg.width // self.cfg.num_heads
-
-    def embed(self, tokens: jax.Array) -> jax.Array:
-        """Input embeddings of token ids: ``[B, T]`` -> ``[B, T, D]``."""
-        return self.wte(tokens)
+class DecoderLM(nnx.Module):
+    """What every base model shares: token ids or input embeddings in, per-entry Gaussian RoPE,
+    a KV cache that can be rewritten from any slot. Subclasses define ``embed``, ``blocks``
+    (called as ``block(x, cos, sin, kv_valid, cache, index, entries)``), ``rope(mu, sigma)``,
+    ``inputs(x)`` / ``logits(x)`` around the blocks, and ``dtype``, ``num_kv_heads``, ``head_dim``.
+    """
 
     def _run(self, tokens, embeddings, mu, sigma, kv_valid, cache, index, entries=None):
         if (tokens is None) == (embeddings is None):
@@ -170,19 +148,15 @@ class GPT(nnx.Module):
         b, t = x.shape[:2]
         if mu is None:
             mu = jnp.broadcast_to(jnp.arange(t, dtype=jnp.float32) + index, (b, t))
-        cos, sin = kernels.rope_tables(mu, sigma, self.head_dim, self.cfg.rope_theta)
-        x = rms_norm(x)
+        cos, sin = self.rope(mu, sigma)
+        x = self.inputs(x)
         new_cache = []
         for i, block in enumerate(self.blocks):
             x, layer_cache = block(
                 x, cos, sin, kv_valid, None if cache is None else cache[i], index, entries
             )
             new_cache.append(layer_cache)
-        logits = self.lm_head(rms_norm(x)).astype(jnp.float32)
-        if self.cfg.logit_soft_cap > 0:
-            cap = self.cfg.logit_soft_cap
-            logits = cap * jnp.tanh(logits / cap)
-        return logits, new_cache
+        return self.logits(x), new_cache
 
     def __call__(
         self,
@@ -210,11 +184,11 @@ class GPT(nnx.Module):
 
     def init_cache(self, batch: int, capacity: int, dtype: Any = None) -> Cache:
         """An empty KV cache of ``capacity`` entries per sequence."""
-        shape = (batch, capacity, self.cfg.num_kv_heads, self.head_dim)
+        shape = (batch, capacity, self.num_kv_heads, self.head_dim)
         dtype = dtype or self.dtype
         return [
             {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-            for _ in range(self.cfg.depth)
+            for _ in range(len(self.blocks))
         ]
 
     def decode(
@@ -239,6 +213,46 @@ class GPT(nnx.Module):
             jnp.arange(capacity) < index + x.shape[1], (x.shape[0], capacity)
         )
         return self._run(tokens, embeddings, mu, sigma, kv_valid, cache, index)
+
+
+class GPT(DecoderLM):
+    """Decoder-only transformer over token ids or input embeddings with per-entry (mu, sigma)."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.num_kv_heads = cfg.num_kv_heads
+        self.wte = nnx.Embed(
+            cfg.vocab_size,
+            cfg.width,
+            embedding_init=nnx.initializers.normal(1.0),
+            dtype=self.dtype,
+            param_dtype=jnp.dtype(cfg.param_dtype),
+            rngs=rngs,
+        )
+        self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.depth)])
+        self.lm_head = _linear(cfg.width, cfg.vocab_size, cfg.width**-0.5 * 0.1, cfg, rngs)
+
+    @property
+    def head_dim(self) -> int:
+        return self.cfg.width // self.cfg.num_heads
+
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        """Input embeddings of token ids: ``[B, T]`` -> ``[B, T, D]``."""
+        return self.wte(tokens)
+
+    def rope(self, mu: jax.Array, sigma: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+        return kernels.rope_tables(mu, sigma, self.head_dim, self.cfg.rope_theta)
+
+    def inputs(self, x: jax.Array) -> jax.Array:
+        return rms_norm(x)
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        logits = self.lm_head(rms_norm(x)).astype(jnp.float32)
+        if self.cfg.logit_soft_cap > 0:
+            cap = self.cfg.logit_soft_cap
+            logits = cap * jnp.tanh(logits / cap)
+        return logits
 
 
 def count_params(params: Any) -> int:
