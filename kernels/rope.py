@@ -21,17 +21,23 @@ def rope_frequencies(head_dim: int, theta: float = 10000.0) -> jax.Array:
 
 
 def rope_tables(
-    mu: jax.Array, sigma: jax.Array | None, head_dim: int, theta: float = 10000.0
+    mu: jax.Array,
+    sigma: jax.Array | None,
+    head_dim: int,
+    theta: float = 10000.0,
+    freqs: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Damped cos/sin tables for positions ``mu`` and widths ``sigma``.
 
     Args:
       mu: ``[..., T]`` positions (any float or int dtype; computed in float32).
       sigma: ``[..., T]`` widths, or None for plain RoPE.
+      freqs: ``[head_dim // 2]`` frequencies that replace ``theta``'s (scaled RoPE variants).
     Returns:
       ``(cos, sin)``, each ``[..., T, head_dim // 2]`` float32.
     """
-    freqs = rope_frequencies(head_dim, theta)
+    if freqs is None:
+        freqs = rope_frequencies(head_dim, theta)
     angles = mu.astype(jnp.float32)[..., None] * freqs
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     if sigma is not None:
