@@ -101,16 +101,17 @@ def _stream(tokens, tokenizer) -> None:
 def _plain(args, prompt: str) -> None:
     from megacontext_jax.restore import load_model
     from megacontext_jax.sampling import generate
-    from megacontext_jax.tokenizer import ByteTokenizer
+    from megacontext_jax.tokenizer import sampleable, tokenizer_for
     from megacontext_jax.train_step import base_model
 
     model, config = load_model(args.checkpoint)
-    tokenizer = ByteTokenizer()
+    tokenizer = tokenizer_for(config.model)
     sys.stdout.write(prompt)
     tokens = generate(
         base_model(model),
         tokenizer.encode(prompt, bos=True),
         args.max_new_tokens,
+        allowed=sampleable(config.model),
         capacity=config.data.seq_len,
         temperature=args.temperature,
         top_k=args.top_k,
@@ -134,13 +135,13 @@ def _ingest(session, tokens, bar: bool) -> None:
 def _with_memory(args, prompt: str | None) -> None:
     from megacontext_jax.session import open_session
     from megacontext_jax.telemetry import Telemetry, plot_lod_map
-    from megacontext_jax.tokenizer import EOS, ByteTokenizer
+    from megacontext_jax.tokenizer import tokenizer_for
     from megacontext_jax.tree import APPEND_PIECE
 
-    tokenizer = ByteTokenizer()
     telemetry = Telemetry(Path(args.memory) / "telemetry" / "refocus.jsonl")
     log = lambda text: print(text, file=sys.stderr)
     session = open_session(args.checkpoint, args.memory, telemetry=telemetry, log=log)
+    tokenizer = tokenizer_for(session.config.model)
     try:
 
         def ingest(text: str) -> None:
@@ -153,7 +154,7 @@ def _with_memory(args, prompt: str | None) -> None:
                 temperature=args.temperature,
                 top_k=args.top_k,
                 seed=seed,
-                stop=(EOS,),
+                stop=(tokenizer.eos_id,),
             )
             _stream(tokens, tokenizer)
             sys.stdout.write("\n")
@@ -191,13 +192,14 @@ def _ingest_file(args) -> None:
     import time
 
     from megacontext_jax.session import open_session
-    from megacontext_jax.tokenizer import ByteTokenizer
+    from megacontext_jax.tokenizer import tokenizer_for
 
-    tokens = ByteTokenizer().encode(read_text(args.file, "file"), bos=True)
+    text = read_text(args.file, "file")
     log = lambda text: print(text, file=sys.stderr)
     session = open_session(args.checkpoint, args.memory, log=log)
     start, before = time.perf_counter(), session.num_tokens
     try:
+        tokens = tokenizer_for(session.config.model).encode(text, bos=True)
         _ingest(session, tokens, bar=True)
     finally:
         session.close()

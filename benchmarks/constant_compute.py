@@ -75,7 +75,7 @@ def worker(config, directory: Path, tokens: int) -> dict:
         for i in range(BLOCK):
             key, sub = jax.random.split(key)
             logits, _ = fixed.update([*base, (0, n + i % session.every)], embed)
-            int(_sample(logits[None], sub, temperature=1.0, top_k=0)[0])
+            int(_sample(logits[None], sub, session.allowed, 1.0, 0)[0])
         return time.perf_counter() - start, key
 
     def session_block(seed):

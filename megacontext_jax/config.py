@@ -20,7 +20,7 @@ from kernels.attention import IMPLS as ATTENTION_IMPLS
 
 DTYPES = ("float32", "bfloat16", "float16")
 OPTIMIZERS = ("adamw", "muon")
-MODEL_FAMILIES = ("gpt",)
+MODEL_FAMILIES = ("gpt", "llama")
 POOLINGS = ("mean", "query", "cls")
 MC_MODES = ("e2e", "frozen_base")
 PROJECTIONS = ("linear", "mlp")
@@ -38,8 +38,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.distributed = False  # multi-process launch: call jax.distributed.initialize() first
 
     c.model = ml_collections.ConfigDict()
-    c.model.family = "gpt"
+    c.model.family = "gpt"  # "gpt" (trained here) or "llama" (imported from model.hf_path)
+    c.model.hf_path = ""  # llama: a local Hugging Face checkpoint directory
     c.model.vocab_size = 320  # the byte tokenizer's 259 ids, padded to a multiple of 64
+    c.model.num_tokens = 259  # ids the tokenizer produces (the rest of vocab_size is padding)
+    c.model.pad_id, c.model.bos_id, c.model.eos_id = 256, 257, 258
     c.model.width = 128
     c.model.depth = 4
     c.model.num_heads = 4
@@ -244,6 +247,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     m, d, t = config.model, config.data, config.train
     _require(m.family in MODEL_FAMILIES, "model.family", f"must be one of {MODEL_FAMILIES}")
     _require(
+        m.family != "llama" or bool(m.hf_path),
+        "model.hf_path",
+        "model.family=llama needs a Hugging Face checkpoint directory",
+    )
+    _require(
         m.attention_impl in ATTENTION_IMPLS,
         "model.attention_impl",
         f"must be one of {ATTENTION_IMPLS}, got {m.attention_impl!r}",
@@ -294,9 +302,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for field in ("dtype", "param_dtype"):
         _require(m[field] in DTYPES, f"model.{field}", f"must be one of {DTYPES}, got {m[field]!r}")
     _require(
-        m.vocab_size >= 259,
+        m.vocab_size >= m.num_tokens,
         "model.vocab_size",
-        f"{m.vocab_size} is smaller than the byte tokenizer's 259 ids",
+        f"{m.vocab_size} is smaller than the tokenizer's {m.num_tokens} ids (model.num_tokens)",
     )
     _require(0.0 < d.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)")
     _require(0.0 <= d.passkey_fraction <= 1.0, "data.passkey_fraction", "must be in [0, 1]")

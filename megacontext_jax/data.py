@@ -2,7 +2,8 @@
 
 The embedded default corpus is the running interpreter's own standard library (``.py`` files): long,
 real documents on every machine, no download. A directory of text files or a JSONL file works too.
-Each document is ``[BOS] + utf-8 bytes``. Documents longer than a training sequence are sampled as
+Each document is ``[BOS] + its tokens`` (UTF-8 bytes for the byte tokenizer; ``tokenize`` turns
+text into another tokenizer's ids). Documents longer than a training sequence are sampled as
 random windows (one example per ``seq_len + 1`` tokens); shorter ones are packed whole into
 sequences, padded with ``PAD`` (never a target).
 """
@@ -16,7 +17,9 @@ from pathlib import Path
 import grain
 import numpy as np
 
-from megacontext_jax.tokenizer import BOS, PAD
+from megacontext_jax.tokenizer import ByteTokenizer, HFTokenizer
+
+BYTES = ByteTokenizer()
 
 Example = tuple[int, int, tuple[int, ...]]  # (kind, window index, document ids)
 WINDOW, PACK = 0, 1
@@ -29,7 +32,7 @@ class DataError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Document:
     name: str
-    data: np.ndarray  # uint8 [n] utf-8 bytes
+    data: np.ndarray  # [n] token ids: uint8 UTF-8 bytes, or int32 ids after ``tokenize``
 
 
 def stdlib_dir() -> Path:
@@ -96,6 +99,24 @@ def _read_jsonl(path: Path, field: str) -> list[Document]:
     return docs
 
 
+def tokenize(docs: list[Document], tokenizer: ByteTokenizer | HFTokenizer) -> list[Document]:
+    """Documents as ``tokenizer``'s ids (the byte tokenizer's ids are the bytes already)."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return docs
+    return [Document(d.name, tokenizer.encode(d.data.tobytes())) for d in docs]
+
+
+def evaluation_documents(
+    config, tokenizer: ByteTokenizer | HFTokenizer, source: str | None = None
+) -> list[Document]:
+    """Held-out documents as ``tokenizer``'s ids: all of ``source``, or the validation split of
+    the run's own data."""
+    if source:
+        return tokenize(load_documents(source, config.data.jsonl_field), tokenizer)
+    docs = load_documents(config.data.source, config.data.jsonl_field)
+    return tokenize(split_documents(docs, config.data.val_fraction)[1], tokenizer)
+
+
 def is_validation(name: str, val_fraction: float) -> bool:
     """Deterministic split by document name (the same on every machine and run)."""
     return zlib.crc32(name.encode("utf-8")) % 100_000 < val_fraction * 100_000
@@ -147,14 +168,21 @@ class Materialize(grain.transforms.RandomMap):
     for a fixed validation set.
     """
 
-    def __init__(self, docs: list[Document], seq_len: int, random_windows: bool = True):
+    def __init__(
+        self,
+        docs: list[Document],
+        seq_len: int,
+        random_windows: bool = True,
+        tokenizer: ByteTokenizer | HFTokenizer = BYTES,
+    ):
         self.docs, self.seq_len, self.random_windows = docs, seq_len, random_windows
+        self.bos, self.pad = tokenizer.bos_id, tokenizer.pad_id
 
     def _tokens(self, i: int, start: int, stop: int) -> np.ndarray:
         """Tokens ``[start, stop)`` of document i, where token 0 is BOS."""
         data = self.docs[i].data
         body = data[max(start - 1, 0) : stop - 1].astype(np.int32)
-        return np.concatenate([[BOS], body]).astype(np.int32) if start == 0 else body
+        return np.concatenate([[self.bos], body]).astype(np.int32) if start == 0 else body
 
     def random_map(self, example: Example, rng: np.random.Generator) -> dict[str, np.ndarray]:
         kind, window, doc_ids = example
@@ -167,35 +195,33 @@ class Materialize(grain.transforms.RandomMap):
             tokens = self._tokens(doc_ids[0], start, start + span)
         else:
             parts = [self._tokens(i, 0, len(self.docs[i].data) + 1) for i in doc_ids]
-            tokens = np.full(span, PAD, dtype=np.int32)
+            tokens = np.full(span, self.pad, dtype=np.int32)
             packed = np.concatenate(parts)
             tokens[: len(packed)] = packed
-        targets = tokens[1:]
-        return {
-            "inputs": tokens[:-1],
-            "targets": targets,
-            "mask": (targets != PAD) & (targets != BOS),
-        }
+        return example_of(tokens, self.bos, self.pad)
+
+
+def example_of(tokens: np.ndarray, bos: int, pad: int) -> dict[str, np.ndarray]:
+    """``{"inputs", "targets", "mask"}`` of a sequence of ``L + 1`` tokens (PAD and BOS are never
+    targets)."""
+    targets = tokens[1:]
+    return {"inputs": tokens[:-1], "targets": targets, "mask": (targets != pad) & (targets != bos)}
 
 
 class PlantPasskey(grain.transforms.RandomMap):
     """With probability ``fraction``, turns an example into a passkey task over its own text."""
 
-    def __init__(self, fraction: float):
-        self.fraction = fraction
+    def __init__(self, fraction: float, tokenizer: ByteTokenizer | HFTokenizer = BYTES):
+        self.fraction, self.tokenizer = fraction, tokenizer
 
     def random_map(self, example: dict[str, np.ndarray], rng: np.random.Generator):
         if rng.random() >= self.fraction:
             return example
         from megacontext_jax.tasks import plant_passkey
 
-        tokens = plant_passkey(np.append(example["inputs"], example["targets"][-1]), rng)
-        targets = tokens[1:]
-        return {
-            "inputs": tokens[:-1],
-            "targets": targets,
-            "mask": (targets != PAD) & (targets != BOS),
-        }
+        tokens = np.append(example["inputs"], example["targets"][-1])
+        tokens = plant_passkey(tokens, rng, self.tokenizer)
+        return example_of(tokens, self.tokenizer.bos_id, self.tokenizer.pad_id)
 
 
 def train_dataset(
@@ -206,6 +232,7 @@ def train_dataset(
     process_index: int = 0,
     process_count: int = 1,
     passkey_fraction: float = 0.0,
+    tokenizer: ByteTokenizer | HFTokenizer = BYTES,
 ) -> grain.IterDataset:
     """Endless, reshuffled-every-epoch batches of this process's shard of the examples.
 
@@ -220,19 +247,25 @@ def train_dataset(
             f"{batch_size}: add data or lower data.seq_len / train.batch_size"
         )
     ds = ds.shuffle(seed=seed).repeat()
-    ds = ds.random_map(Materialize(docs, seq_len), seed=seed + 1 + 7919 * process_index)
+    materialize = Materialize(docs, seq_len, tokenizer=tokenizer)
+    ds = ds.random_map(materialize, seed=seed + 1 + 7919 * process_index)
     if passkey_fraction > 0:
-        ds = ds.random_map(PlantPasskey(passkey_fraction), seed=seed + 2 + 7919 * process_index)
+        plant = PlantPasskey(passkey_fraction, tokenizer)
+        ds = ds.random_map(plant, seed=seed + 2 + 7919 * process_index)
     return ds.batch(batch_size, drop_remainder=True).to_iter_dataset()
 
 
 def validation_batches(
-    docs: list[Document], seq_len: int, batch_size: int, num_batches: int
+    docs: list[Document],
+    seq_len: int,
+    batch_size: int,
+    num_batches: int,
+    tokenizer: ByteTokenizer | HFTokenizer = BYTES,
 ) -> list[dict[str, np.ndarray]]:
     """The first ``num_batches`` fixed validation batches (fewer if the data runs out)."""
     examples = make_examples([len(d.data) + 1 for d in docs], seq_len)
     ds = grain.MapDataset.source(examples).random_map(
-        Materialize(docs, seq_len, random_windows=False), seed=0
+        Materialize(docs, seq_len, random_windows=False, tokenizer=tokenizer), seed=0
     )
     ds = ds.batch(batch_size, drop_remainder=True)
     batches = [ds[i] for i in range(min(num_batches, len(ds)))]
@@ -244,20 +277,31 @@ def validation_batches(
     return batches
 
 
-def unigram_bits_per_byte(
-    train_docs: list[Document], batches: list[dict[str, np.ndarray]]
-) -> float:
-    """Cross-entropy (bits/byte) of the batches' targets under the train split's byte frequencies.
+def bytes_per_token(batches: list[dict[str, np.ndarray]], token_bytes: np.ndarray) -> float:
+    """Mean UTF-8 bytes per target token of ``batches`` (1 for the byte tokenizer): bits per
+    byte = bits per token / this."""
+    targets = np.concatenate([b["targets"][b["mask"]] for b in batches])
+    return float(token_bytes[targets].sum() / max(targets.size, 1))
 
-    The baseline a model must beat: it knows which bytes are common, nothing about context.
+
+def unigram_bits_per_byte(
+    train_docs: list[Document],
+    batches: list[dict[str, np.ndarray]],
+    token_bytes: np.ndarray | None = None,
+) -> float:
+    """Cross-entropy (bits/byte) of the batches' targets under the train split's token frequencies.
+
+    The baseline a model must beat: it knows which tokens are common, nothing about context.
+    ``token_bytes``: bytes per id (the tokenizer's ``token_bytes()``; default: the byte tokenizer).
     """
-    counts = np.ones(256, dtype=np.float64)  # add-one smoothing
+    token_bytes = BYTES.token_bytes() if token_bytes is None else token_bytes
+    counts = np.ones(len(token_bytes), dtype=np.float64)  # add-one smoothing
     for d in train_docs:
-        counts += np.bincount(d.data, minlength=256)
+        counts += np.bincount(d.data, minlength=len(token_bytes))[: len(token_bytes)]
     log2p = np.log2(counts / counts.sum())
     total, n = 0.0, 0
     for b in batches:
         t = b["targets"][b["mask"]]
         total -= log2p[t].sum()
         n += t.size
-    return total / n
+    return total / n / bytes_per_token(batches, token_bytes)

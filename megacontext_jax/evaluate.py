@@ -33,6 +33,7 @@ from tqdm import tqdm
 from megacontext_jax import data, tasks, variants
 from megacontext_jax.allocator import AllocatorConfig, refocus
 from megacontext_jax.checkpoint import CheckpointError
+from megacontext_jax.mc_losses import ignored
 from megacontext_jax.megacontext import (
     MegaContext,
     entry_labels,
@@ -43,6 +44,7 @@ from megacontext_jax.megacontext import (
     with_tail,
 )
 from megacontext_jax.model import token_nll
+from megacontext_jax.tokenizer import tokenizer_for
 from megacontext_jax.working_context import WorkingContext
 
 CONDITIONS = ("full", "window", "mc_static", "mc_focus")
@@ -73,7 +75,7 @@ def score_wc(model: MegaContext, tokens: jax.Array, arrays: dict, config, scored
     emb = gather_entries(table, offsets, lod, start, valid, mc.block_size)
     mu, sigma = wc_positions(lod, start, config)
     logits = model.base(embeddings=emb, mu=mu, sigma=sigma, kv_valid=valid)
-    labels, _ = entry_labels(tokens, lod, start, valid, mc.block_size)
+    labels, _ = entry_labels(tokens, lod, start, valid, mc.block_size, ignored(config))
     rows = ctx.sum(-1, keepdims=True) + jnp.arange(scored or mc.scored_tokens)
     return _scored(
         jnp.take_along_axis(logits, rows[..., None], axis=1), jnp.take_along_axis(labels, rows, 1)
@@ -143,9 +145,8 @@ def substitutability(
     k = config.mc.block_size
     span_start, span_end = k * k, 2 * k * k
     n = span_end + after
-    seqs = [
-        np.concatenate([[data.BOS], d.data[:n].astype(np.int32)]) for d in docs if len(d.data) >= n
-    ]
+    bos = config.model.bos_id
+    seqs = [np.concatenate([[bos], d.data[:n].astype(np.int32)]) for d in docs if len(d.data) >= n]
     seqs = seqs[:num_docs]
     if not seqs:
         raise ValueError(f"no held-out document has {n} bytes for the substitutability test")
@@ -193,17 +194,18 @@ def evaluate(
     seed: int = 0,
 ) -> dict:
     w, s = config.mc.wc_size, config.mc.scored_tokens
+    tokenizer, bos = tokenizer_for(config.model), config.model.bos_id
     results: dict = {"conditions": {}, "passkey": {}, "mqar": {}, "passkey_by_lod": {}}
     if isinstance(model, MegaContext) and config.mc.max_level >= 2:
         results["substitutability"] = substitutability(model, config, docs, num_docs)
     filler = np.concatenate([d.data.astype(np.int32) for d in docs])
+    # Bits per byte: bits per token over the held-out text's bytes per token (1 for bytes).
+    per_token = tokenizer.token_bytes()[filler].mean()
     rng = np.random.default_rng(seed)
     for m in tqdm(lengths, desc="lengths", leave=False):
         n = m * w
         seqs = [
-            np.concatenate([[data.BOS], d.data[:n].astype(np.int32)])
-            for d in docs
-            if len(d.data) >= n
+            np.concatenate([[bos], d.data[:n].astype(np.int32)]) for d in docs if len(d.data) >= n
         ][:num_docs]
         if not seqs:
             raise ValueError(f"no held-out document has {n} bytes (length {m}W)")
@@ -217,7 +219,7 @@ def evaluate(
         for c, parts in totals.items():
             if parts:
                 nll = float(np.concatenate(parts).mean())
-                row[c] = {"nll": nll, "bpb": nll / math.log(2)}
+                row[c] = {"nll": nll, "bpb": nll / math.log(2) / per_token}
         gap = row["window"]["nll"] - row["full"]["nll"]
         row["gap_recovered"] = {
             c: (row["window"]["nll"] - row[c]["nll"]) / gap if abs(gap) > 1e-9 else float("nan")
@@ -227,7 +229,7 @@ def evaluate(
         row["documents"] = len(totals["full"]) * batch
         results["conditions"][f"{m}W"] = row
         for task in ("passkey", "mqar"):
-            make = tasks.passkey if task == "passkey" else tasks.mqar
+            make = partial(tasks.passkey if task == "passkey" else tasks.mqar, tokenizer=tokenizer)
             span = n + 1 - make(filler, n + 1, np.random.default_rng(0)).answer.min()
             if span > s:
                 results[task][f"{m}W"] = {"skipped": f"answers span {span} tokens > S={s}"}
@@ -238,7 +240,7 @@ def evaluate(
                 probes = []
                 for _ in range(batch):
                     offset = int(rng.integers(0, len(filler) - n - 2))
-                    window_text = np.concatenate([[data.BOS], filler[offset : offset + n]])
+                    window_text = np.concatenate([[bos], filler[offset : offset + n]])
                     probes.append(make(window_text, n + 1, rng))
                 outs = run_conditions(
                     model, config, np.stack([p.tokens for p in probes]), refocus_steps
@@ -339,13 +341,7 @@ def main(argv: list[str]) -> int:
         from megacontext_jax.restore import load_model
 
         model, config = load_model(args.checkpoint)
-        if args.data:
-            docs = data.load_documents(args.data, config.data.jsonl_field)
-        else:
-            docs = data.split_documents(
-                data.load_documents(config.data.source, config.data.jsonl_field),
-                config.data.val_fraction,
-            )[1]
+        docs = data.evaluation_documents(config, tokenizer_for(config.model), args.data)
         lengths = [int(x) for x in args.lengths.split(",")]
         results = evaluate(
             model, config, docs, lengths, args.docs, args.batch, args.refocus_steps, args.probes

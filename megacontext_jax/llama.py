@@ -78,6 +78,27 @@ def model_config(hf: dict, dtype: str = "float32") -> ml_collections.ConfigDict:
     )
 
 
+def base_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The Llama config of ``config.model`` (family llama): its checkpoint's, in our dtype."""
+    cfg = model_config(read_hf_config(model.hf_path), model.dtype)
+    cfg.attention_impl = model.attention_impl
+    return cfg
+
+
+def sync_config(config: ml_collections.ConfigDict) -> None:
+    """Fills ``config.model`` (in place) from the checkpoint at ``config.model.hf_path``: the
+    sizes GistNet, LensNet and the tree read, and the tokenizer's special ids."""
+    from megacontext_jax.tokenizer import HFTokenizer, special_ids
+
+    hf = model_config(read_hf_config(config.model.hf_path))
+    m = config.model
+    m.width, m.depth, m.vocab_size = hf.width, hf.depth, hf.vocab_size
+    m.num_heads, m.num_kv_heads, m.rope_theta = hf.num_heads, hf.num_kv_heads, hf.rope_theta
+    ids = special_ids(m.hf_path)
+    m.update(ids)
+    m.num_tokens = min(HFTokenizer(m.hf_path, **ids).vocab_size, m.vocab_size)
+
+
 def rope_frequencies(cfg: ml_collections.ConfigDict) -> np.ndarray:
     """``[head_dim / 2]`` float32 angular frequencies, with the checkpoint's scaling applied."""
     d = cfg.head_dim
@@ -247,6 +268,11 @@ def load_pretrained(
     """
     cfg = model_config(read_hf_config(directory), dtype)
     cfg.attention_impl = attention_impl
+    return load_weights(cfg, directory), cfg
+
+
+def load_weights(cfg: ml_collections.ConfigDict, directory: str | Path) -> Llama:
+    """A ``Llama(cfg)`` holding the weights of ``directory``, read one tensor at a time."""
     files = SafetensorsFiles(directory)
     abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
@@ -264,4 +290,4 @@ def load_pretrained(
             )
         loaded.append((path, variable.replace(jnp.asarray(array, variable.value.dtype))))
         del array
-    return nnx.merge(graphdef, nnx.from_flat_state(loaded)), cfg
+    return nnx.merge(graphdef, nnx.from_flat_state(loaded))

@@ -44,6 +44,11 @@ def _masked_mean(x: jax.Array, mask: jax.Array, axis=None) -> jax.Array:
     return jnp.sum(jnp.where(mask, x, 0.0), axis) / jnp.maximum(jnp.sum(mask, axis), 1)
 
 
+def ignored(config: ml_collections.ConfigDict) -> tuple[int, int]:
+    """Label ids that are never targets: the tokenizer's PAD and BOS."""
+    return config.model.pad_id, config.model.bos_id
+
+
 def pyramid_spec(config: ml_collections.ConfigDict) -> MaskSpec:
     mc = config.mc
     window = mc.pyramid_window or mc.wc_size // (mc.max_level + 1)
@@ -63,7 +68,7 @@ def pyramid_pass(
     logits = model.base(
         embeddings=table, mu=meta.mu, sigma=meta.sigma, entries=(meta, pyramid_spec(config))
     )
-    labels, label_mask = entry_labels(tokens, lod, start, valid, k)
+    labels, label_mask = entry_labels(tokens, lod, start, valid, k, ignored(config))
     return _masked_mean(token_nll(logits, labels), label_mask)
 
 
@@ -150,7 +155,7 @@ def mc_loss(
         sigma=sigma.reshape(b * v, w),
         kv_valid=valid.reshape(b * v, w),
     ).reshape(b, v, w, -1)
-    labels, label_mask = entry_labels(tokens, lod, start, valid, k)
+    labels, label_mask = entry_labels(tokens, lod, start, valid, k, ignored(config))
     nll = token_nll(logits, labels)
     lm_wc = _masked_mean(nll, label_mask)
     scored_mask = label_mask & ~ctx

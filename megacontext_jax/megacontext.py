@@ -13,17 +13,26 @@ from flax import nnx
 
 from megacontext_jax.gistnet import GistNet, build_levels
 from megacontext_jax.lensnet import LensNet
-from megacontext_jax.model import GPT
+from megacontext_jax.model import GPT, DecoderLM
 from megacontext_jax.positions import entry_positions
-from megacontext_jax.tokenizer import BOS, PAD
 from megacontext_jax.working_context import WorkingContext
+
+
+def make_base(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> DecoderLM:
+    """A freshly initialized base model of ``config.model.family`` (GPT or an imported Llama's
+    architecture; its weights come from ``restore.attach_base``)."""
+    if config.model.family == "llama":
+        from megacontext_jax.llama import Llama, base_config
+
+        return Llama(base_config(config.model), rngs=rngs)
+    return GPT(config.model, rngs=rngs)
 
 
 class MegaContext(nnx.Module):
     """The three learned parts, split and checkpointed together."""
 
     def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
-        self.base = GPT(config.model, rngs=rngs)
+        self.base = make_base(config, rngs)
         self.gistnet = GistNet(config, rngs=rngs)
         self.lensnet = LensNet(config, rngs=rngs)
 
@@ -85,20 +94,29 @@ def wc_positions(
 
 
 def entry_labels(
-    tokens: jax.Array, lod: jax.Array, start: jax.Array, valid: jax.Array, block_size: int
+    tokens: jax.Array,
+    lod: jax.Array,
+    start: jax.Array,
+    valid: jax.Array,
+    block_size: int,
+    ignore: tuple[int, ...],
 ) -> tuple[jax.Array, jax.Array]:
     """Label of each entry: the first token after its span, ``tokens[start + K^lod]``.
 
     Args:
       tokens: ``[B, T + 1]``; entries ``[B, ..., W]`` end at or before T.
     Returns:
-      labels (int32) and a mask that is False for invalid entries and PAD/BOS labels.
+      labels (int32) and a mask that is False for invalid entries and ``ignore`` labels (the
+      tokenizer's PAD and BOS).
     """
     end = start + jnp.power(block_size, lod)
     b = tokens.shape[0]
     idx = jnp.where(valid, end, 0).reshape(b, -1)
     labels = jnp.take_along_axis(tokens, idx, axis=1).reshape(lod.shape)
-    return labels, valid & (labels != PAD) & (labels != BOS)
+    mask = valid
+    for token in ignore:
+        mask = mask & (labels != token)
+    return labels, mask
 
 
 def lens_scores(

@@ -1,7 +1,8 @@
-"""Loading a trained model from a workdir for inference."""
+"""Loading a trained model from a workdir, and a frozen base from its reference."""
 
 from pathlib import Path
 
+import jax
 import ml_collections
 from flax import nnx
 
@@ -9,12 +10,18 @@ from megacontext_jax import sharding
 from megacontext_jax.checkpoint import Checkpointer, CheckpointError, read_config
 from megacontext_jax.megacontext import MegaContext
 from megacontext_jax.model import GPT
-from megacontext_jax.train_step import make_trainable
+from megacontext_jax.train_step import (
+    Trainable,
+    TrainState,
+    checkpointed,
+    frozen_base,
+    make_trainable,
+)
 
 
 def load_model(workdir: str | Path) -> tuple[GPT | MegaContext, ml_collections.ConfigDict]:
     """The model (GPT, or MegaContext with ``mc.enabled``) of the latest checkpoint in ``workdir``
-    and the config it was trained with.
+    and the config it was trained with. A frozen base comes back from its reference.
 
     Raises ``CheckpointError`` (one line) for a missing or mismatched checkpoint.
     """
@@ -23,10 +30,39 @@ def load_model(workdir: str | Path) -> tuple[GPT | MegaContext, ml_collections.C
     trainable = make_trainable(config, sharding.make_mesh())
     checkpointer = Checkpointer(workdir, create=False)
     try:
-        state, _ = checkpointer.restore(trainable.abstract_state())
+        state, _ = checkpointer.restore(checkpointed(trainable.abstract_state(), config))
     finally:
         checkpointer.close()
+    if frozen_base(config):
+        state = attach_base(state, trainable, config)
     return nnx.merge(trainable.graphdef, state.params), config
+
+
+def attach_base(state: TrainState, trainable: Trainable, config: ml_collections.ConfigDict):
+    """``state`` with the base model's parameters from the reference of a frozen-base run:
+    ``model.hf_path`` (an imported checkpoint) or ``mc.base_checkpoint`` (a workdir)."""
+    if config.model.family == "llama":
+        from megacontext_jax.llama import base_config, load_weights
+
+        base = load_weights(base_config(config.model), config.model.hf_path)
+    else:
+        base = _trained_base(config)
+    params = jax.device_put(nnx.state(base), trainable.state_shardings.params["base"])
+    parts = {**state.params.raw_mapping, "base": params.raw_mapping}
+    return state.replace(params=nnx.State(parts))
+
+
+def _trained_base(config: ml_collections.ConfigDict) -> GPT:
+    if not config.mc.base_checkpoint:
+        raise ValueError("config.mc.mode=frozen_base needs config.mc.base_checkpoint (a workdir)")
+    model, base_config = load_model(config.mc.base_checkpoint)
+    for key, value in config.model.items():
+        if base_config.model[key] != value:
+            raise ValueError(
+                f"config.mc.base_checkpoint has model.{key}={base_config.model[key]!r}, "
+                f"this run model.{key}={value!r}"
+            )
+    return model.base if isinstance(model, MegaContext) else model
 
 
 def latest_step(workdir: str | Path) -> int:

@@ -13,17 +13,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from megacontext_jax.model import GPT
-from megacontext_jax.tokenizer import EOS
+from megacontext_jax.model import DecoderLM
 
 
-def sample_logits(logits: jax.Array, key: jax.Array, temperature: float, top_k: int) -> jax.Array:
-    """Draws ids from ``logits [B, V]``: greedy when ``temperature == 0``; ``top_k == 0`` keeps all.
-
-    Only bytes and ``EOS`` are drawn: never padding rows of the vocabulary, ``PAD`` or ``BOS``.
-    """
-    ids = jnp.arange(logits.shape[-1])
-    logits = jnp.where((ids < 256) | (ids == EOS), logits, -jnp.inf)
+def sample_logits(
+    logits: jax.Array, key: jax.Array, allowed: jax.Array, temperature: float, top_k: int
+) -> jax.Array:
+    """Draws ids from ``logits [B, V]`` among ``allowed [V]`` (``tokenizer.sampleable``: never
+    PAD, BOS or padding rows of the vocabulary): greedy when ``temperature == 0``; ``top_k == 0``
+    keeps all."""
+    logits = jnp.where(allowed, logits, -jnp.inf)
     if temperature == 0:
         return jnp.argmax(logits, axis=-1)
     logits = logits / temperature
@@ -34,28 +33,30 @@ def sample_logits(logits: jax.Array, key: jax.Array, temperature: float, top_k: 
 
 
 @partial(nnx.jit, static_argnames=("temperature", "top_k"))
-def _prefill(model: GPT, cache, tokens, length, key, temperature, top_k):
+def _prefill(model: DecoderLM, cache, tokens, length, key, allowed, temperature, top_k):
     logits, cache = model.decode(cache, 0, tokens)
-    return sample_logits(logits[:, length - 1], key, temperature, top_k), cache
+    return sample_logits(logits[:, length - 1], key, allowed, temperature, top_k), cache
 
 
 @partial(nnx.jit, static_argnames=("temperature", "top_k"))
-def _step(model: GPT, cache, token, index, key, temperature, top_k):
+def _step(model: DecoderLM, cache, token, index, key, allowed, temperature, top_k):
     logits, cache = model.decode(cache, index, token[:, None])
-    return sample_logits(logits[:, 0], key, temperature, top_k), cache
+    return sample_logits(logits[:, 0], key, allowed, temperature, top_k), cache
 
 
 def generate(
-    model: GPT,
+    model: DecoderLM,
     prompt: np.ndarray,
     max_new_tokens: int,
     *,
+    allowed: np.ndarray,
     capacity: int,
     temperature: float = 0.0,
     top_k: int = 0,
     seed: int = 0,
 ) -> Iterator[int]:
-    """Yields up to ``max_new_tokens`` ids continuing ``prompt`` (int ids ``[P]``), one at a time.
+    """Yields up to ``max_new_tokens`` ids continuing ``prompt`` (int ids ``[P]``), one at a time,
+    drawn among ``allowed [V]`` ids.
 
     Shapes are fixed (prefill ``[1, capacity]``, step ``[1, 1]``), so each compiles once.
     """
@@ -68,7 +69,7 @@ def generate(
         buffer = np.zeros((1, capacity), np.int32)
         buffer[0, : len(context)] = context
         cache = model.init_cache(1, capacity)
-        return _prefill(model, cache, buffer, len(context), key, temperature, top_k)
+        return _prefill(model, cache, buffer, len(context), key, allowed, temperature, top_k)
 
     context = context[-(capacity - 1) :]
     key, sub = jax.random.split(key)
@@ -82,4 +83,6 @@ def generate(
             context = context[-(capacity // 2) :]
             token, cache = prefill(context, sub)
         else:
-            token, cache = _step(model, cache, token, len(context) - 1, sub, temperature, top_k)
+            token, cache = _step(
+                model, cache, token, len(context) - 1, sub, allowed, temperature, top_k
+            )

@@ -28,6 +28,7 @@ from megacontext_jax.megacontext import MegaContext
 from megacontext_jax.positions import entry_positions
 from megacontext_jax.sampling import sample_logits
 from megacontext_jax.telemetry import Telemetry
+from megacontext_jax.tokenizer import sampleable
 from megacontext_jax.tree import APPEND_PIECE, Tree
 from megacontext_jax.working_context import entries, from_entries, recency_pyramid
 
@@ -37,8 +38,9 @@ class SessionError(ValueError):
 
 
 def gister_for(model: MegaContext, config: ml_collections.ConfigDict) -> Gister:
-    """The Gister of a MegaContext model: its token embeddings and GistNet."""
-    return Gister(model.base.wte.embedding[...], model.gistnet, config)
+    """The Gister of a MegaContext model: its base model's token embeddings and GistNet."""
+    table = model.base.embed(jnp.arange(config.model.vocab_size))
+    return Gister(table, model.gistnet, config)
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2))
@@ -51,7 +53,7 @@ def _focus(lens_graph, cfg: AllocatorConfig, sigma_scale: float, lens_state, emb
     return refocus(wc, scores, cooldown, n, cfg), scores
 
 
-_sample = jax.jit(sample_logits, static_argnames=("temperature", "top_k"))
+_sample = jax.jit(sample_logits, static_argnums=(3, 4))
 
 
 def _runs(ids: list[int]) -> list[tuple[int, int]]:
@@ -87,7 +89,8 @@ class Session:
         mc = config.mc
         if tree.gister is None:
             raise SessionError("the session's tree must be opened for writing (with a Gister)")
-        self.tree, self.use_lens, self.telemetry = tree, use_lens, telemetry
+        self.config, self.tree, self.use_lens, self.telemetry = config, tree, use_lens, telemetry
+        self.allowed = jnp.asarray(sampleable(config.model))
         self.k, self.max_level, self.tail = mc.block_size, mc.max_level, mc.recent_tail
         self.capacity = mc.wc_size
         self.every = mc.refocus_every or self.k
@@ -171,7 +174,7 @@ class Session:
             for _ in range(max_new_tokens):
                 key, sub = jax.random.split(key)
                 logits = self.logits()
-                token = int(_sample(logits[None], sub, temperature=temperature, top_k=top_k)[0])
+                token = int(_sample(logits[None], sub, self.allowed, temperature, top_k)[0])
                 self._push(token)
                 yield token
                 if token in stop:

@@ -99,13 +99,12 @@ def main(argv: list[str]) -> int:
     from megacontext_jax import data
     from megacontext_jax.evaluate import evaluate
     from megacontext_jax.restore import load_model
+    from megacontext_jax.tokenizer import tokenizer_for
     from megacontext_jax.trainer import train
 
     root = Path(args.root or f"runs/sweep_{Path(args.sweep).stem}")
     root.mkdir(parents=True, exist_ok=True)
-    docs = data.split_documents(
-        data.load_documents(base.data.source, base.data.jsonl_field), base.data.val_fraction
-    )[1]
+    docs = data.evaluation_documents(base, tokenizer_for(base.model))
     rows = []
     for i, (overrides, config) in enumerate(zip(runs, configs, strict=True), 1):
         workdir = root / run_name(overrides)

@@ -7,15 +7,17 @@
 
 Each generator returns the token sequence, the positions whose predictions are the answer
 (``answer[i]`` is predicted from position ``answer[i] - 1``), and the span holding the needle.
+Texts are encoded by the model's tokenizer (bytes by default); answers are the tokens of the key
+or value, encoded on their own.
 """
 
 import dataclasses
 
 import numpy as np
 
-from megacontext_jax.tokenizer import ByteTokenizer
+from megacontext_jax.tokenizer import ByteTokenizer, HFTokenizer
 
-_TOKENIZER = ByteTokenizer()
+BYTES = ByteTokenizer()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,10 +25,6 @@ class Probe:
     tokens: np.ndarray  # int32 [n]
     answer: np.ndarray  # int [a]: positions of the answer tokens
     needle: tuple[int, int]  # token span [start, stop) of the planted fact
-
-
-def _encode(text: str) -> np.ndarray:
-    return _TOKENIZER.encode(text)
 
 
 def _plant(
@@ -43,30 +41,52 @@ def _plant(
 
 
 def passkey(
-    filler: np.ndarray, length: int, rng: np.random.Generator, depth: float | None = None
+    filler: np.ndarray,
+    length: int,
+    rng: np.random.Generator,
+    depth: float | None = None,
+    tokenizer: ByteTokenizer | HFTokenizer = BYTES,
 ) -> Probe:
     """A passkey probe of ``length`` tokens; ``depth`` in [0, 1] places the needle (random if None)."""
     key = "".join(str(d) for d in rng.integers(0, 10, 5))
-    needle = _encode(f"\n# the pass key is {key}\n")
-    question = _encode(f"\n# what is the pass key? the pass key is {key}")
+    needle = tokenizer.encode(f"\n# the pass key is {key}\n")
+    answer = tokenizer.encode(key)
+    question = np.concatenate(
+        [tokenizer.encode("\n# what is the pass key? the pass key is "), answer]
+    )
     room = length - len(question) - len(needle) - 1
     if room < 1:
         raise ValueError(f"length {length} leaves no room for a passkey")
     offset = 1 + round((rng.random() if depth is None else depth) * (room - 1))
     tokens = _plant(filler, length, [(offset, needle)], question)
-    return Probe(tokens, np.arange(length - 5, length), (offset, offset + len(needle)))
+    answer_at = np.arange(length - len(answer), length)
+    return Probe(tokens, answer_at, (offset, offset + len(needle)))
 
 
 def mqar(
-    filler: np.ndarray, length: int, rng: np.random.Generator, pairs: int = 8, queries: int = 2
+    filler: np.ndarray,
+    length: int,
+    rng: np.random.Generator,
+    pairs: int = 8,
+    queries: int = 2,
+    tokenizer: ByteTokenizer | HFTokenizer = BYTES,
 ) -> Probe:
     """An MQAR probe: ``pairs`` planted ``" abc=42"`` facts, ``queries`` asked at the end."""
     letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
     keys = ["".join(rng.choice(letters, 3)) for _ in range(pairs)]
     values = [f"{v:02d}" for v in rng.integers(0, 100, pairs)]
-    facts = [_encode(f" {k}={v};") for k, v in zip(keys, values, strict=True)]
+    facts = [tokenizer.encode(f" {k}={v};") for k, v in zip(keys, values, strict=True)]
     asked = rng.choice(pairs, queries, replace=False)
-    suffix = _encode("".join(f" {keys[i]}={values[i]};" for i in asked)[:-1])
+    # The queries " key=vv;" (the last without ";"), and where their value tokens sit.
+    pieces, value_at, used = [], [], 0
+    for n, i in enumerate(asked):
+        value = tokenizer.encode(values[i])
+        parts = [tokenizer.encode(f" {keys[i]}="), value]
+        parts += [tokenizer.encode(";")] if n < queries - 1 else []
+        value_at.extend(range(used + len(parts[0]), used + len(parts[0]) + len(value)))
+        used += sum(len(p) for p in parts)
+        pieces += parts
+    suffix = np.concatenate(pieces)
     room = length - len(suffix) - sum(len(f) for f in facts) - 1
     if room < pairs:
         raise ValueError(f"length {length} leaves no room for {pairs} pairs")
@@ -76,16 +96,12 @@ def mqar(
         position = 1 + gaps[i] + sum(len(f) for f in facts[:i])
         parts.append((int(position), fact))
     tokens = _plant(filler, length, parts, suffix)
-    # Answers: the two value digits of each query (each query is " key=vv;", the last without ";").
-    ends = []
-    end = length
-    for _ in range(queries):
-        ends[:0] = [end - 2, end - 1]
-        end -= 8
     first, last = parts[0][0], parts[-1][0] + len(facts[-1])
-    return Probe(tokens, np.array(ends), (first, last))
+    return Probe(tokens, length - len(suffix) + np.array(value_at), (first, last))
 
 
-def plant_passkey(tokens: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def plant_passkey(
+    tokens: np.ndarray, rng: np.random.Generator, tokenizer: ByteTokenizer | HFTokenizer = BYTES
+) -> np.ndarray:
     """A training example: a passkey planted into (a copy of) a text window."""
-    return passkey(tokens, len(tokens), rng).tokens
+    return passkey(tokens, len(tokens), rng, tokenizer=tokenizer).tokens

@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 
 from megacontext_jax import sharding
 from megacontext_jax.mc_losses import mc_loss
-from megacontext_jax.megacontext import MegaContext
+from megacontext_jax.megacontext import MegaContext, make_base
 from megacontext_jax.model import GPT, cross_entropy
 
 
@@ -57,7 +57,7 @@ def _muon_labels(params: Any) -> Any:
 def build_model(config: ml_collections.ConfigDict, seed: int) -> GPT | MegaContext:
     """The model a run trains: a plain GPT, or with ``mc.enabled`` the MegaContext model."""
     rngs = nnx.Rngs(seed)
-    return MegaContext(config, rngs=rngs) if config.mc.enabled else GPT(config.model, rngs=rngs)
+    return MegaContext(config, rngs=rngs) if config.mc.enabled else make_base(config, rngs)
 
 
 def _frozen_labels(params: Any) -> Any:
@@ -132,6 +132,19 @@ def make_trainable(config: ml_collections.ConfigDict, mesh: Mesh) -> Trainable:
         init=jax.jit(init, out_shardings=shardings),
         config=config,
     )
+
+
+def frozen_base(config: ml_collections.ConfigDict) -> bool:
+    return bool(config.mc.enabled and config.mc.mode == "frozen_base")
+
+
+def checkpointed(state: TrainState, config: ml_collections.ConfigDict) -> TrainState:
+    """What a checkpoint holds: with a frozen base, everything but the base's parameters (the
+    config's ``mc.base_checkpoint`` or ``model.hf_path`` is the reference they come back from)."""
+    if not frozen_base(config):
+        return state
+    parts = {k: v for k, v in state.params.raw_mapping.items() if k != "base"}
+    return state.replace(params=nnx.State(parts))
 
 
 def base_model(model: GPT | MegaContext) -> GPT:

@@ -7,14 +7,21 @@ from pathlib import Path
 import jax
 import ml_collections
 import numpy as np
-from flax import nnx
 from tqdm import tqdm
 
 from megacontext_jax import data, sharding, variants
 from megacontext_jax.checkpoint import Checkpointer, write_config
 from megacontext_jax.metrics import MetricsWriter, plot_loss_curve
 from megacontext_jax.model import count_params
-from megacontext_jax.train_step import make_eval_step, make_train_step, make_trainable
+from megacontext_jax.restore import attach_base
+from megacontext_jax.tokenizer import tokenizer_for
+from megacontext_jax.train_step import (
+    checkpointed,
+    frozen_base,
+    make_eval_step,
+    make_train_step,
+    make_trainable,
+)
 
 
 def _local_rows(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
@@ -39,33 +46,15 @@ def mc_batch(
     return {**batch, **contexts, "tokens": tokens, "expand_lod": expand_lod}
 
 
-def with_pretrained_base(state, trainable, config: ml_collections.ConfigDict):
-    """Replaces the base model's parameters by those of ``config.mc.base_checkpoint``."""
-    from megacontext_jax.restore import load_model
-
-    if not config.mc.base_checkpoint:
-        raise ValueError("config.mc.mode=frozen_base needs config.mc.base_checkpoint (a workdir)")
-    model, base_config = load_model(config.mc.base_checkpoint)
-    for key, value in config.model.items():
-        if base_config.model[key] != value:
-            raise ValueError(
-                f"config.mc.base_checkpoint has model.{key}={base_config.model[key]!r}, "
-                f"this run model.{key}={value!r}"
-            )
-    base = model.base if hasattr(model, "base") else model
-    params = jax.device_put(nnx.state(base), trainable.state_shardings.params["base"])
-    state.params["base"] = params
-    return state
-
-
-def evaluate(eval_step, params, batches, mesh, rows: int) -> dict[str, float]:
-    """Validation loss (nats per byte) and bits per byte over fixed batches."""
+def evaluate(eval_step, params, batches, mesh, rows: int, per_token: float) -> dict[str, float]:
+    """Validation loss (nats per token) and bits per byte (``per_token``: bytes per token) over
+    fixed batches."""
     nll, count = 0.0, 0
     for batch in batches:
         s, n = eval_step(params, sharding.global_batch(_local_rows(batch, rows), mesh))
         nll, count = nll + float(s), count + int(n)
     loss = nll / max(count, 1)
-    return {"val/loss": loss, "val/bpb": loss / math.log(2)}
+    return {"val/loss": loss, "val/bpb": loss / math.log(2) / per_token}
 
 
 def train(
@@ -77,6 +66,10 @@ def train(
     running again with the same workdir resumes exactly where it stopped.
     """
     workdir = Path(config.workdir)
+    if config.model.family == "llama":
+        from megacontext_jax.llama import sync_config
+
+        sync_config(config)
     write_config(workdir, config)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     global_bs = config.train.batch_size
@@ -88,7 +81,10 @@ def train(
     rows = global_bs // jax.process_count()
     seq_len = config.data.seq_len
 
-    docs = data.load_documents(config.data.source, config.data.jsonl_field)
+    tokenizer = tokenizer_for(config.model)
+    docs = data.tokenize(
+        data.load_documents(config.data.source, config.data.jsonl_field), tokenizer
+    )
     train_docs, val_docs = data.split_documents(docs, config.data.val_fraction)
     data_iter = iter(
         data.train_dataset(
@@ -99,20 +95,26 @@ def train(
             jax.process_index(),
             jax.process_count(),
             config.data.passkey_fraction,
+            tokenizer,
         )
     )
-    val_batches = data.validation_batches(val_docs, seq_len, global_bs, config.train.eval_batches)
-    unigram_bpb = data.unigram_bits_per_byte(train_docs, val_batches)
+    val_batches = data.validation_batches(
+        val_docs, seq_len, global_bs, config.train.eval_batches, tokenizer
+    )
+    token_bytes = tokenizer.token_bytes()
+    unigram_bpb = data.unigram_bits_per_byte(train_docs, val_batches, token_bytes)
+    per_token = data.bytes_per_token(val_batches, token_bytes)
 
     trainable = make_trainable(config, mesh)
     checkpointer = Checkpointer(workdir, keep=config.train.keep_checkpoints)
     if checkpointer.latest_step() is not None:
-        state, start = checkpointer.restore(trainable.abstract_state(), data_iter)
+        abstract = checkpointed(trainable.abstract_state(), config)
+        state, start = checkpointer.restore(abstract, data_iter)
         tqdm.write(f"resumed {workdir} from step {start}")
     else:
         state, start = trainable.init(), 0
-        if config.mc.enabled and config.mc.mode == "frozen_base":
-            state = with_pretrained_base(state, trainable, config)
+    if frozen_base(config):
+        state = attach_base(state, trainable, config)
     train_step, eval_step = make_train_step(trainable), make_eval_step(trainable)
     writer = MetricsWriter(workdir)
     if start == 0:
@@ -160,7 +162,7 @@ def train(
                 bar.update(step - last_step)
                 pending, last_time, last_step = [], time.perf_counter(), step
             if step % config.train.eval_every == 0 or step == config.train.steps:
-                val = evaluate(eval_step, state.params, val_batches, mesh, rows)
+                val = evaluate(eval_step, state.params, val_batches, mesh, rows, per_token)
                 writer.write(step, val)
                 summary.update(val)
                 bar.write(
@@ -169,12 +171,12 @@ def train(
                 )
                 last_time = time.perf_counter()
             if step % config.train.checkpoint_every == 0 or step == end:
-                checkpointer.save(step, state, data_iter)
+                checkpointer.save(step, checkpointed(state, config), data_iter)
     except KeyboardInterrupt:
         done = int(state.step)
         if checkpointer.latest_step() != done:
             bar.write(f"interrupted: saving a checkpoint at step {done}")
-            checkpointer.save(done, state, data_iter)
+            checkpointer.save(done, checkpointed(state, config), data_iter)
         raise
     finally:
         bar.close()

@@ -1,3 +1,6 @@
+import ast
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,7 +74,7 @@ def test_labels_are_the_first_token_after_each_span():
     arrays, _ = variants.training_contexts(2, 2, cursor, LAYOUT, np.random.default_rng(0))
     tokens = jnp.broadcast_to(jnp.arange(65), (2, 65))  # token value == position
     labels, mask = entry_labels(
-        tokens, *(jnp.asarray(arrays[n]) for n in ("lod", "start", "valid")), 4
+        tokens, *(jnp.asarray(arrays[n]) for n in ("lod", "start", "valid")), 4, (256, 257)
     )
     lod, start, valid = arrays["lod"], arrays["start"], arrays["valid"]
     end = start + 4**lod
@@ -181,7 +184,13 @@ def test_frozen_base_trains_only_gistnet_and_lensnet(tmp_path, corpus_dir):
     config.unlock()
     config.mc.mode = "frozen_base"
     config.mc.base_checkpoint = str(base_dir)
-    train(config, progress=False)
+    train(config, stop_at=1, progress=False)
+    train(config, progress=False)  # resumes: the base comes back from its reference
+    # Checkpoints hold the trained parts only; the config names where the base comes from.
+    saved = json.loads((tmp_path / "mc" / "checkpoints" / "2" / "state" / "_METADATA").read_text())
+    keys = [ast.literal_eval(k) for k in saved["tree_metadata"]]
+    params = [k[1] for k in keys if k[0] == "params"]
+    assert set(params) == {"gistnet", "lensnet"}
     base, _ = load_model(base_dir)
     mc, _ = load_model(tmp_path / "mc")
     for a, b in zip(
