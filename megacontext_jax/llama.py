@@ -13,6 +13,7 @@ model, so peak host memory stays near one copy of the weights.
 
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 import jax
@@ -23,12 +24,12 @@ from flax import nnx
 
 import kernels
 from megacontext_jax.model import DecoderLM, attend
+from megacontext_jax.safetensors import SafetensorsError, SafetensorsFiles, write_safetensors
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")  # SmolLM and TinyLlama are "llama"
-_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 
-class PretrainedError(ValueError):
+class PretrainedError(SafetensorsError):
     """A checkpoint that cannot be imported; the message names the file or tensor."""
 
 
@@ -219,45 +220,6 @@ def _hf_name(path: tuple) -> tuple[str, bool]:
     return f"model.layers.{layer}.{group}.{module}.{name}", leaf == "kernel"
 
 
-class SafetensorsFiles:
-    """The tensors of a checkpoint directory, read one at a time from memory-mapped files."""
-
-    def __init__(self, directory: str | Path):
-        self.directory = Path(directory)
-        index = self.directory / "model.safetensors.index.json"
-        if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        else:
-            files = sorted(p.name for p in self.directory.glob("*.safetensors"))
-        if not files:
-            raise PretrainedError(f"no *.safetensors weights in {self.directory}")
-        self.tensors: dict[str, tuple[Path, dict, int]] = {}
-        for name in files:
-            path = self.directory / name
-            if not path.is_file():
-                raise PretrainedError(f"{index}: shard {name} not found")
-            with path.open("rb") as f:
-                size = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(size))
-            header.pop("__metadata__", None)
-            for tensor, info in header.items():
-                self.tensors[tensor] = (path, info, 8 + size)
-
-    def read(self, name: str) -> np.ndarray:
-        """The tensor as a numpy array (bf16 through ml_dtypes), copied out of the mapping."""
-        if name not in self.tensors:
-            raise PretrainedError(f"{self.directory}: tensor {name} is missing")
-        path, info, base = self.tensors[name]
-        if info["dtype"] not in _DTYPES:
-            raise PretrainedError(
-                f"{path.name}: tensor {name} has unsupported dtype {info['dtype']}"
-            )
-        dtype = jnp.dtype(_DTYPES[info["dtype"]])
-        start, stop = info["data_offsets"]
-        data = np.memmap(path, np.uint8, "r", offset=base + start, shape=(stop - start,))
-        return np.array(data.view(dtype).reshape(info["shape"]))
-
-
 def load_pretrained(
     directory: str | Path, dtype: str = "float32", attention_impl: str = "reference"
 ) -> tuple[Llama, ml_collections.ConfigDict]:
@@ -273,14 +235,20 @@ def load_pretrained(
 
 def load_weights(cfg: ml_collections.ConfigDict, directory: str | Path) -> Llama:
     """A ``Llama(cfg)`` holding the weights of ``directory``, read one tensor at a time."""
-    files = SafetensorsFiles(directory)
+    try:
+        files = SafetensorsFiles(directory)
+    except SafetensorsError as e:
+        raise PretrainedError(str(e)) from None
     abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     flat = nnx.to_flat_state(state)
     loaded = []
     for path, variable in flat:
         name, transpose = _hf_name(path)
-        array = files.read(name)
+        try:
+            array = files.read(name)
+        except SafetensorsError as e:
+            raise PretrainedError(str(e)) from None
         if transpose:
             array = array.T
         if array.shape != variable.value.shape:
@@ -291,3 +259,79 @@ def load_weights(cfg: ml_collections.ConfigDict, directory: str | Path) -> Llama
         loaded.append((path, variable.replace(jnp.asarray(array, variable.value.dtype))))
         del array
     return nnx.merge(graphdef, nnx.from_flat_state(loaded))
+
+
+def hf_names(cfg: ml_collections.ConfigDict) -> dict[str, tuple[int, ...]]:
+    """Every tensor a checkpoint of ``cfg`` holds, with its shape (Hugging Face layout)."""
+    abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+    shapes = {}
+    for path, variable in nnx.to_flat_state(nnx.state(abstract)):
+        name, transpose = _hf_name(path)
+        shape = variable.value.shape
+        shapes[name] = tuple(reversed(shape)) if transpose else tuple(shape)
+    return shapes
+
+
+def random_checkpoint(
+    directory: str | Path,
+    hf_config: dict,
+    seed: int = 0,
+    dtype: str = "float32",
+    std: float = 0.05,
+    shard_bytes: int | None = None,
+) -> None:
+    """Writes ``config.json`` and random safetensors weights (tensor by tensor, optionally in
+    shards with an index) of a Llama-family model: checkpoints for tests and benchmarks."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(hf_config, indent=1))
+    shapes = hf_names(model_config(hf_config))
+    rng = np.random.default_rng(seed)
+
+    def tensors(names):
+        for name in names:
+            shape = shapes[name]
+            if name.endswith("norm.weight"):
+                yield name, (1.0 + std * rng.standard_normal(shape)).astype(dtype)
+            else:
+                yield name, (std * rng.standard_normal(shape)).astype(dtype)
+
+    size = np.dtype(jnp.dtype(dtype)).itemsize
+    shards, current, used = [], [], 0
+    for name in sorted(shapes):
+        nbytes = math.prod(shapes[name]) * size
+        if current and shard_bytes and used + nbytes > shard_bytes:
+            shards.append(current)
+            current, used = [], 0
+        current.append(name)
+        used += nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        write_safetensors(directory / "model.safetensors", tensors(shards[0]))
+        return
+    weight_map = {}
+    for i, names in enumerate(shards, 1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(directory / file, tensors(names))
+        weight_map.update(dict.fromkeys(names, file))
+    index = {"metadata": {}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+
+
+def train_tokenizer(directory: str | Path, texts: Iterable[str], vocab_size: int = 512) -> None:
+    """Writes a byte-level BPE ``tokenizer.json`` trained on ``texts``, with ``<s>`` (id 0) and
+    ``</s>`` (id 1): the tokenizer of test and benchmark checkpoints (``bos_token_id`` 0,
+    ``eos_token_id`` 1)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    tokenizer.save(str(Path(directory) / "tokenizer.json"))

@@ -1,0 +1,80 @@
+"""An imported Llama-family base (random weights, BPE tokenizer) under frozen-base MegaContext
+training, decoding over a memory and evaluation. No torch needed: the checkpoint is written here."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import decode
+from megacontext_jax import data
+from megacontext_jax.evaluate import evaluate
+from megacontext_jax.llama import Llama, load_pretrained, random_checkpoint, train_tokenizer
+from megacontext_jax.restore import load_model
+from megacontext_jax.tokenizer import tokenizer_for
+from megacontext_jax.trainer import train
+from tests.conftest import tiny_mc_config
+
+HF_CONFIG = {
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "vocab_size": 320,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": True,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, corpus_dir):
+    directory = tmp_path_factory.mktemp("llama")
+    texts = [p.read_text() for p in sorted(corpus_dir.glob("*.txt"))]
+    train_tokenizer(directory, texts, vocab_size=300)
+    random_checkpoint(directory, HF_CONFIG, shard_bytes=20_000)
+    assert (directory / "model.safetensors.index.json").is_file()  # sharded
+    return directory
+
+
+def test_frozen_imported_base_trains_decodes_and_evaluates(
+    checkpoint, tmp_path, corpus_dir, capsys
+):
+    config = tiny_mc_config(tmp_path / "run", corpus_dir, steps=3)
+    config.unlock()
+    config.model.family, config.model.hf_path = "llama", str(checkpoint)
+    config.mc.mode = "frozen_base"
+    config.lock()
+    summary = train(config, progress=False)
+    assert np.isfinite(summary["val/bpb"])
+
+    model, restored = load_model(tmp_path / "run")
+    assert isinstance(model.base, Llama)
+    m = restored.model
+    assert (m.width, m.depth, m.bos_id, m.eos_id, m.pad_id, m.num_tokens) == (32, 2, 0, 1, 1, 300)
+    reference, _ = load_pretrained(checkpoint)
+    for a, b in zip(
+        jax.tree.leaves(nnx.state(reference)), jax.tree.leaves(nnx.state(model.base)), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)  # frozen, and restored from the checkpoint itself
+
+    capsys.readouterr()
+    run = ["--checkpoint", str(tmp_path / "run"), "--memory", str(tmp_path / "memory")]
+    assert decode.main([*run, "--prompt", "the quick", "--max-new-tokens", "12"]) == 0
+    assert capsys.readouterr().out.startswith("the quick")
+
+    tokenizer = tokenizer_for(restored.model)
+    docs = data.evaluation_documents(restored, tokenizer)
+    assert docs[0].data.dtype == np.int32 and docs[0].data.max() < 300  # BPE ids, not bytes
+    results = evaluate(
+        model, restored, docs, [4], num_docs=2, batch=2, refocus_steps=1, num_probes=2
+    )
+    row = results["conditions"]["4W"]
+    assert {"full", "window", "mc_static", "mc_focus"} <= set(row)
+    # Bits per byte: a BPE token covers more than one byte.
+    assert row["full"]["bpb"] < row["full"]["nll"] / np.log(2)
