@@ -16,7 +16,6 @@ ratio of the longest to the shortest history, and the refocus overhead.
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -57,6 +56,7 @@ def worker(config, directory: Path, tokens: int) -> dict:
     import jax
 
     from megacontext_jax.cached_context import CachedContext
+    from megacontext_jax.metrics import peak_rss_mb
     from megacontext_jax.session import Session, _sample, gister_for
     from megacontext_jax.tree import Tree
 
@@ -101,7 +101,7 @@ def worker(config, directory: Path, tokens: int) -> dict:
         "fixed_ms": 1e3 * float(np.median(timed["fixed"])),
         "refocus_steps": session.refocus_count - refocus_before,
         "horizon": session.horizon,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
     }
     session.close()
     return result

@@ -64,3 +64,14 @@ def plot_loss_curve(metrics_path: Path, png_path: Path) -> None:
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB (``VmHWM``: unlike ``ru_maxrss``, it starts
+    afresh at exec, so a subprocess does not inherit its parent's peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource  # not Linux: the closest measure there is
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
