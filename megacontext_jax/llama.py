@@ -261,6 +261,25 @@ def load_weights(cfg: ml_collections.ConfigDict, directory: str | Path) -> Llama
     return nnx.merge(graphdef, nnx.from_flat_state(loaded))
 
 
+def save_pretrained(model: Llama, directory: str | Path, source: str | Path) -> None:
+    """Writes ``model`` as a Hugging Face checkpoint at ``directory``: the ``config.json`` and
+    ``tokenizer.json`` of ``source`` (the checkpoint whose architecture it has) and its weights."""
+    import shutil
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "tokenizer.json"):
+        shutil.copy(Path(source) / name, directory / name)
+
+    def tensors():
+        for path, variable in nnx.to_flat_state(nnx.state(model)):
+            name, transpose = _hf_name(path)
+            array = np.asarray(variable.value)
+            yield name, array.T if transpose else array
+
+    write_safetensors(directory / "model.safetensors", tensors())
+
+
 def hf_names(cfg: ml_collections.ConfigDict) -> dict[str, tuple[int, ...]]:
     """Every tensor a checkpoint of ``cfg`` holds, with its shape (Hugging Face layout)."""
     abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))

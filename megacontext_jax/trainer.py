@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from megacontext_jax import data, sharding, variants
 from megacontext_jax.checkpoint import Checkpointer, write_config
+from megacontext_jax.config import validate
 from megacontext_jax.metrics import MetricsWriter, plot_loss_curve
 from megacontext_jax.model import count_params
 from megacontext_jax.restore import attach_base
@@ -70,6 +71,7 @@ def train(
         from megacontext_jax.llama import sync_config
 
         sync_config(config)
+        validate(config)  # the checkpoint's sizes against the MegaContext settings
     write_config(workdir, config)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     global_bs = config.train.batch_size

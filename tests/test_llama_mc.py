@@ -9,7 +9,13 @@ from flax import nnx
 import decode
 from megacontext_jax import data
 from megacontext_jax.evaluate import evaluate
-from megacontext_jax.llama import Llama, load_pretrained, random_checkpoint, train_tokenizer
+from megacontext_jax.llama import (
+    Llama,
+    load_pretrained,
+    random_checkpoint,
+    save_pretrained,
+    train_tokenizer,
+)
 from megacontext_jax.restore import load_model
 from megacontext_jax.tokenizer import tokenizer_for
 from megacontext_jax.trainer import train
@@ -40,6 +46,16 @@ def checkpoint(tmp_path_factory, corpus_dir):
     random_checkpoint(directory, HF_CONFIG, shard_bytes=20_000)
     assert (directory / "model.safetensors.index.json").is_file()  # sharded
     return directory
+
+
+def test_save_pretrained_round_trips(checkpoint, tmp_path):
+    model, _ = load_pretrained(checkpoint)
+    save_pretrained(model, tmp_path, checkpoint)
+    again, _ = load_pretrained(tmp_path)
+    for a, b in zip(
+        jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(again)), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_frozen_imported_base_trains_decodes_and_evaluates(
