@@ -11,7 +11,7 @@ are scored under four conditions:
 * ``mc_focus``: the pyramid refocused by LensNet and the allocator (``--refocus-steps`` rounds).
 
 LensNet and the allocator see the history before the scored tokens only, as at a refocus during
-decoding. Reports NLL (nats/byte), bits per byte and ``gap_recovered = (window - mc) /
+decoding. Reports NLL (nats per token), bits per byte and ``gap_recovered = (window - mc) /
 (window - full)``; then passkey and multi-query associative recall accuracy per condition and
 length, and passkey accuracy by the level of detail of the needle's span. Writes JSON and a PNG.
 """
@@ -263,7 +263,9 @@ def evaluate(
 
 
 def print_substitutability(sub: dict) -> None:
-    print(f"substitutability over {sub['documents']} documents: ΔNLL (nats/byte) of the 32 tokens")
+    print(
+        f"substitutability over {sub['documents']} documents: ΔNLL (nats per token) of the 32 tokens"
+    )
     print(f"after a span, vs the span as tokens (NLL {sub['tokens_nll']:.4f}):")
     for level in (1, 2):
         print(
