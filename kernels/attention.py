@@ -1,8 +1,10 @@
 """The attention entry point every model calls.
 
-``attention`` dispatches on ``impl``: ``reference`` (pure jnp, below) or ``pallas`` (the
+``attention`` dispatches on ``impl``: ``reference`` (pure jnp, below), ``pallas`` (the
 mixed-resolution kernels of ``kernels.mixed_attention`` with pre-rotated q/k; interpreted on CPU,
-compiled on GPU).
+compiled on GPU), or ``cudnn`` (``jax.nn.dot_product_attention``: cuDNN on a GPU, XLA elsewhere)
+where its masks suffice (a full pass: ``q_offset`` 0, as many queries as keys, valid keys packed
+at the front) and the Pallas kernels for the rest (decode, metadata masks).
 
 Masks: ``causal=True`` is the WC-causal mask (query i sees key j iff j <= i + q_offset); with
 ``q_offset = kv_len - q_len`` it is the decode mask over a KV cache. ``causal=False`` is bidirectional
@@ -12,7 +14,7 @@ Masks: ``causal=True`` is the WC-causal mask (query i sees key j iff j <= i + q_
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("reference", "pallas")
+IMPLS = ("reference", "pallas", "cudnn")
 
 
 def attention_reference(
@@ -82,6 +84,19 @@ def attention(
     ``MaskSpec``) replaces ``causal`` / ``kv_valid`` / ``q_offset`` by the metadata-driven mask
     of self-attention over entries, e.g. the pyramid mask.
     """
+    full_pass = isinstance(q_offset, int) and q_offset == 0 and q.shape[1] == k.shape[1]
+    if impl == "cudnn" and entries is None and full_pass:
+        lengths = None if kv_valid is None else kv_valid.sum(-1).astype(jnp.int32)
+        return jax.nn.dot_product_attention(
+            q,
+            k,
+            v,
+            is_causal=causal,
+            key_value_seq_lengths=lengths,
+            implementation="cudnn" if jax.default_backend() == "gpu" else None,
+        )
+    if impl == "cudnn":
+        impl = "pallas"  # masks cuDNN cannot express
     if entries is not None:
         from kernels.mixed_attention import mixed_attention, mixed_attention_reference
 

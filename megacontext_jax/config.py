@@ -52,7 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.logit_soft_cap = 15.0  # 0 disables the cap
     c.model.dtype = "float32"  # activations / matmul inputs
     c.model.param_dtype = "float32"
-    c.model.attention_impl = "reference"  # or "pallas" (kernels/mixed_attention.py)
+    c.model.attention_impl = "reference"  # "pallas" (kernels/mixed_attention.py) or "cudnn"
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "stdlib"  # "stdlib", a directory of text files, or a .jsonl file

@@ -185,6 +185,18 @@ def test_dispatcher_pallas_matches_reference():
         out = kernels.attention(q, k, v, impl="pallas", **args)
         ref = kernels.attention(q, k, v, impl="reference", **args)
         np.testing.assert_allclose(out, ref, atol=2e-5)
+    # cuDNN's own masks: a full pass with valid keys packed at the front (XLA on CPU).
+    full_valid = jnp.asarray(np.arange(11)[None] < np.array([[7], [11]]))
+    qf = jnp.asarray(rng.normal(size=(2, 11, 4, 16)), jnp.float32)
+    for causal in (True, False):
+        args = dict(causal=causal, kv_valid=full_valid)
+        out = kernels.attention(qf, k, v, impl="cudnn", **args)
+        ref = kernels.attention(qf, k, v, impl="reference", **args)
+        np.testing.assert_allclose(out, ref, atol=2e-5)
+    # Decode is beyond cuDNN's masks: the Pallas kernel takes it.
+    args = dict(causal=True, kv_valid=kv_valid, q_offset=6)
+    out = kernels.attention(q, k, v, impl="cudnn", **args)
+    np.testing.assert_allclose(out, kernels.attention(q, k, v, **args), atol=2e-5)
     with pytest.raises(ValueError, match="unknown attention impl 'flash'"):
         kernels.attention(q, k, v, impl="flash")
 
