@@ -1,5 +1,6 @@
 """MegaContext on an imported Llama-family model (Llama, Qwen2, Mistral, SmolLM, TinyLlama): the
 base is read from a local Hugging Face directory and frozen; GistNet, then LensNet, are trained.
+The MegaContext sizes are those of ``configs/tiny.py``.
 
     python train.py --config configs/imported.py:/path/to/hf_checkpoint
     python train.py --config configs/imported.py:/path/to/hf_checkpoint --config.train.steps=300
@@ -10,32 +11,25 @@ tokenizer.json becomes the tokenizer. Checkpoints hold GistNet, LensNet and the 
 the base comes back from the directory named here.
 """
 
+from pathlib import Path
+
 import ml_collections
 
-from megacontext_jax.config import base_config
+from megacontext_jax.config import load_config
 
 
 def get_config(hf_path: str = "") -> ml_collections.ConfigDict:
-    c = base_config()
+    c = load_config(str(Path(__file__).with_name("tiny.py")))
+    c.unlock()
     c.workdir = "runs/imported"
     c.model.family = "llama"
     c.model.hf_path = hf_path
-    c.mc.enabled = True
     c.mc.mode = "frozen_base"
     c.mc.lens_start = 100  # GistNet first, then LensNet
-    c.data.seq_len = 512
-    c.train.batch_size = 8
+    c.data.passkey_fraction = 0.0
     c.train.steps = 300
     c.train.lr = 1e-3
     c.train.warmup_steps = 30
     c.train.eval_every = 100
     c.train.checkpoint_every = 100
-    c.mc.block_size = 8
-    c.mc.max_level = 3
-    c.mc.wc_size = 64
-    c.mc.recent_tail = 16
-    c.mc.scored_tokens = 16
-    c.mc.ingest_chunk = 16
-    c.mc.gist.num_heads = 4
-    c.mc.lens.num_heads = 4
     return c
