@@ -1,4 +1,8 @@
-"""Pallas mixed-resolution attention (interpreted on CPU) against its pure-jnp reference."""
+"""Pallas mixed-resolution attention against its pure-jnp reference.
+
+The same suite runs interpreted on CPU and compiled on a GPU (``interpret`` is chosen by the
+backend); compiled float32 dots may use TF32, hence the looser tolerance there.
+"""
 
 import itertools
 import zlib
@@ -24,6 +28,9 @@ from kernels.mixed_attention import (
 from megacontext_jax.working_context import entries, recency_pyramid
 
 K = 4
+COMPILED = jax.default_backend() != "cpu"
+TOL = {"atol": 2e-2, "rtol": 2e-2} if COMPILED else {"atol": 2e-5, "rtol": 1e-5}
+GRAD_TOL = {"atol": 5e-2, "rtol": 5e-2} if COMPILED else {"atol": 1e-4, "rtol": 1e-4}
 BLOCKS = BlockSizes(16, 16, 16, 8)  # unequal backward tiles exercise the padding to their lcm
 
 
@@ -96,21 +103,21 @@ def test_forward_and_gradients_match_reference(mask, heads, dh, rope):
     def loss(fn, q, k, v):
         return jnp.sum(fn(q, k, v, q_meta, k_meta, spec, rope=rope) * weight)
 
-    kernel = lambda *a, **kw: mixed_attention(*a, **kw, blocks=BLOCKS, interpret=True)
+    kernel = lambda *a, **kw: mixed_attention(*a, **kw, blocks=BLOCKS)
     out = kernel(q, k, v, q_meta, k_meta, spec, rope=rope)
     ref = mixed_attention_reference(q, k, v, q_meta, k_meta, spec, rope=rope)
-    np.testing.assert_allclose(out, ref, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(out, ref, **TOL)
     grads = jax.grad(lambda *x: loss(kernel, *x), argnums=(0, 1, 2))(q, k, v)
     ref_grads = jax.grad(lambda *x: loss(mixed_attention_reference, *x), argnums=(0, 1, 2))(q, k, v)
     for name, g, r in zip("qkv", grads, ref_grads, strict=True):
-        np.testing.assert_allclose(g, r, atol=1e-4, rtol=1e-4, err_msg=f"d{name}")
+        np.testing.assert_allclose(g, r, **GRAD_TOL, err_msg=f"d{name}")
 
 
 def test_bf16_inputs_accumulate_in_float32():
     rng = np.random.default_rng(1)
     q_meta, k_meta, spec = _case("wc_causal", rng)
     q, k, v = _qkv(rng, 37, 37, 4, 2, 32, jnp.bfloat16)
-    out = mixed_attention(q, k, v, q_meta, k_meta, spec, blocks=BLOCKS, interpret=True)
+    out = mixed_attention(q, k, v, q_meta, k_meta, spec, blocks=BLOCKS)
     assert out.dtype == jnp.bfloat16
     ref = mixed_attention_reference(
         *(x.astype(jnp.float32) for x in (q, k, v)), q_meta, k_meta, spec
@@ -124,11 +131,9 @@ def test_query_that_sees_nothing_returns_zeros():
     k_meta = Entries.tokens(1, 5)
     k_meta.valid = jnp.zeros((1, 5), bool)
     q, k, v = _qkv(np.random.default_rng(0), 3, 5, 2, 2, 8)
-    out = mixed_attention(q, k, v, q_meta, k_meta, blocks=BLOCKS, interpret=True)
+    out = mixed_attention(q, k, v, q_meta, k_meta, blocks=BLOCKS)
     np.testing.assert_array_equal(out, 0.0)
-    grads = jax.grad(
-        lambda q: mixed_attention(q, k, v, q_meta, k_meta, blocks=BLOCKS, interpret=True).sum()
-    )(q)
+    grads = jax.grad(lambda q: mixed_attention(q, k, v, q_meta, k_meta, blocks=BLOCKS).sum())(q)
     np.testing.assert_array_equal(grads, 0.0)
 
 
@@ -184,7 +189,7 @@ def test_dispatcher_pallas_matches_reference():
         args = dict(causal=causal, kv_valid=kv_valid, q_offset=6)
         out = kernels.attention(q, k, v, impl="pallas", **args)
         ref = kernels.attention(q, k, v, impl="reference", **args)
-        np.testing.assert_allclose(out, ref, atol=2e-5)
+        np.testing.assert_allclose(out, ref, **TOL)
     # cuDNN's own masks: a full pass with valid keys packed at the front (XLA on CPU).
     full_valid = jnp.asarray(np.arange(11)[None] < np.array([[7], [11]]))
     qf = jnp.asarray(rng.normal(size=(2, 11, 4, 16)), jnp.float32)
@@ -192,11 +197,11 @@ def test_dispatcher_pallas_matches_reference():
         args = dict(causal=causal, kv_valid=full_valid)
         out = kernels.attention(qf, k, v, impl="cudnn", **args)
         ref = kernels.attention(qf, k, v, impl="reference", **args)
-        np.testing.assert_allclose(out, ref, atol=2e-5)
+        np.testing.assert_allclose(out, ref, **TOL)
     # Decode is beyond cuDNN's masks: the Pallas kernel takes it.
     args = dict(causal=True, kv_valid=kv_valid, q_offset=6)
     out = kernels.attention(q, k, v, impl="cudnn", **args)
-    np.testing.assert_allclose(out, kernels.attention(q, k, v, **args), atol=2e-5)
+    np.testing.assert_allclose(out, kernels.attention(q, k, v, **args), **TOL)
     with pytest.raises(ValueError, match="unknown attention impl 'flash'"):
         kernels.attention(q, k, v, impl="flash")
 
@@ -220,4 +225,4 @@ def test_model_with_pallas_attention_matches_reference():
         step, _ = model.decode(cache, 6, tokens[:, 6:])  # the decode mask over a KV cache
         logits[impl] = (model(tokens), step)
     for ref, out in zip(logits["reference"], logits["pallas"], strict=True):
-        np.testing.assert_allclose(out, ref, atol=1e-4)
+        np.testing.assert_allclose(out, ref, **GRAD_TOL)
