@@ -18,8 +18,10 @@ accumulation are float32; GQA maps query head h to key head ``h // (Hq // Hkv)``
 sees no key returns zeros.
 
 Tiles with no visible pair are skipped: each key tile's ``min end``, ``max start`` and lod range
-and each query tile's end range bound the mask, so the pyramid's cost follows its visible pairs
-(in a level-major layout, each band is a few contiguous tiles), not N^2.
+and each query tile's end range bound the mask; each program loops over the range of tiles that
+may see anything (a prefix for the causal masks) and skips the empty tiles inside it, so the
+pyramid's cost follows its visible pairs (in a level-major layout, each band is a few contiguous
+tiles), not N^2.
 """
 
 import dataclasses
@@ -259,7 +261,7 @@ class _Cfg:
 
 def _fwd_kernel(
     q_ref, k_ref, v_ref, qe_ref, qmu_ref, qsig_ref, kl_ref, ks_ref, ke_ref, kv_ref, kmu_ref,
-    ksig_ref, kt_ref, o_ref, lse_ref, *, cfg: _Cfg
+    ksig_ref, kt_ref, range_ref, o_ref, lse_ref, *, cfg: _Cfg
 ):  # fmt: skip
     bq, bk = cfg.blocks.block_q, cfg.blocks.block_k
     rows = pl.ds(0, bq)
@@ -291,7 +293,8 @@ def _fwd_kernel(
         jnp.full((bq,), NEG_INF, jnp.float32),
         jnp.zeros((bq,), jnp.float32),
     )
-    o, m, l = jax.lax.fori_loop(0, k_ref.shape[0] // bk, body, init)
+    i = pl.program_id(0)
+    o, m, l = jax.lax.fori_loop(range_ref[0, i], range_ref[1, i], body, init)
     seen = l > 0
     o_ref[...] = (o / jnp.where(seen, l, 1.0)[:, None]).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), jnp.inf)
@@ -299,7 +302,7 @@ def _fwd_kernel(
 
 def _bwd_dkdv_kernel(
     q_ref, k_ref, v_ref, qe_ref, qmu_ref, qsig_ref, kl_ref, ks_ref, ke_ref, kv_ref, kmu_ref,
-    ksig_ref, kt_ref, qt_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, cfg: _Cfg
+    ksig_ref, kt_ref, qt_ref, range_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, cfg: _Cfg
 ):  # fmt: skip
     bq, bk = cfg.blocks.block_q_bwd, cfg.blocks.block_k_bwd
     j = pl.program_id(0)
@@ -328,14 +331,14 @@ def _bwd_dkdv_kernel(
         [jnp.zeros(x.shape, jnp.float32) for x in ks],
         jnp.zeros((bk, v_ref.shape[-1]), jnp.float32),
     )
-    dks, dv = jax.lax.fori_loop(0, q_ref.shape[0] // bq, body, init)
+    dks, dv = jax.lax.fori_loop(range_ref[0, j], range_ref[1, j], body, init)
     _store(dk_ref, _unrotate(dks, k_tables))
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
 def _bwd_dq_kernel(
     q_ref, k_ref, v_ref, qe_ref, qmu_ref, qsig_ref, kl_ref, ks_ref, ke_ref, kv_ref, kmu_ref,
-    ksig_ref, kt_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg: _Cfg
+    ksig_ref, kt_ref, range_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg: _Cfg
 ):  # fmt: skip
     bq, bk = cfg.blocks.block_q_bwd, cfg.blocks.block_k_bwd
     rows = pl.ds(0, bq)
@@ -360,7 +363,8 @@ def _bwd_dq_kernel(
         return jax.lax.cond(may, visit, lambda c: c, dqs)
 
     init = [jnp.zeros(x.shape, jnp.float32) for x in qs]
-    dqs = jax.lax.fori_loop(0, k_ref.shape[0] // bk, body, init)
+    i = pl.program_id(0)
+    dqs = jax.lax.fori_loop(range_ref[0, i], range_ref[1, i], body, init)
     _store(dq_ref, _unrotate(dqs, q_tables))
 
 
@@ -415,6 +419,22 @@ def _query_summaries(q_end: jax.Array, block: int) -> jax.Array:
     return _pow2_tiles(jnp.stack([tiles.min(-1), tiles.max(-1)], axis=1), 2)
 
 
+def _visit_ranges(qt: jax.Array, kt: jax.Array, spec: MaskSpec) -> tuple[jax.Array, jax.Array]:
+    """``[B, 2, nq]`` first and past-last key tile each query tile may see, and ``[B, 2, nk]``
+    the same for the query tiles of each key tile (empty ranges are ``[0, 0)``). The kernels
+    loop over these ranges only (and still skip the tiles inside them that see nothing)."""
+    rows = tuple(kt[:, f, None, :] for f in range(5))
+    may = _tile_may_see(qt[:, 0, :, None], qt[:, 1, :, None], rows, spec)  # [B, nq, nk]
+
+    def ranges(m):
+        n = m.shape[-1]
+        first, last = jnp.argmax(m, -1), n - jnp.argmax(m[..., ::-1], -1)
+        some = m.any(-1)
+        return jnp.stack([jnp.where(some, first, 0), jnp.where(some, last, 0)], 1)
+
+    return ranges(may).astype(jnp.int32), ranges(jnp.swapaxes(may, 1, 2)).astype(jnp.int32)
+
+
 def _meta_arrays(meta: Entries) -> list[jax.Array]:
     return [
         meta.lod,
@@ -463,11 +483,13 @@ def _forward(q, k, v, q_meta, k_meta, cfg: _Cfg, interpret: bool):
     tk, hkv, dvp = k.shape[1], k.shape[2], v.shape[-1]
     bq = cfg.blocks.block_q
     kt = _tile_summaries(k_meta, cfg.blocks.block_k)
-    nk = kt.shape[-1]
+    q_ranges, _ = _visit_ranges(_query_summaries(q_meta.end, bq), kt, cfg.spec)
+    nk, nq = kt.shape[-1], q_ranges.shape[-1]
     q_arrays = [q_meta.end, q_meta.mu.astype(jnp.float32), q_meta.sigma.astype(jnp.float32)]
     in_specs = [
         *_specs(cfg, tq, tk, dp, dvp, hq // hkv, bq, grid_q=True),
         pl.BlockSpec((None, 8, nk), lambda i, b, h: (b, 0, 0)),
+        pl.BlockSpec((None, 2, nq), lambda i, b, h: (b, 0, 0)),
     ]
     return pl.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg),
@@ -484,7 +506,7 @@ def _forward(q, k, v, q_meta, k_meta, cfg: _Cfg, interpret: bool):
         interpret=interpret,
         compiler_params=_compiler_params(cfg.blocks, interpret),
         name="mixed_attention_fwd",
-    )(q, k, v, *q_arrays, *_meta_arrays(k_meta), kt)
+    )(q, k, v, *q_arrays, *_meta_arrays(k_meta), kt, q_ranges)
 
 
 def _backward(q, k, v, q_meta, k_meta, out, lse, do, cfg: _Cfg, interpret: bool):
@@ -495,6 +517,7 @@ def _backward(q, k, v, q_meta, k_meta, out, lse, do, cfg: _Cfg, interpret: bool)
     delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), do.astype(jnp.float32))
     kt = _tile_summaries(k_meta, bk)
     qt = _query_summaries(q_meta.end, bq)
+    q_ranges, k_ranges = _visit_ranges(qt, kt, cfg.spec)
     q_arrays = [q_meta.end, q_meta.mu.astype(jnp.float32), q_meta.sigma.astype(jnp.float32)]
     k_arrays = _meta_arrays(k_meta)
     nk, nq = kt.shape[-1], qt.shape[-1]
@@ -509,6 +532,7 @@ def _backward(q, k, v, q_meta, k_meta, out, lse, do, cfg: _Cfg, interpret: bool)
             *specs,
             pl.BlockSpec((None, 8, nk), lambda j, b, h: (b, 0, 0)),
             pl.BlockSpec((None, 2, nq), lambda j, b, h: (b, 0, 0)),
+            pl.BlockSpec((None, 2, nk), lambda j, b, h: (b, 0, 0)),
             pl.BlockSpec((None, tq, None, dvp), lambda j, b, h: (b, 0, h, 0)),
             pl.BlockSpec((None, None, tq), lambda j, b, h: (b, h, 0)),
             pl.BlockSpec((None, None, tq), lambda j, b, h: (b, h, 0)),
@@ -524,7 +548,7 @@ def _backward(q, k, v, q_meta, k_meta, out, lse, do, cfg: _Cfg, interpret: bool)
         interpret=interpret,
         compiler_params=_compiler_params(cfg.blocks, interpret),
         name="mixed_attention_dkdv",
-    )(q, k, v, *q_arrays, *k_arrays, kt, qt, do, lse, delta)
+    )(q, k, v, *q_arrays, *k_arrays, kt, qt, k_ranges, do, lse, delta)
     dk = dk.reshape(b, tk, hkv, group, dp).sum(3).astype(k.dtype)
     dv = dv.reshape(b, tk, hkv, group, dvp).sum(3).astype(v.dtype)
 
@@ -535,6 +559,7 @@ def _backward(q, k, v, q_meta, k_meta, out, lse, do, cfg: _Cfg, interpret: bool)
         in_specs=[
             *specs,
             pl.BlockSpec((None, 8, nk), lambda i, b, h: (b, 0, 0)),
+            pl.BlockSpec((None, 2, nq), lambda i, b, h: (b, 0, 0)),
             pl.BlockSpec((None, bq, None, dvp), lambda i, b, h: (b, i, h, 0)),
             pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i)),
             pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i)),
@@ -544,7 +569,7 @@ def _backward(q, k, v, q_meta, k_meta, out, lse, do, cfg: _Cfg, interpret: bool)
         interpret=interpret,
         compiler_params=_compiler_params(cfg.blocks, interpret),
         name="mixed_attention_dq",
-    )(q, k, v, *q_arrays, *k_arrays, kt, do, lse, delta)
+    )(q, k, v, *q_arrays, *k_arrays, kt, q_ranges, do, lse, delta)
     return dq, dk, dv
 
 
