@@ -94,3 +94,37 @@ def test_frozen_imported_base_trains_decodes_and_evaluates(
     assert {"full", "window", "mc_static", "mc_focus"} <= set(row)
     # Bits per byte: a BPE token covers more than one byte.
     assert row["full"]["bpb"] < row["full"]["nll"] / np.log(2)
+
+
+def test_hf_tokenizer_specials_streaming_and_tasks(checkpoint, tmp_path):
+    import json
+
+    from megacontext_jax import tasks
+    from megacontext_jax.tokenizer import HFTokenizer, sampleable, special_ids
+
+    ids = special_ids(checkpoint)
+    assert ids == {"pad_id": 1, "bos_id": 0, "eos_id": 1}  # no pad token: EOS pads
+    tokenizer = HFTokenizer(checkpoint, **ids)
+    text = "def f(x):\n    return x  # é, 日本"
+    encoded = tokenizer.encode(text, bos=True)
+    assert encoded[0] == 0 and tokenizer.decode(encoded) == text
+    feed = tokenizer.stream_decoder()
+    assert "".join(feed(int(i)) for i in encoded[1:]) == text  # multi-byte characters included
+    assert tokenizer.token_bytes()[:2].tolist() == [0, 0]  # specials stand for no text
+
+    model = tiny_mc_config("/unused", "/unused").model
+    model.unlock()
+    model.vocab_size, model.num_tokens, model.pad_id, model.bos_id, model.eos_id = 320, 300, 1, 0, 1
+    allowed = sampleable(model)
+    assert allowed[1] and not allowed[0] and allowed[299] and not allowed[300:].any()
+
+    filler = tokenizer.encode(" ".join(["lorem ipsum dolor"] * 80))
+    probe = tasks.passkey(filler, 200, np.random.default_rng(0), tokenizer=tokenizer)
+    answer = tokenizer.decode(probe.tokens[probe.answer])
+    assert len(answer) == 5 and answer.isdigit() and answer in tokenizer.decode(probe.tokens[:190])
+    probe = tasks.mqar(filler, 200, np.random.default_rng(1), tokenizer=tokenizer)
+    values = tokenizer.decode(probe.tokens[probe.answer])
+    assert len(values) == 4 and values.isdigit()  # two queried two-digit values
+
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": [7, 8]}))
+    assert special_ids(tmp_path) == {"pad_id": 7, "bos_id": 7, "eos_id": 7}
