@@ -30,7 +30,7 @@ from megacontext_jax.sampling import sample_logits
 from megacontext_jax.telemetry import Telemetry
 from megacontext_jax.tokenizer import sampleable
 from megacontext_jax.tree import APPEND_PIECE, Tree
-from megacontext_jax.working_context import entries, from_entries, recency_pyramid
+from megacontext_jax.working_context import WorkingContext, entries, recency_pyramid
 
 
 class SessionError(ValueError):
@@ -44,13 +44,28 @@ def gister_for(model: MegaContext, config: ml_collections.ConfigDict) -> Gister:
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2))
-def _focus(lens_graph, cfg: AllocatorConfig, sigma_scale: float, lens_state, emb, wc, cooldown, n):
-    """LensNet scores ``[W]`` of one WC and the allocator's edits of it."""
+def _focus(
+    lens_graph,
+    cfg: AllocatorConfig,
+    sigma_scale: float,
+    lens_state,
+    emb,
+    lod,
+    start,
+    count,
+    cooldown,
+    n,
+):
+    """LensNet scores of one WC and the allocator's edits of it, packed for one transfer:
+    ``[4, W]`` int32 rows lod, start, valid, cooldown, and ``[2]`` (expands, collapses)."""
     lensnet = nnx.merge(lens_graph, lens_state)
+    wc = WorkingContext(lod, start, jnp.arange(lod.shape[0]) < count)
     mu, sigma = entry_positions(wc.lod, wc.start, cfg.block_size, sigma_scale)
     batched = jax.tree.map(lambda a: a[None], wc)
     scores = lensnet(emb[None], batched, mu[None], sigma[None], wc.valid[None], n[None])[0]
-    return refocus(wc, scores, cooldown, n, cfg), scores
+    r = refocus(wc, scores, cooldown, n, cfg)
+    rows = jnp.stack([r.wc.lod, r.wc.start, r.wc.valid.astype(jnp.int32), r.cooldown])
+    return rows, jnp.stack([r.expands, r.collapses])
 
 
 _sample = jax.jit(sample_logits, static_argnums=(3, 4))
@@ -204,7 +219,10 @@ class Session:
         Returns the telemetry record (also sent to ``telemetry``).
         """
         times, t = {}, time.perf_counter()
-        self._flush()
+        # Only nodes outside the recent tail can be collapsed into or expanded, so decoded tokens
+        # may wait in memory while they all sit in the tail: one GistNet call per few refocuses.
+        if len(self.pending) > self.tail:
+            self._flush()
         if self.tree.uncommitted >= APPEND_PIECE:  # long generations commit as they go
             self.tree.commit()
         n = self.num_tokens
@@ -277,24 +295,27 @@ class Session:
     def _lens_edits(self, ents: list[Entry], n: int) -> tuple[list[Entry], int, int]:
         emb = np.zeros((self.budget, self.tree.meta.dim), np.float32)
         emb[: len(ents)] = self._embed(ents)
-        wc = from_entries(ents, self.budget)
-        cooldown = np.zeros(self.budget, np.int32)
-        cooldown[: len(ents)] = [self.cooldown.get(e, 0) for e in ents]
-        result, _ = _focus(
-            self.lens_graph,
-            self.alloc,
-            self.sigma_scale,
-            self.lens_state,
-            jnp.asarray(emb),
-            wc,
-            jnp.asarray(cooldown),
-            jnp.int32(n),
+        arrays = np.zeros((3, self.budget), np.int32)  # lod, start, cooldown
+        arrays[:2, : len(ents)] = np.array(ents, np.int32).T
+        arrays[2, : len(ents)] = [self.cooldown.get(e, 0) for e in ents]
+        rows, edits = jax.device_get(
+            _focus(
+                self.lens_graph,
+                self.alloc,
+                self.sigma_scale,
+                self.lens_state,
+                emb,
+                arrays[0],
+                arrays[1],
+                np.int32(len(ents)),
+                arrays[2],
+                np.int32(n),
+            )
         )
-        new = entries(result.wc)
-        self.cooldown = {
-            e: c for e, c in zip(new, np.asarray(result.cooldown).tolist(), strict=False) if c
-        }
-        return new, int(result.expands), int(result.collapses)
+        count = int(rows[2].sum())
+        new = [(int(l), int(s)) for l, s in zip(rows[0, :count], rows[1, :count], strict=True)]
+        self.cooldown = {e: int(c) for e, c in zip(new, rows[3, :count], strict=True) if c}
+        return new, int(edits[0]), int(edits[1])
 
     # -- entry embeddings ------------------------------------------------------------------------
     def _flush(self) -> None:
