@@ -5,8 +5,8 @@ Per generated token the base model decodes one new entry against its KV cache. E
 tree (gisting every block they complete), the working context *ages* (the sibling groups
 farthest from the present, relative to their span, collapse into their parents until
 ``W - refocus_every`` entries remain, so the next tokens fit), then LensNet scores it and the
-allocator edits it. The KV cache is kept up to the
-first changed entry. Per-token work depends on W and K, never on the length of the history.
+allocator edits it. The KV cache is kept up to the first changed entry. Per-token work depends
+on W and K, never on the length of the history.
 
 Without a trained LensNet the session says so and keeps the aged recency pyramid.
 """
