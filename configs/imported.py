@@ -23,6 +23,7 @@ def get_config(hf_path: str = "") -> ml_collections.ConfigDict:
     c.unlock()
     c.workdir = "runs/imported"
     c.model.family = "llama"
+    c.model.smear_keys = False
     c.model.hf_path = hf_path
     c.mc.mode = "frozen_base"
     c.mc.lens_start = 100  # GistNet first, then LensNet

@@ -16,6 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.depth = 14
     c.model.num_heads = 6
     c.model.num_kv_heads = 6
+    c.model.smear_keys = True
     c.model.dtype = "bfloat16"
     c.data.seq_len = 1024
     c.train.batch_size = 64

@@ -18,6 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.depth = 4
     c.model.num_heads = 4
     c.model.num_kv_heads = 2
+    c.model.smear_keys = True  # a one-layer path to copying (model.py)
     c.data.seq_len = 512  # T = 8 W: a training sequence's history is 8x the working context
     c.data.passkey_fraction = 0.25  # retrieval practice for LensNet and GistNet
     c.train.batch_size = 8

@@ -50,6 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.mlp_ratio = 4
     c.model.rope_theta = 10000.0
     c.model.logit_soft_cap = 15.0  # 0 disables the cap
+    c.model.smear_keys = False  # gpt: each key mixes in the previous entry's (fast induction)
     c.model.dtype = "float32"  # activations / matmul inputs
     c.model.param_dtype = "float32"
     c.model.attention_impl = "reference"  # "pallas" (kernels/mixed_attention.py) or "cudnn"
@@ -60,6 +61,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.seq_len = 256
     c.data.val_fraction = 0.05  # fraction of documents (by file) held out for validation
     c.data.passkey_fraction = 0.0  # training sequences turned into passkey tasks (tasks.py)
+    c.data.repeat_fraction = 0.0  # training sequences with random spans written twice (copying)
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 1000
@@ -247,6 +249,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     m, d, t = config.model, config.data, config.train
     _require(m.family in MODEL_FAMILIES, "model.family", f"must be one of {MODEL_FAMILIES}")
     _require(
+        m.family == "gpt" or not m.smear_keys,
+        "model.smear_keys",
+        "is a gpt option (an imported model keeps its own attention)",
+    )
+    _require(
         m.family != "llama" or bool(m.hf_path),
         "model.hf_path",
         "model.family=llama needs a Hugging Face checkpoint directory",
@@ -308,6 +315,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     )
     _require(0.0 < d.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)")
     _require(0.0 <= d.passkey_fraction <= 1.0, "data.passkey_fraction", "must be in [0, 1]")
+    _require(0.0 <= d.repeat_fraction <= 1.0, "data.repeat_fraction", "must be in [0, 1]")
     _require(
         d.passkey_fraction == 0 or d.seq_len >= 128,
         "data.passkey_fraction",

@@ -208,19 +208,23 @@ def example_of(tokens: np.ndarray, bos: int, pad: int) -> dict[str, np.ndarray]:
     return {"inputs": tokens[:-1], "targets": targets, "mask": (targets != pad) & (targets != bos)}
 
 
-class PlantPasskey(grain.transforms.RandomMap):
-    """With probability ``fraction``, turns an example into a passkey task over its own text."""
+class PlantTask(grain.transforms.RandomMap):
+    """With probability ``fraction``, turns an example into a synthetic task over its own text:
+    ``"passkey"`` (``tasks.plant_passkey``) or ``"repeats"`` (``tasks.plant_repeats``)."""
 
-    def __init__(self, fraction: float, tokenizer: ByteTokenizer | HFTokenizer = BYTES):
-        self.fraction, self.tokenizer = fraction, tokenizer
+    def __init__(self, task: str, fraction: float, tokenizer: ByteTokenizer | HFTokenizer = BYTES):
+        self.task, self.fraction, self.tokenizer = task, fraction, tokenizer
 
     def random_map(self, example: dict[str, np.ndarray], rng: np.random.Generator):
         if rng.random() >= self.fraction:
             return example
-        from megacontext_jax.tasks import plant_passkey
+        from megacontext_jax import tasks
 
         tokens = np.append(example["inputs"], example["targets"][-1])
-        tokens = plant_passkey(tokens, rng, self.tokenizer)
+        if self.task == "passkey":
+            tokens = tasks.plant_passkey(tokens, rng, self.tokenizer)
+        else:
+            tokens = tasks.plant_repeats(tokens, rng)
         return example_of(tokens, self.tokenizer.bos_id, self.tokenizer.pad_id)
 
 
@@ -233,10 +237,12 @@ def train_dataset(
     process_count: int = 1,
     passkey_fraction: float = 0.0,
     tokenizer: ByteTokenizer | HFTokenizer = BYTES,
+    repeat_fraction: float = 0.0,
 ) -> grain.IterDataset:
     """Endless, reshuffled-every-epoch batches of this process's shard of the examples.
 
-    ``batch_size`` is per process; ``passkey_fraction`` of the sequences become passkey tasks.
+    ``batch_size`` is per process; ``repeat_fraction`` of the sequences get random spans written
+    twice (copy practice), then ``passkey_fraction`` of them become passkey tasks.
     Iterators of the result checkpoint with Grain/Orbax.
     """
     examples = make_examples([len(d.data) + 1 for d in docs], seq_len)
@@ -249,9 +255,13 @@ def train_dataset(
     ds = ds.shuffle(seed=seed).repeat()
     materialize = Materialize(docs, seq_len, tokenizer=tokenizer)
     ds = ds.random_map(materialize, seed=seed + 1 + 7919 * process_index)
-    if passkey_fraction > 0:
-        plant = PlantPasskey(passkey_fraction, tokenizer)
-        ds = ds.random_map(plant, seed=seed + 2 + 7919 * process_index)
+    for offset, task, fraction in (
+        (3, "repeats", repeat_fraction),
+        (2, "passkey", passkey_fraction),
+    ):
+        if fraction > 0:
+            plant = PlantTask(task, fraction, tokenizer)
+            ds = ds.random_map(plant, seed=seed + offset + 7919 * process_index)
     return ds.batch(batch_size, drop_remainder=True).to_iter_dataset()
 
 

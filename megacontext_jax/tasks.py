@@ -2,6 +2,8 @@
 
 * passkey: a needle ``"\\n# the pass key is 48213\\n"`` is planted at a random depth; the sequence
   ends ``"\\n# what is the pass key? the pass key is 48213"``. The answer is the final 5 digits.
+* repeats (training only): random spans written twice into a text, so a sequence holds many
+  tokens that only copying predicts (induction practice), not five answer digits.
 * multi-query associative recall (MQAR): ``" key=value"`` pairs are planted through the filler;
   the sequence ends with queries ``" key=value"`` of pairs chosen at random.
 
@@ -105,3 +107,28 @@ def plant_passkey(
 ) -> np.ndarray:
     """A training example: a passkey planted into (a copy of) a text window."""
     return passkey(tokens, len(tokens), rng, tokenizer=tokenizer).tokens
+
+
+def plant_repeats(
+    tokens: np.ndarray, rng: np.random.Generator, count: int = 4, longest: int = 32
+) -> np.ndarray:
+    """A training example for copying: ``count`` times, a span of 8 to ``longest`` tokens, each
+    drawn uniformly from the distinct ids of (a copy of) ``tokens``, is written at a random
+    position and again later. Token 0 is never written.
+
+    Only the earlier copy predicts the later one (natural repeats are mostly predictable from
+    local context), and drawing over distinct ids rather than by frequency keeps most tokens
+    unambiguous to look up: a dense signal from which a small byte-level model learns induction.
+    """
+    tokens = np.array(tokens, np.int32)
+    n, ids = len(tokens), np.unique(tokens[1:])
+    for _ in range(count):
+        length = int(rng.integers(8, longest + 1))
+        if n < 1 + 2 * length:
+            break
+        span = rng.choice(ids, length)
+        first = int(rng.integers(1, n - 2 * length + 1))
+        second = int(rng.integers(first + length, n - length + 1))
+        tokens[first : first + length] = span
+        tokens[second : second + length] = span
+    return tokens

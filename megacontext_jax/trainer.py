@@ -98,6 +98,7 @@ def train(
             jax.process_count(),
             config.data.passkey_fraction,
             tokenizer,
+            config.data.repeat_fraction,
         )
     )
     val_batches = data.validation_batches(

@@ -56,10 +56,12 @@ def train_cli(workdir, corpus, steps: int) -> list[str]:
 
 
 def tiny_config(workdir, corpus, **train) -> ml_collections.ConfigDict:
-    """A 2-layer, width-32 model on ``corpus`` with sequences of 32 bytes."""
+    """A 2-layer, width-32 model with smeared keys (as configs/tiny.py) on ``corpus`` with
+    sequences of 32 bytes."""
     c = base_config()
     c.workdir = str(workdir)
     c.model.width, c.model.depth, c.model.num_heads, c.model.num_kv_heads = 32, 2, 4, 2
+    c.model.smear_keys = True
     c.data.source = str(corpus)
     c.data.seq_len = 32
     c.data.val_fraction = 0.2
@@ -80,9 +82,11 @@ def tiny_config(workdir, corpus, **train) -> ml_collections.ConfigDict:
 def mc_config(
     block_size: int = 4, max_level: int = 3, width: int = 32, **mc
 ) -> ml_collections.ConfigDict:
-    """A small MegaContext config: width-32 model, K=4, 3 levels, GistNet chunks of 8 blocks."""
+    """A small MegaContext config: width-32 model with smeared keys, K=4, 3 levels, GistNet
+    chunks of 8 blocks."""
     c = base_config()
     c.model.width, c.model.depth, c.model.num_heads, c.model.num_kv_heads = width, 1, 2, 2
+    c.model.smear_keys = True
     c.mc.block_size, c.mc.max_level = block_size, max_level
     c.mc.gist.num_heads, c.mc.gist.depth = 2, 1
     c.mc.ingest_chunk = 8

@@ -64,6 +64,7 @@ def test_frozen_imported_base_trains_decodes_and_evaluates(
     config = tiny_mc_config(tmp_path / "run", corpus_dir, steps=3)
     config.unlock()
     config.model.family, config.model.hf_path = "llama", str(checkpoint)
+    config.model.smear_keys = False
     config.mc.mode = "frozen_base"
     config.lock()
     summary = train(config, progress=False)

@@ -210,6 +210,30 @@ def test_pyramid_pass_over_tokens_alone_is_the_causal_model():
     np.testing.assert_allclose(pyramid, model.base(tokens), atol=1e-5)
 
 
+def test_pyramid_pass_never_reads_later_tokens():
+    """Every node's logits depend only on tokens before its span's end, smeared keys included
+    (level-major rows: the first gist of a level follows the last row of the level below)."""
+    config = tiny_mc_config("/unused", "/unused")
+    assert config.model.smear_keys
+    model = MegaContext(config, rngs=nnx.Rngs(0))
+    k, levels = config.mc.block_size, config.mc.max_level
+    lod, start = node_layout(32, k, levels)
+    meta = Entries.make(lod[None], start[None], np.ones((1, len(lod)), bool), k)
+    spec = MaskSpec("pyramid", window=4, block_size=k, max_level=levels)
+
+    def logits(tokens):
+        table, _ = node_table(model.gistnet, model.base.embed(tokens), k, levels)
+        return model.base(embeddings=table, mu=meta.mu, sigma=meta.sigma, entries=(meta, spec))
+
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (1, 32)), jnp.int32)
+    before = logits(tokens)
+    after = logits(tokens.at[:, 24:].set((tokens[:, 24:] + 1) % 256))
+    earlier = np.asarray(meta.end[0] <= 24)
+    assert earlier.sum() == 24 + 6 + 1  # tokens 0..23, LOD1 gists of [0, 24), LOD2 gist [0, 16)
+    np.testing.assert_array_equal(after[0, earlier], before[0, earlier])
+    assert not np.allclose(after[0, ~earlier], before[0, ~earlier])
+
+
 def test_pyramid_pass_trains_base_and_gistnet():
     config = tiny_mc_config("/unused", "/unused")
     config.unlock()

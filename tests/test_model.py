@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from kernels.mixed_attention import Entries
 from megacontext_jax.config import base_config
-from megacontext_jax.model import GPT, cross_entropy
+from megacontext_jax.model import GPT, cross_entropy, smear_keys
 
 
 def _model(**overrides):
@@ -36,8 +37,12 @@ def test_positions_are_relative():
     assert not np.allclose(model(tokens, mu=mu * 2.0, sigma=sigma), base, atol=1e-3)
 
 
-def test_causality():
-    model, tokens = _model(), _tokens()
+SMEAR = pytest.mark.parametrize("smear", [False, True], ids=["plain_keys", "smeared_keys"])
+
+
+@SMEAR
+def test_causality(smear):
+    model, tokens = _model(smear_keys=smear), _tokens()
     logits = model(tokens)
     changed = tokens.at[:, 7].set((tokens[:, 7] + 1) % 256)
     logits2 = model(changed)
@@ -52,8 +57,9 @@ def test_embeddings_input_equals_ids():
         model(tokens, embeddings=model.embed(tokens))
 
 
-def test_padding_is_never_attended():
-    model, tokens = _model(), _tokens((1, 10))
+@SMEAR
+def test_padding_is_never_attended(smear):
+    model, tokens = _model(smear_keys=smear), _tokens((1, 10))
     valid = jnp.arange(10)[None] < 6
     garbage = tokens.at[:, 6:].set(3)
     a = model(tokens, kv_valid=valid)[:, :6]
@@ -61,9 +67,10 @@ def test_padding_is_never_attended():
     np.testing.assert_array_equal(a, b)
 
 
+@SMEAR
 @pytest.mark.parametrize("num_kv_heads", [1, 4])
-def test_kv_cache_decode_matches_full_forward(num_kv_heads):
-    model, tokens = _model(num_kv_heads=num_kv_heads), _tokens((2, 10))
+def test_kv_cache_decode_matches_full_forward(num_kv_heads, smear):
+    model, tokens = _model(num_kv_heads=num_kv_heads, smear_keys=smear), _tokens((2, 10))
     full = model(tokens)
     cache = model.init_cache(2, 16)
     prefix_logits, cache = model.decode(cache, 0, tokens[:, :6])
@@ -74,14 +81,31 @@ def test_kv_cache_decode_matches_full_forward(num_kv_heads):
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-5)
 
 
-def test_cache_rewrite_from_any_slot():
+@SMEAR
+def test_cache_rewrite_from_any_slot(smear):
     """Rewriting slots [4, 10) after an edit gives the logits of the edited sequence."""
-    model, tokens = _model(), _tokens((1, 10))
+    model, tokens = _model(smear_keys=smear), _tokens((1, 10))
     edited = tokens.at[:, 4:].set(_tokens((1, 6), seed=1))
     cache = model.init_cache(1, 12)
     _, cache = model.decode(cache, 0, tokens)
     logits, _ = model.decode(cache, 4, edited[:, 4:])
     np.testing.assert_allclose(logits, model(edited)[:, 4:], atol=1e-5)
+
+
+def test_smeared_keys_mix_in_the_adjacent_previous_entry():
+    k = jax.random.normal(jax.random.key(0), (1, 5, 2, 4))
+    gate = jnp.array([0.0, 1.5])  # per key/value head
+    g = jax.nn.sigmoid(gate)[:, None]
+    previous = jnp.concatenate([jnp.zeros_like(k[:, :1]), k[:, :-1]], axis=1)
+    np.testing.assert_allclose(smear_keys(k, gate), g * k + (1 - g) * previous, atol=1e-6)
+    # Level-major rows: tokens [0, 4), then LOD1 gists of [0, 2) and [2, 4) (K=2): the first gist
+    # follows the last token in the layout but not in time, so nothing is mixed into it.
+    meta = Entries.make(jnp.array([[0, 0, 0, 0, 1]]), jnp.array([[0, 1, 2, 3, 0]]), True, 2)
+    smeared = smear_keys(k, gate, (meta, None))
+    np.testing.assert_allclose(smeared[:, 4], g * k[:, 4], atol=1e-6)
+    np.testing.assert_allclose(smeared[:, 1:4], smear_keys(k, gate)[:, 1:4], atol=1e-6)
+    # A very open gate gives plain keys back.
+    np.testing.assert_allclose(smear_keys(k, jnp.full(2, 30.0)), k, atol=1e-6)
 
 
 def test_bf16_compute_and_soft_cap():

@@ -42,3 +42,19 @@ def test_too_short_for_a_task():
         tasks.passkey(FILLER, 40, np.random.default_rng(0))
     with pytest.raises(ValueError, match="shorter than"):
         tasks.passkey(FILLER[:50], 100, np.random.default_rng(0))
+
+
+def test_repeats_write_each_span_twice():
+    rng = np.random.default_rng(2)
+    original = np.arange(300, dtype=np.int32)
+    for _ in range(20):
+        one = tasks.plant_repeats(original, rng, count=1, longest=24)
+        changed = np.flatnonzero(one != original)
+        length = (len(changed) + 1) // 2  # a span token may equal the original by chance
+        first, second = changed[0], changed[-1] - length + 1
+        assert 8 <= length <= 24 and first >= 1 and first + length <= second
+        assert (one[first : first + length] == one[second : second + length]).all()
+        assert np.isin(one[first : first + length], original[1:]).all()  # the sequence's tokens
+        many = tasks.plant_repeats(original, rng, count=4)
+        assert many[0] == 0 and (many != original).sum() >= 16
+    assert (tasks.plant_repeats(original[:10], rng) == original[:10]).all()  # too short: as is
