@@ -12,8 +12,9 @@ are scored under four conditions:
 
 LensNet and the allocator see the history before the scored tokens only, as at a refocus during
 decoding. Reports NLL (nats per token), bits per byte and ``gap_recovered = (window - mc) /
-(window - full)``; then passkey and multi-query associative recall accuracy per condition and
-length, and passkey accuracy by the level of detail of the needle's span. Writes JSON and a PNG.
+(window - full)`` (NaN when full does not beat window); then passkey and multi-query associative
+recall accuracy per condition and length, and passkey accuracy by the level of detail of the
+needle's span. Writes JSON and a PNG.
 """
 
 import argparse
@@ -220,9 +221,10 @@ def evaluate(
             if parts:
                 nll = float(np.concatenate(parts).mean())
                 row[c] = {"nll": nll, "bpb": nll / math.log(2) / per_token}
+        # Only defined when full context beats the window: otherwise there is no gap to recover.
         gap = row["window"]["nll"] - row["full"]["nll"]
         row["gap_recovered"] = {
-            c: (row["window"]["nll"] - row[c]["nll"]) / gap if abs(gap) > 1e-9 else float("nan")
+            c: (row["window"]["nll"] - row[c]["nll"]) / gap if gap > 1e-9 else float("nan")
             for c in ("mc_static", "mc_focus")
             if c in row
         }
