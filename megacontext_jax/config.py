@@ -80,6 +80,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 250
     c.train.keep_checkpoints = 2
 
+    # A length curriculum: the first ``steps`` steps train the base model alone, as a plain LM on
+    # short sequences in big batches, where a small model learns to copy (induction) in hundreds
+    # of steps rather than not at all; the rest of the run trains on ``data.seq_len``.
+    c.curriculum = ml_collections.ConfigDict()
+    c.curriculum.steps = 0  # 0: no curriculum
+    c.curriculum.seq_len = 128
+    c.curriculum.batch_size = 32  # global, like train.batch_size
+
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: every device not used by the other axes
     c.mesh.fsdp = 1  # > 1 shards parameters and optimizer state over this many devices
@@ -281,6 +289,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "train.eval_batches",
         "train.checkpoint_every",
         "train.keep_checkpoints",
+        "curriculum.seq_len",
+        "curriculum.batch_size",
         "mc.block_size",
         "mc.max_level",
         "mc.ingest_chunk",
@@ -322,6 +332,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"passkey tasks need data.seq_len >= 128, got {d.seq_len}",
     )
     _require(t.steps >= 0, "train.steps", f"must be >= 0, got {t.steps}")
+    cur = config.curriculum
+    _require(
+        0 <= cur.steps <= t.steps,
+        "curriculum.steps",
+        f"must be in [0, train.steps={t.steps}], got {cur.steps} (0 turns the curriculum off)",
+    )
+    _require(
+        cur.steps == 0 or d.passkey_fraction == 0 or cur.seq_len >= 128,
+        "curriculum.seq_len",
+        f"passkey tasks need sequences of >= 128 tokens, got {cur.seq_len}",
+    )
+    _require(
+        cur.steps == 0 or not (config.mc.enabled and config.mc.mode == "frozen_base"),
+        "curriculum.steps",
+        "trains the base model, which mc.mode=frozen_base keeps frozen",
+    )
     _require(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
     _require(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must be in [0, 1]")
     _require(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")

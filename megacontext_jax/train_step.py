@@ -60,11 +60,12 @@ def build_model(config: ml_collections.ConfigDict, seed: int) -> GPT | MegaConte
     return MegaContext(config, rngs=rngs) if config.mc.enabled else make_base(config, rngs)
 
 
-def _frozen_labels(params: Any) -> Any:
-    """ "frozen" for every leaf of the base model, "train" for GistNet and LensNet."""
+def _part_labels(params: Any) -> Any:
+    """Of a MegaContext model's parameter tree: "base" for every leaf of the base model, "mc" for
+    GistNet's and LensNet's."""
 
     def label(path, _):
-        return "frozen" if getattr(path[0], "key", None) == "base" else "train"
+        return "base" if getattr(path[0], "key", None) == "base" else "mc"
 
     return jax.tree_util.tree_map_with_path(label, params)
 
@@ -86,7 +87,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
         inner = optax.multi_transform({"muon": muon, "adamw": adamw}, _muon_labels)
     tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), inner)
     if config.mc.enabled and config.mc.mode == "frozen_base":
-        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, _frozen_labels)
+        tx = optax.multi_transform({"mc": tx, "base": optax.set_to_zero()}, _part_labels)
     return tx
 
 
@@ -156,15 +157,19 @@ def _nll(graphdef: nnx.GraphDef, params: nnx.State, batch: dict[str, jax.Array])
     return cross_entropy(model(batch["inputs"]), batch["targets"], batch["mask"])
 
 
-def make_train_step(t: Trainable) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+def make_train_step(
+    t: Trainable, base_only: bool = False
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """The jitted step. ``batch``: ``inputs``/``targets`` int32 ``[B, L]``, ``mask`` bool ``[B, L]``.
 
     Metrics: ``loss`` (the optimized total; for a plain LM the mean nats per target),
-    ``grad_norm``, ``lr`` (of this update), and with ``mc.enabled`` the terms of ``mc_loss``. The state is donated.
+    ``grad_norm``, ``lr`` (of this update), and with ``mc.enabled`` the terms of ``mc_loss``.
+    ``base_only`` (the curriculum's steps): the plain LM loss of the base model, and GistNet and
+    LensNet left exactly as they are (no weight decay either). The state is donated.
     """
 
     def loss_fn(params, batch, step):
-        if t.config.mc.enabled:
+        if t.config.mc.enabled and not base_only:
             key = jax.random.fold_in(jax.random.key(t.config.seed), step)
             return mc_loss(nnx.merge(t.graphdef, params), batch, step, key, t.config)
         nll, count = _nll(t.graphdef, params, batch)
@@ -176,6 +181,12 @@ def make_train_step(t: Trainable) -> Callable[[TrainState, dict], tuple[TrainSta
             state.params, batch, state.step
         )
         updates, opt_state = t.optimizer.update(grads, state.opt_state, state.params)
+        if base_only and t.config.mc.enabled:
+            updates = jax.tree.map(
+                lambda u, part: u if part == "base" else jnp.zeros_like(u),
+                updates,
+                _part_labels(updates),
+            )
         params = optax.apply_updates(state.params, updates)
         metrics = {
             **metrics,

@@ -75,24 +75,30 @@ def train(
     write_config(workdir, config)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     global_bs = config.train.batch_size
-    if global_bs % mesh.size or global_bs % jax.process_count():
-        raise ValueError(
-            f"config.train.batch_size={global_bs} must be divisible by the {mesh.size} devices "
-            f"and {jax.process_count()} processes"
-        )
+    for field in ("train.batch_size", "curriculum.batch_size"):
+        group, leaf = field.split(".")
+        size = config[group][leaf]
+        if size % mesh.size or size % jax.process_count():
+            raise ValueError(
+                f"config.{field}={size} must be divisible by the {mesh.size} devices "
+                f"and {jax.process_count()} processes"
+            )
     rows = global_bs // jax.process_count()
     seq_len = config.data.seq_len
+    curriculum = config.curriculum.steps
 
     tokenizer = tokenizer_for(config.model)
     docs = data.tokenize(
         data.load_documents(config.data.source, config.data.jsonl_field), tokenizer
     )
     train_docs, val_docs = data.split_documents(docs, config.data.val_fraction)
-    data_iter = iter(
-        data.train_dataset(
+
+    def batches(length: int, batch_rows: int):
+        """The training iterator of one stage; its state is what a checkpoint records."""
+        dataset = data.train_dataset(
             train_docs,
-            seq_len,
-            rows,
+            length,
+            batch_rows,
             config.seed,
             jax.process_index(),
             jax.process_count(),
@@ -100,7 +106,17 @@ def train(
             tokenizer,
             config.data.repeat_fraction,
         )
-    )
+        return iter(dataset)
+
+    def stage_batches(after_step: int):
+        """The iterator of the step after ``after_step``: the curriculum's, or the main one."""
+        if after_step < curriculum:
+            cur = config.curriculum
+            return batches(cur.seq_len, cur.batch_size // jax.process_count())
+        return batches(seq_len, rows)
+
+    checkpointer = Checkpointer(workdir, keep=config.train.keep_checkpoints)
+    data_iter = stage_batches(checkpointer.latest_step() or 0)
     val_batches = data.validation_batches(
         val_docs, seq_len, global_bs, config.train.eval_batches, tokenizer
     )
@@ -109,7 +125,6 @@ def train(
     per_token = data.bytes_per_token(val_batches, token_bytes)
 
     trainable = make_trainable(config, mesh)
-    checkpointer = Checkpointer(workdir, keep=config.train.keep_checkpoints)
     if checkpointer.latest_step() is not None:
         abstract = checkpointed(trainable.abstract_state(), config)
         state, start = checkpointer.restore(abstract, data_iter)
@@ -119,12 +134,18 @@ def train(
     if frozen_base(config):
         state = attach_base(state, trainable, config)
     train_step, eval_step = make_train_step(trainable), make_eval_step(trainable)
+    base_step = make_train_step(trainable, base_only=True) if curriculum else None
     writer = MetricsWriter(workdir)
     if start == 0:
         writer.write(0, {"params": count_params(state.params), "val/unigram_bpb": unigram_bpb})
 
     end = config.train.steps if stop_at is None else min(stop_at, config.train.steps)
-    tokens_per_step = global_bs * seq_len
+
+    def tokens_per_step(step: int) -> int:
+        if step <= curriculum:
+            return config.curriculum.batch_size * config.curriculum.seq_len
+        return global_bs * seq_len
+
     bar = tqdm(
         total=config.train.steps,
         initial=start,
@@ -139,23 +160,28 @@ def train(
     try:
         for step in range(start + 1, end + 1):
             batch = next(data_iter)
-            if config.mc.enabled:
+            in_curriculum = step <= curriculum
+            if config.mc.enabled and not in_curriculum:
                 batch = mc_batch(batch, step, config)
             batch = sharding.global_batch(batch, mesh)
-            state, metrics = train_step(state, batch)
+            state, metrics = (base_step if in_curriculum else train_step)(state, batch)
             pending.append(metrics)
-            if step % config.train.log_every == 0 or step == end:
+            if step == curriculum:
+                data_iter = stage_batches(step)
+                bar.write(f"step {step}: curriculum done, training on {seq_len}-token sequences")
+            # The curriculum's last step is logged on its own: its metrics have other keys.
+            if step % config.train.log_every == 0 or step in (end, curriculum):
                 fetched = jax.device_get(pending)
                 now = time.perf_counter()
                 # The first interval includes compilation; tokens/s counts from the second one.
-                rate = (step - last_step) * tokens_per_step / (now - last_time)
+                rate = (step - last_step) * tokens_per_step(step) / (now - last_time)
                 record = {
                     f"train/{key}": float(np.nanmean([m[key] for m in fetched]))
                     for key in fetched[0]
                     if key != "lr" and not np.isnan([m[key] for m in fetched]).all()
                 }
                 record["train/lr"] = float(fetched[-1]["lr"])
-                if last_step > start:
+                if last_step not in (start, curriculum):  # intervals that compiled a step
                     record["train/tokens_per_s"] = rate
                 writer.write(step, record)
                 summary.update(record)
@@ -173,7 +199,7 @@ def train(
                     f"(unigram {unigram_bpb:.4f})"
                 )
                 last_time = time.perf_counter()
-            if step % config.train.checkpoint_every == 0 or step == end:
+            if step % config.train.checkpoint_every == 0 or step in (end, curriculum):
                 checkpointer.save(step, checkpointed(state, config), data_iter)
     except KeyboardInterrupt:
         done = int(state.step)

@@ -51,6 +51,7 @@ def train_cli(workdir, corpus, steps: int) -> list[str]:
         "--config.model.depth=1",
         "--config.train.batch_size=4",
         f"--config.train.steps={steps}",
+        "--config.curriculum.steps=0",
         "--config.train.eval_batches=1",
     ]
 

@@ -15,9 +15,9 @@ TINY = str(ROOT / "configs" / "tiny.py")
 
 def test_overrides_are_typed():
     config, rest = parse_args(
-        ["--config", TINY, "--config.train.steps=7", "--config.train.lr", "0.01", "--x"]
+        ["--config", TINY, "--config.train.steps=7000", "--config.train.lr", "0.01", "--x"]
     )
-    assert config.train.steps == 7 and config.train.lr == 0.01
+    assert config.train.steps == 7000 and config.train.lr == 0.01
     assert rest == ["--x"]
     config, _ = parse_args([f"--config={TINY}", "--config.distributed=true"])
     assert config.distributed is True
@@ -39,11 +39,14 @@ def test_overrides_are_typed():
         ("--config.model=3", "config.model is a group of fields"),
         ("--config.mc.sigma_scale=-1", r"config.mc.sigma_scale: must be >= 0, got -1.0"),
         ("--config.data.seq_len=100", "passkey tasks need data.seq_len >= 128, got 100"),
+        ("--config.curriculum.steps=99999", r"config.curriculum.steps: must be in \[0, train"),
+        ("--config.curriculum.steps=1 --config.curriculum.seq_len=64", "need sequences of >= 128"),
+        ("--config.curriculum.steps=1 --config.mc.mode=frozen_base", "keeps frozen"),
     ],
 )
 def test_bad_values_name_the_field(override, message):
     with pytest.raises(ConfigError, match=message):
-        parse_args(["--config", TINY, override])
+        parse_args(["--config", TINY, *override.split()])
 
 
 def test_missing_config_file():

@@ -21,6 +21,7 @@ from megacontext_jax.megacontext import (
     node_layout,
     node_table,
 )
+from megacontext_jax.metrics import read_metrics
 from megacontext_jax.restore import load_model
 from megacontext_jax.sharding import make_mesh
 from megacontext_jax.train_step import make_trainable
@@ -172,6 +173,43 @@ def test_mc_resume_is_exact(tmp_path, corpus_dir):
     resumed = train(tiny_mc_config(tmp_path / "b", corpus_dir, steps=4), progress=False)
     for key in ("train/loss", "train/lens", "train/loss/mc_focus", "val/loss"):
         assert resumed[key] == straight[key], key
+
+
+def _curriculum_config(workdir, corpus_dir):
+    c = tiny_mc_config(workdir, corpus_dir, steps=4)
+    c.unlock()
+    c.curriculum.steps, c.curriculum.seq_len, c.curriculum.batch_size = 2, 16, 8
+    c.lock()
+    return c
+
+
+def test_curriculum_trains_the_base_alone_then_every_part(tmp_path, corpus_dir):
+    """Curriculum steps move the base model only; a run stopped inside the curriculum and at its
+    end resumes exactly (each checkpoint records the iterator of the stage that comes next)."""
+    straight = train(_curriculum_config(tmp_path / "a", corpus_dir), progress=False)
+    resumed = tmp_path / "b"
+    train(_curriculum_config(resumed, corpus_dir), stop_at=1, progress=False)
+    train(_curriculum_config(resumed, corpus_dir), stop_at=2, progress=False)
+    config = _curriculum_config(resumed, corpus_dir)
+    trainable = make_trainable(config, make_mesh())
+    checkpointer = Checkpointer(resumed, create=False)
+    state, step = checkpointer.restore(trainable.abstract_state())
+    checkpointer.close()
+    fresh = trainable.init()
+    assert step == 2
+    for part, moved in (("base", True), ("gistnet", False), ("lensnet", False)):
+        pairs = zip(
+            jax.tree.leaves(state.params[part]), jax.tree.leaves(fresh.params[part]), strict=True
+        )
+        assert any(not np.array_equal(a, b) for a, b in pairs) == moved, part
+    summary = train(config, progress=False)
+    assert summary["step"] == 4
+    for key in ("train/loss", "train/lens", "train/loss/mc_focus", "val/loss"):
+        assert summary[key] == straight[key], key
+    records = read_metrics(resumed / "metrics.jsonl")
+    lens_steps = sorted(r["step"] for r in records if "train/lens" in r)
+    loss_steps = sorted(r["step"] for r in records if "train/loss" in r)
+    assert lens_steps == [3, 4] and loss_steps == [1, 2, 3, 4]
 
 
 def test_frozen_base_trains_only_gistnet_and_lensnet(tmp_path, corpus_dir):

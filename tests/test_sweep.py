@@ -32,6 +32,7 @@ def test_sweep_runs_grid_and_tabulates(tmp_path, corpus_dir):
         "--config.data.passkey_fraction=0",
         "--config.data.seq_len=64",
         "--config.train.steps=2",
+        "--config.curriculum.steps=0",
         "--config.train.batch_size=2",
         "--config.train.eval_batches=1",
         "--config.model.width=32",
