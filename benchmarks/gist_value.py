@@ -1,0 +1,85 @@
+"""What are a checkpoint's gists worth? NLL of the scored tokens under working contexts that differ
+only in their gists.
+
+    python benchmarks/gist_value.py --checkpoint runs/tiny
+    python benchmarks/gist_value.py --checkpoint runs/tiny --length 16 --docs 64
+
+On held-out documents of ``length x W`` tokens, the last S tokens are scored (as in
+``megacontext_jax.evaluate``) after these contexts:
+
+* ``window``: the newest W - S tokens; ``tail``: the pyramid's tokens alone (its gists dropped);
+* ``pyramid``: the recency pyramid; ``pyramid, no LOD>=2``: without its coarser gists;
+* ``pyramid, other gists``: every gist taken from another document (the tokens stay).
+
+``pyramid`` below ``tail`` is what the gists add; ``other gists`` near ``pyramid`` means they add
+nothing specific to their own text. ``full`` (every token) is the upper bound.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megacontext_jax import data, variants
+from megacontext_jax.evaluate import score_full, score_wc
+from megacontext_jax.restore import load_model
+from megacontext_jax.tokenizer import tokenizer_for
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--length", type=int, default=8, help="document length in multiples of W")
+    p.add_argument("--docs", type=int, default=32)
+    args = p.parse_args()
+    model, config = load_model(args.checkpoint)
+    if not hasattr(model, "gistnet"):
+        sys.exit(f"{args.checkpoint} is a plain LM: it has no gists")
+    layout = variants.Layout.from_config(config)
+    n = args.length * layout.capacity
+    docs = data.evaluation_documents(config, tokenizer_for(config.model))
+    bos = config.model.bos_id
+    seqs = [np.concatenate([[bos], d.data[:n].astype(np.int32)]) for d in docs if len(d.data) >= n]
+    if len(seqs) < 2:
+        sys.exit(f"fewer than 2 held-out documents have {n} tokens")
+    tokens = np.stack(seqs[: args.docs])
+    cursor = n - layout.scored
+    pyramid = variants.pyramid(cursor, layout)
+    tail = [e for e in pyramid if e[0] == 0]
+    # The text under the gists comes from the next document; the pyramid's tokens stay.
+    other = tokens.copy()
+    first_token = tail[0][1]
+    other[:, 1:first_token] = np.roll(tokens, 1, axis=0)[:, 1:first_token]
+    frozen = ml_collections.FrozenConfigDict(config)
+
+    def nll(ents, seq) -> float:
+        arrays = variants.to_arrays([ents] * len(seq), cursor, layout)
+        arrays = {k: jnp.asarray(v) for k, v in arrays.items()}
+        return float(np.asarray(score_wc(model, jnp.asarray(seq), arrays, frozen)[0]).mean())
+
+    full = float(np.asarray(score_full(model, jnp.asarray(tokens), layout.scored)[0]).mean())
+    rows = [
+        ("full", n - layout.scored, full),
+        ("window", layout.context_capacity, nll(variants.window(cursor, layout), tokens)),
+        ("tail", len(tail), nll(tail, tokens)),
+        ("pyramid", len(pyramid), nll(pyramid, tokens)),
+        (
+            "pyramid, no LOD>=2",
+            sum(l < 2 for l, _ in pyramid),
+            nll([e for e in pyramid if e[0] < 2], tokens),
+        ),
+        ("pyramid, other gists", len(pyramid), nll(pyramid, other)),
+    ]
+    print(f"{len(tokens)} documents of {n} tokens ({args.length}W), last {layout.scored} scored")
+    print(f"{'context':<22}{'entries':>8}{'nll':>9}")
+    for name, count, value in rows:
+        print(f"{name:<22}{count:>8}{value:>9.4f}")
+
+
+if __name__ == "__main__":
+    main()
