@@ -123,6 +123,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mc.loss.kl = 1.0
     c.mc.loss.lens = 1.0
     c.mc.loss.lens_margin = 0.002  # nats: smaller loss differences are not preferences
+    c.mc.loss.lens_prior = 0.0  # weight of the mean squared LensNet score (keeps tanh unsaturated)
     c.mc.loss.pyramid = 0.0  # weight of the pyramid pass (DESIGN 6.2); 0 leaves it out
     c.mc.pyramid_window = 0  # pyramid pass: entries per level band (0: wc_size // (levels + 1))
 
@@ -383,6 +384,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "mc.wc_size",
         f"{mc.wc_size} leaves no room for gists beside a tail of {mc.recent_tail} (needs >= tail + 2K)",
     )
+    _require(mc.loss.lens_prior >= 0, "mc.loss.lens_prior", "must be >= 0")
     _require(mc.loss.pyramid >= 0, "mc.loss.pyramid", "must be >= 0 (0 leaves the pass out)")
     _require(mc.pyramid_window >= 0, "mc.pyramid_window", "must be >= 0 (0: W / (levels + 1))")
     _require(mc.refocus_every >= 0, "mc.refocus_every", "must be >= 0 (0: every K tokens)")

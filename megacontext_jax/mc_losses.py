@@ -13,7 +13,8 @@ Per sequence ``tokens [T + 1]`` and host-built contexts (pyramid, window, random
   the base model learns to read gists at every position, not only at the scored ones;
 * ``lens``: Bradley–Terry preference loss: for two variants a, b of the pyramid with measured loss
   L_a < L_b, ``-log sigmoid(u_a - u_b)`` where u is LensNet's utility of the variant's edits
-  (sum of scores of expanded gists minus mean scores of collapsed groups).
+  (sum of scores of expanded gists minus mean scores of collapsed groups), plus
+  ``lens_prior`` times the mean squared score (a pull towards 0, "leave as is").
 """
 
 import dataclasses
@@ -190,6 +191,9 @@ def mc_loss(
     prefer = (losses[:, :, None] < losses[:, None, :] - mc.loss.lens_margin).astype(jnp.float32)
     du = u[:, :, None] - u[:, None, :]
     lens = jnp.sum(prefer * jax.nn.softplus(-du)) / jnp.maximum(prefer.sum(), 1.0)
+    # Scores default to 0 ("leave as is") where preferences give no evidence: without this pull,
+    # Adam drives the tanh scores to saturation (every entry at +1 or -1), where no gradient is left.
+    score_ms = _masked_mean(jnp.square(scores), ctx[:, 0])
     agreement = jnp.sum(prefer * (du > 0)) / jnp.maximum(prefer.sum(), 1.0)
     gain = (losses[:, :1] - losses)[:, 1:].reshape(-1)
     util = u[:, 1:].reshape(-1)
@@ -202,7 +206,7 @@ def mc_loss(
         weights.lm_tokens * lm_tokens
         + weights.lm_wc * lm_wc
         + weights.kl * kl
-        + weights.lens * lens_on * lens
+        + weights.lens * lens_on * (lens + weights.lens_prior * score_ms)
     )
     extra = {}
     if weights.pyramid > 0:
@@ -223,6 +227,7 @@ def mc_loss(
         "lens/agreement": agreement,
         "lens/correlation": corr,
         "lens/pairs": prefer.sum(),
+        "lens/score_rms": jnp.sqrt(score_ms),
         "swap_rate": jnp.mean(edits) / jnp.maximum(ctx[:, 0].sum(-1).mean(), 1),
         **extra,
     }

@@ -138,6 +138,25 @@ def test_gradients_reach_every_part(lens_start, lens_grads):
     assert (norm(grads.lensnet) > 0) == lens_grads
 
 
+def test_lens_prior_adds_the_mean_squared_score():
+    """The prior term is exactly ``lens_prior * score_rms**2``, and only once LensNet is on."""
+    config = tiny_mc_config("/unused", "/unused")
+    model = MegaContext(config, rngs=nnx.Rngs(0))
+    batch = _batch(config)
+    totals = {}
+    for prior in (0.0, 3.0):
+        for step in (0, 10):
+            c = config.copy_and_resolve_references()
+            c.mc.loss.lens_prior, c.mc.lens_start = prior, 5
+            totals[prior, step], metrics = mc_loss(
+                model, batch, jnp.int32(step), jax.random.key(0), c
+            )
+    assert 0 < float(metrics["lens/score_rms"]) <= 1
+    expected = 3.0 * float(metrics["lens/score_rms"]) ** 2
+    np.testing.assert_allclose(totals[3.0, 10] - totals[0.0, 10], expected, rtol=1e-4)
+    np.testing.assert_allclose(totals[3.0, 0], totals[0.0, 0], rtol=1e-6)
+
+
 def test_checkpoint_restores_all_three_parts(tmp_path, corpus_dir):
     config = tiny_mc_config(tmp_path, corpus_dir, steps=2)
     summary = train(config, progress=False)
