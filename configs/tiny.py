@@ -42,7 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
     # 16 blocks per GistNet call: a decode refocus gists one new block in a fixed-shape chunk, so
     # a small chunk keeps that cheap (bulk ingest pays ~25% more dispatches than with 64).
     c.mc.ingest_chunk = 16
-    c.mc.recent_tail = 32  # the pyramid keeps 2/3 of the window's raw tokens (48 - S at T = 8 W)
+    c.mc.recent_tail = 32  # the pyramid keeps 32 of the window's 48 context tokens as tokens
     c.mc.lens_start = 2300  # LensNet learns once GistNet and the base have 300 MC steps
     c.mc.scored_tokens = 16
     c.mc.gist.num_heads = 4
