@@ -75,9 +75,11 @@ def train(
     write_config(workdir, config)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     global_bs = config.train.batch_size
-    for field in ("train.batch_size", "curriculum.batch_size"):
-        group, leaf = field.split(".")
-        size = config[group][leaf]
+    curriculum = config.curriculum.steps
+    sizes = {"train.batch_size": global_bs}
+    if curriculum:
+        sizes["curriculum.batch_size"] = config.curriculum.batch_size
+    for field, size in sizes.items():
         if size % mesh.size or size % jax.process_count():
             raise ValueError(
                 f"config.{field}={size} must be divisible by the {mesh.size} devices "
@@ -85,7 +87,6 @@ def train(
             )
     rows = global_bs // jax.process_count()
     seq_len = config.data.seq_len
-    curriculum = config.curriculum.steps
 
     tokenizer = tokenizer_for(config.model)
     docs = data.tokenize(
@@ -93,12 +94,15 @@ def train(
     )
     train_docs, val_docs = data.split_documents(docs, config.data.val_fraction)
 
-    def batches(length: int, batch_rows: int):
-        """The training iterator of one stage; its state is what a checkpoint records."""
+    def stage_batches(after_step: int):
+        """The training iterator of the step after ``after_step`` (the curriculum's or the main
+        one); its state is what a checkpoint at ``after_step`` records."""
+        cur = config.curriculum
+        in_curriculum = after_step < curriculum
         dataset = data.train_dataset(
             train_docs,
-            length,
-            batch_rows,
+            cur.seq_len if in_curriculum else seq_len,
+            cur.batch_size // jax.process_count() if in_curriculum else rows,
             config.seed,
             jax.process_index(),
             jax.process_count(),
@@ -107,13 +111,6 @@ def train(
             config.data.repeat_fraction,
         )
         return iter(dataset)
-
-    def stage_batches(after_step: int):
-        """The iterator of the step after ``after_step``: the curriculum's, or the main one."""
-        if after_step < curriculum:
-            cur = config.curriculum
-            return batches(cur.seq_len, cur.batch_size // jax.process_count())
-        return batches(seq_len, rows)
 
     checkpointer = Checkpointer(workdir, keep=config.train.keep_checkpoints)
     data_iter = stage_batches(checkpointer.latest_step() or 0)
