@@ -125,6 +125,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.mc.loss.lens_margin = 0.002  # nats: smaller loss differences are not preferences
     c.mc.loss.lens_prior = 0.0  # weight of the mean squared LensNet score (keeps tanh unsaturated)
     c.mc.loss.pyramid = 0.0  # weight of the pyramid pass (DESIGN 6.2); 0 leaves it out
+    c.mc.loss.span_kl = 0.0  # weight of the close-range substitutability pass; 0 leaves it out
+    c.mc.span_kl = ml_collections.ConfigDict()
+    c.mc.span_kl.gists = (16, 2)  # gists per sequence at levels 1, 2, ... (spans they replace)
+    c.mc.span_kl.horizon = 64  # tokens after each gist whose predictions are compared
     c.mc.pyramid_window = 0  # pyramid pass: entries per level band (0: wc_size // (levels + 1))
 
     c.mc.lens = ml_collections.ConfigDict()
@@ -386,6 +390,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
     )
     _require(mc.loss.lens_prior >= 0, "mc.loss.lens_prior", "must be >= 0")
     _require(mc.loss.pyramid >= 0, "mc.loss.pyramid", "must be >= 0 (0 leaves the pass out)")
+    _require(mc.loss.span_kl >= 0, "mc.loss.span_kl", "must be >= 0 (0 leaves the pass out)")
+    if mc.loss.span_kl > 0:
+        gists = tuple(mc.span_kl.gists)
+        _require(
+            0 < len(gists) <= mc.max_level and min(gists) >= 0 and sum(gists) > 0,
+            "mc.span_kl.gists",
+            f"needs 1 to mc.max_level={mc.max_level} counts >= 0 (levels 1, 2, ...), not all 0; "
+            f"got {gists}",
+        )
+        covered = sum(n * k ** (level + 1) for level, n in enumerate(gists))
+        _require(
+            covered <= d.seq_len // 2,
+            "mc.span_kl.gists",
+            f"{gists} gists replace {covered} tokens, more than half of data.seq_len={d.seq_len}",
+        )
+        _require(mc.span_kl.horizon >= 1, "mc.span_kl.horizon", "must be >= 1")
     _require(mc.pyramid_window >= 0, "mc.pyramid_window", "must be >= 0 (0: W / (levels + 1))")
     _require(mc.refocus_every >= 0, "mc.refocus_every", "must be >= 0 (0: every K tokens)")
     every = mc.refocus_every or k

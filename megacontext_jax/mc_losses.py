@@ -8,6 +8,10 @@ Per sequence ``tokens [T + 1]`` and host-built contexts (pyramid, window, random
   after its span, so the base model learns to read gists;
 * ``kl``: substitutability, KL(full-token teacher || WC model) on the scored tokens, with a
   stop-gradient teacher; trains GistNet (and the base model in e2e) to make gists stand in for spans;
+* ``span_kl`` (optional): substitutability at close range. Whole sequences with random spans
+  replaced by their gists (``variants.span_layout``), KL(full-token teacher || that model) on the
+  tokens just after each gist: a direct signal to GistNet, and to the base model to read gists,
+  that the scored tokens above (R or more tokens after any gist) give only weakly;
 * ``pyramid`` (optional, DESIGN section 6.2): every token and gist of the sequence in one pass of
   the base model under the pyramid mask, each entry labelled with the first token after its span:
   the base model learns to read gists at every position, not only at the scored ones;
@@ -71,6 +75,30 @@ def pyramid_pass(
     )
     labels, label_mask = entry_labels(tokens, lod, start, valid, k, ignored(config))
     return _masked_mean(token_nll(logits, labels), label_mask)
+
+
+def span_kl(
+    model: MegaContext, table, offsets, teacher: jax.Array, tokens: jax.Array, batch, config
+) -> tuple[jax.Array, jax.Array]:
+    """KL(teacher || model) and the NLL it adds, on the ``span_scored`` tokens of sequences whose
+    ``span_lod``/``span_start [B, L]`` entries replace random spans by their gists.
+
+    ``teacher [B, T, V]``: the full-token model's log-probabilities, row t predicting token t + 1.
+    """
+    k = config.mc.block_size
+    lod, start, scored = batch["span_lod"], batch["span_start"], batch["span_scored"]
+    valid = jnp.ones(lod.shape, bool)
+    emb = gather_entries(table, offsets, lod, start, valid, k)
+    mu, sigma = wc_positions(lod, start, config)
+    logits = model.base(embeddings=emb, mu=mu, sigma=sigma, kv_valid=valid)
+    labels, label_mask = entry_labels(tokens, lod, start, valid, k, ignored(config))
+    mask = scored & label_mask
+    # Only token entries are scored: row ``start`` of the teacher predicts the same label.
+    ref = jnp.take_along_axis(teacher, start[..., None], axis=1)
+    log_student = jax.nn.log_softmax(logits, axis=-1)
+    kl = _masked_mean(jnp.sum(jnp.exp(ref) * (ref - log_student), axis=-1), mask)
+    ref_nll = -jnp.take_along_axis(ref, labels[..., None], axis=-1)[..., 0]
+    return kl, _masked_mean(token_nll(logits, labels) - ref_nll, mask)
 
 
 def guided_contexts(
@@ -166,7 +194,8 @@ def mc_loss(
     first = ctx.sum(-1)  # [B, V]: index of the first scored entry
     rows = first[..., None] + jnp.arange(s_len)  # [B, V, S]
     student = jnp.take_along_axis(logits, rows[..., None], axis=2)
-    teacher = sg(jax.nn.log_softmax(full_logits[:, cursor:t], axis=-1))[:, None]
+    teacher_all = sg(jax.nn.log_softmax(full_logits, axis=-1))
+    teacher = teacher_all[:, None, cursor:t]
     log_student = jax.nn.log_softmax(student, axis=-1)
     kl_tok = jnp.sum(jnp.exp(teacher) * (teacher - log_student), axis=-1)
     kl_mask = jnp.take_along_axis(scored_mask, rows, axis=2)
@@ -209,6 +238,11 @@ def mc_loss(
         + weights.lens * lens_on * (lens + weights.lens_prior * score_ms)
     )
     extra = {}
+    if weights.span_kl > 0:
+        extra["span_kl"], extra["span_kl/delta_nll"] = span_kl(
+            model, table, offsets, teacher_all, tokens, batch, config
+        )
+        total = total + weights.span_kl * extra["span_kl"]
     if weights.pyramid > 0:
         extra["loss/pyramid"] = pyramid_pass(model, table, tokens, config)
         total = total + weights.pyramid * extra["loss/pyramid"]

@@ -44,7 +44,18 @@ def mc_batch(
         rows, config.mc.num_random_variants, seq_len - layout.scored, layout, rng
     )
     tokens = np.concatenate([batch["inputs"], batch["targets"][:, -1:]], axis=1)
-    return {**batch, **contexts, "tokens": tokens, "expand_lod": expand_lod}
+    out = {**batch, **contexts, "tokens": tokens, "expand_lod": expand_lod}
+    if config.mc.loss.span_kl > 0:
+        spans = variants.span_layout(
+            rows,
+            seq_len,
+            tuple(config.mc.span_kl.gists),
+            layout.block_size,
+            config.mc.span_kl.horizon,
+            rng,
+        )
+        out.update({f"span_{name}": value for name, value in spans.items()})
+    return out
 
 
 def evaluate(eval_step, params, batches, mesh, rows: int, per_token: float) -> dict[str, float]:

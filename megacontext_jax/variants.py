@@ -155,3 +155,46 @@ def training_contexts(
     return {k: v.reshape(shape) for k, v in arrays.items()}, np.array(lods, np.int32).reshape(
         batch, num_random
     )
+
+
+def span_layout(
+    batch: int,
+    num_tokens: int,
+    gists: tuple[int, ...],
+    block_size: int,
+    horizon: int,
+    rng: np.random.Generator,
+) -> dict[str, np.ndarray]:
+    """Whole sequences in which random spans are replaced by their gists, for ``span_kl``.
+
+    Per example, ``gists[l - 1]`` random level-l nodes (coarsest level first, never overlapping,
+    never in the last block, so tokens follow every gist) stand in for their spans; every other
+    token stays. All examples get the same number of entries ``L``.
+
+    Returns ``lod``/``start`` ``[batch, L]`` and ``scored [batch, L]``: the tokens less than
+    ``horizon`` tokens after the end of the gist before them, where the gists' absence shows.
+    """
+    k = block_size
+    usable = num_tokens // k * k - k  # the last complete block stays tokens
+    rows = []
+    for _ in range(batch):
+        taken = np.zeros(num_tokens, bool)
+        chosen = []
+        for level in range(len(gists), 0, -1):
+            span = k**level
+            nodes = [s for s in range(0, usable - span + 1, span) if not taken[s : s + span].any()]
+            if len(nodes) < gists[level - 1]:
+                raise ValueError(
+                    f"{num_tokens} tokens hold only {len(nodes)} free level-{level} nodes, "
+                    f"{gists[level - 1]} asked for"
+                )
+            for s in rng.choice(nodes, gists[level - 1], replace=False):
+                taken[s : s + span] = True
+                chosen.append((level, int(s)))
+        chosen += [(0, t) for t in np.flatnonzero(~taken).tolist()]
+        rows.append(sorted(chosen, key=lambda e: e[1]))
+    lod = np.array([[l for l, _ in r] for r in rows], np.int32)
+    start = np.array([[s for _, s in r] for r in rows], np.int32)
+    gist_end = np.where(lod > 0, start + np.power(k, lod), -(10**9))
+    since = start - np.maximum.accumulate(gist_end, axis=1)
+    return {"lod": lod, "start": start, "scored": (lod == 0) & (since < horizon)}

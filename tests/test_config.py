@@ -42,6 +42,11 @@ def test_overrides_are_typed():
         ("--config.curriculum.steps=99999", r"config.curriculum.steps: must be in \[0, train"),
         ("--config.curriculum.steps=1 --config.curriculum.seq_len=64", "need sequences of >= 128"),
         ("--config.curriculum.steps=1 --config.mc.mode=frozen_base", "keeps frozen"),
+        (
+            "--config.mc.loss.span_kl=1 --config.mc.span_kl.gists=(40,4)",
+            r"config.mc.span_kl.gists: \(40, 4\) gists replace 576 tokens, more than half",
+        ),
+        ("--config.mc.loss.span_kl=1 --config.mc.span_kl.gists=(1,1,1,1)", "max_level=3 counts"),
     ],
 )
 def test_bad_values_name_the_field(override, message):

@@ -13,7 +13,7 @@ from kernels.mixed_attention import Entries, MaskSpec
 from megacontext_jax import variants
 from megacontext_jax.checkpoint import Checkpointer
 from megacontext_jax.gistnet import build_levels
-from megacontext_jax.mc_losses import guided_contexts, mc_loss
+from megacontext_jax.mc_losses import guided_contexts, mc_loss, span_kl
 from megacontext_jax.megacontext import (
     MegaContext,
     entry_labels,
@@ -155,6 +155,71 @@ def test_lens_prior_adds_the_mean_squared_score():
     expected = 3.0 * float(metrics["lens/score_rms"]) ** 2
     np.testing.assert_allclose(totals[3.0, 10] - totals[0.0, 10], expected, rtol=1e-4)
     np.testing.assert_allclose(totals[3.0, 0], totals[0.0, 0], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "k,num_tokens,gists", [(2, 40, (3, 2, 1)), (4, 64, (4, 1)), (8, 512, (16, 2))]
+)
+def test_span_layout_tiles_each_sequence_with_the_asked_gists(k, num_tokens, gists):
+    horizon = 2 * k
+    arrays = variants.span_layout(3, num_tokens, gists, k, horizon, np.random.default_rng(0))
+    width = num_tokens - sum(n * (k ** (level + 1) - 1) for level, n in enumerate(gists))
+    assert all(a.shape == (3, width) for a in arrays.values())
+    for lod, start, scored in zip(arrays["lod"], arrays["start"], arrays["scored"], strict=True):
+        ents = list(zip(lod.tolist(), start.tolist(), strict=True))
+        check(from_entries(ents, width), num_tokens, k, len(gists), 0)
+        assert [int((lod == level).sum()) for level in range(1, len(gists) + 1)] == list(gists)
+        last_block = num_tokens // k * k - k
+        assert all(s + k**l <= last_block for l, s in ents if l > 0)
+        last_gist_end = None
+        for (l, s), got in zip(ents, scored.tolist(), strict=True):
+            if l > 0:
+                last_gist_end = s + k**l
+            want = l == 0 and last_gist_end is not None and s - last_gist_end < horizon
+            assert got == want, (l, s)
+
+
+def test_span_layout_refuses_more_gists_than_fit():
+    with pytest.raises(ValueError, match="hold only 1 free level-2 nodes, 2 asked for"):
+        variants.span_layout(1, 32, (0, 2), 4, 8, np.random.default_rng(0))
+
+
+def test_span_kl_is_zero_over_tokens_alone_and_trains_gistnet():
+    """Over an all-token layout the student is the teacher (KL and added NLL 0); with gists the
+    KL is positive, reaches GistNet and the base, and adds exactly ``span_kl`` x KL to the loss."""
+    config = tiny_mc_config("/unused", "/unused")
+    config.unlock()
+    config.mc.loss.span_kl, config.mc.span_kl.gists = 1.0, (4, 1)
+    model = MegaContext(config, rngs=nnx.Rngs(0))
+    batch = _batch(config)
+    tokens = batch["tokens"]
+    t = tokens.shape[1] - 1
+    table, offsets = node_table(model.gistnet, model.base.embed(tokens[:, :t]), 4, 2)
+    teacher = jax.nn.log_softmax(model.base(tokens[:, :t]), axis=-1)
+    plain = {
+        "span_lod": jnp.zeros((2, t), jnp.int32),
+        "span_start": jnp.broadcast_to(jnp.arange(t), (2, t)),
+        "span_scored": jnp.ones((2, t), bool),
+    }
+    kl, added = span_kl(model, table, offsets, teacher, tokens, plain, config)
+    assert abs(float(kl)) < 1e-5 and abs(float(added)) < 1e-4
+    kl, added = span_kl(model, table, offsets, teacher, tokens, batch, config)
+    assert float(kl) > 1e-4 and np.isfinite(float(added))
+
+    def loss(m):
+        table, offsets = node_table(m.gistnet, m.base.embed(tokens[:, :t]), 4, 2)
+        return span_kl(m, table, offsets, jax.lax.stop_gradient(teacher), tokens, batch, config)[0]
+
+    grads = nnx.grad(loss)(model)
+    for part in (grads.base, grads.gistnet):
+        assert sum(float(jnp.sum(jnp.abs(g))) for g in jax.tree.leaves(part)) > 0
+    totals = {}
+    for weight in (0.0, 1000.0):  # KL ~ 1e-4 at initialization: big enough to see in float32
+        c = config.copy_and_resolve_references()
+        c.mc.loss.span_kl = weight
+        totals[weight], metrics = mc_loss(model, batch, jnp.int32(0), jax.random.key(0), c)
+    np.testing.assert_allclose(float(metrics["span_kl"]), float(kl), rtol=1e-5)
+    np.testing.assert_allclose(totals[1000.0] - totals[0.0], 1000.0 * float(kl), rtol=1e-4)
 
 
 def test_checkpoint_restores_all_three_parts(tmp_path, corpus_dir):
