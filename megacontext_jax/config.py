@@ -17,6 +17,7 @@ from pathlib import Path
 import ml_collections
 
 from kernels.attention import IMPLS as ATTENTION_IMPLS
+from megacontext_jax.variants import span_counts
 
 DTYPES = ("float32", "bfloat16", "float16")
 OPTIMIZERS = ("adamw", "muon")
@@ -127,7 +128,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mc.loss.pyramid = 0.0  # weight of the pyramid pass (DESIGN 6.2); 0 leaves it out
     c.mc.loss.span_kl = 0.0  # weight of the close-range substitutability pass; 0 leaves it out
     c.mc.span_kl = ml_collections.ConfigDict()
-    c.mc.span_kl.gists = (16, 2)  # gists per sequence at levels 1, 2, ... (spans they replace)
+    c.mc.span_kl.fractions = (0.25, 0.25)  # of a sequence's level-1, level-2, ... nodes: gists
     c.mc.span_kl.horizon = 64  # tokens after each gist whose predictions are compared
     c.mc.pyramid_window = 0  # pyramid pass: entries per level band (0: wc_size // (levels + 1))
 
@@ -392,18 +393,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(mc.loss.pyramid >= 0, "mc.loss.pyramid", "must be >= 0 (0 leaves the pass out)")
     _require(mc.loss.span_kl >= 0, "mc.loss.span_kl", "must be >= 0 (0 leaves the pass out)")
     if mc.loss.span_kl > 0:
-        gists = tuple(mc.span_kl.gists)
+        fractions = tuple(mc.span_kl.fractions)
         _require(
-            0 < len(gists) <= mc.max_level and min(gists) >= 0 and sum(gists) > 0,
-            "mc.span_kl.gists",
-            f"needs 1 to mc.max_level={mc.max_level} counts >= 0 (levels 1, 2, ...), not all 0; "
-            f"got {gists}",
+            0 < len(fractions) <= mc.max_level and all(0 <= f <= 1 for f in fractions),
+            "mc.span_kl.fractions",
+            f"needs 1 to mc.max_level={mc.max_level} fractions in [0, 1] (levels 1, 2, ...), "
+            f"got {fractions}",
         )
-        covered = sum(n * k ** (level + 1) for level, n in enumerate(gists))
+        try:
+            counts = span_counts(d.seq_len, fractions, k)
+        except ValueError as e:
+            raise ConfigError(f"config.mc.span_kl.fractions: {e}") from None
         _require(
-            covered <= d.seq_len // 2,
-            "mc.span_kl.gists",
-            f"{gists} gists replace {covered} tokens, more than half of data.seq_len={d.seq_len}",
+            sum(counts) > 0,
+            "mc.span_kl.fractions",
+            f"{fractions} make no gist in a sequence of data.seq_len={d.seq_len} tokens",
         )
         _require(mc.span_kl.horizon >= 1, "mc.span_kl.horizon", "must be >= 1")
     _require(mc.pyramid_window >= 0, "mc.pyramid_window", "must be >= 0 (0: W / (levels + 1))")

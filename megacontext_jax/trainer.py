@@ -49,7 +49,7 @@ def mc_batch(
         spans = variants.span_layout(
             rows,
             seq_len,
-            tuple(config.mc.span_kl.gists),
+            tuple(config.mc.span_kl.fractions),
             layout.block_size,
             config.mc.span_kl.horizon,
             rng,

@@ -157,17 +157,34 @@ def training_contexts(
     )
 
 
+def span_counts(num_tokens: int, fractions: tuple[float, ...], block_size: int) -> tuple[int, ...]:
+    """Gists per level (1, 2, ...) for ``span_layout``: ``fractions[l - 1]`` of the sequence's
+    level-l nodes. Raises ``ValueError`` when they cannot all fit beside each other."""
+    k = block_size
+    counts = tuple(int(f * (num_tokens // k ** (l + 1))) for l, f in enumerate(fractions))
+    usable = max(num_tokens // k * k - k, 0)
+    for level in range(len(counts), 0, -1):
+        coarser = sum(counts[m - 1] * k ** (m - level) for m in range(level + 1, len(counts) + 1))
+        free = usable // k**level - coarser
+        if free < counts[level - 1]:
+            raise ValueError(
+                f"{num_tokens} tokens hold only {free} free level-{level} nodes, "
+                f"{counts[level - 1]} asked for"
+            )
+    return counts
+
+
 def span_layout(
     batch: int,
     num_tokens: int,
-    gists: tuple[int, ...],
+    fractions: tuple[float, ...],
     block_size: int,
     horizon: int,
     rng: np.random.Generator,
 ) -> dict[str, np.ndarray]:
     """Whole sequences in which random spans are replaced by their gists, for ``span_kl``.
 
-    Per example, ``gists[l - 1]`` random level-l nodes (coarsest level first, never overlapping,
+    Per example, ``span_counts`` random level-l nodes (coarsest level first, never overlapping,
     never in the last block, so tokens follow every gist) stand in for their spans; every other
     token stays. All examples get the same number of entries ``L``.
 
@@ -175,20 +192,16 @@ def span_layout(
     ``horizon`` tokens after the end of the gist before them, where the gists' absence shows.
     """
     k = block_size
+    counts = span_counts(num_tokens, fractions, k)
     usable = num_tokens // k * k - k  # the last complete block stays tokens
     rows = []
     for _ in range(batch):
         taken = np.zeros(num_tokens, bool)
         chosen = []
-        for level in range(len(gists), 0, -1):
+        for level in range(len(counts), 0, -1):
             span = k**level
             nodes = [s for s in range(0, usable - span + 1, span) if not taken[s : s + span].any()]
-            if len(nodes) < gists[level - 1]:
-                raise ValueError(
-                    f"{num_tokens} tokens hold only {len(nodes)} free level-{level} nodes, "
-                    f"{gists[level - 1]} asked for"
-                )
-            for s in rng.choice(nodes, gists[level - 1], replace=False):
+            for s in rng.choice(nodes, counts[level - 1], replace=False):
                 taken[s : s + span] = True
                 chosen.append((level, int(s)))
         chosen += [(0, t) for t in np.flatnonzero(~taken).tolist()]

@@ -43,10 +43,11 @@ def test_overrides_are_typed():
         ("--config.curriculum.steps=1 --config.curriculum.seq_len=64", "need sequences of >= 128"),
         ("--config.curriculum.steps=1 --config.mc.mode=frozen_base", "keeps frozen"),
         (
-            "--config.mc.loss.span_kl=1 --config.mc.span_kl.gists=(40,4)",
-            r"config.mc.span_kl.gists: \(40, 4\) gists replace 576 tokens, more than half",
+            "--config.mc.span_kl.fractions=(0.6,0.5)",
+            "config.mc.span_kl.fractions: 512 tokens hold only 31 free level-1 nodes, 38 asked",
         ),
-        ("--config.mc.loss.span_kl=1 --config.mc.span_kl.gists=(1,1,1,1)", "max_level=3 counts"),
+        ("--config.mc.span_kl.fractions=(0.1,0.1,0.1,0.1)", "max_level=3 fractions in"),
+        ("--config.data.seq_len=128 --config.mc.span_kl.fractions=(0,0.25)", "make no gist"),
     ],
 )
 def test_bad_values_name_the_field(override, message):

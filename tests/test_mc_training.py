@@ -158,17 +158,23 @@ def test_lens_prior_adds_the_mean_squared_score():
 
 
 @pytest.mark.parametrize(
-    "k,num_tokens,gists", [(2, 40, (3, 2, 1)), (4, 64, (4, 1)), (8, 512, (16, 2))]
+    "k,num_tokens,fractions,counts",
+    [
+        (2, 40, (0.2, 0.2, 0.25), (4, 2, 1)),
+        (4, 64, (0.25, 0.25), (4, 1)),
+        (8, 512, (0.25, 0.25), (16, 2)),
+    ],
 )
-def test_span_layout_tiles_each_sequence_with_the_asked_gists(k, num_tokens, gists):
+def test_span_layout_tiles_each_sequence_with_the_asked_gists(k, num_tokens, fractions, counts):
     horizon = 2 * k
-    arrays = variants.span_layout(3, num_tokens, gists, k, horizon, np.random.default_rng(0))
-    width = num_tokens - sum(n * (k ** (level + 1) - 1) for level, n in enumerate(gists))
+    assert variants.span_counts(num_tokens, fractions, k) == counts
+    arrays = variants.span_layout(3, num_tokens, fractions, k, horizon, np.random.default_rng(0))
+    width = num_tokens - sum(n * (k ** (level + 1) - 1) for level, n in enumerate(counts))
     assert all(a.shape == (3, width) for a in arrays.values())
     for lod, start, scored in zip(arrays["lod"], arrays["start"], arrays["scored"], strict=True):
         ents = list(zip(lod.tolist(), start.tolist(), strict=True))
-        check(from_entries(ents, width), num_tokens, k, len(gists), 0)
-        assert [int((lod == level).sum()) for level in range(1, len(gists) + 1)] == list(gists)
+        check(from_entries(ents, width), num_tokens, k, len(counts), 0)
+        assert [int((lod == level).sum()) for level in range(1, len(counts) + 1)] == list(counts)
         last_block = num_tokens // k * k - k
         assert all(s + k**l <= last_block for l, s in ents if l > 0)
         last_gist_end = None
@@ -179,9 +185,12 @@ def test_span_layout_tiles_each_sequence_with_the_asked_gists(k, num_tokens, gis
             assert got == want, (l, s)
 
 
-def test_span_layout_refuses_more_gists_than_fit():
-    with pytest.raises(ValueError, match="hold only 1 free level-2 nodes, 2 asked for"):
-        variants.span_layout(1, 32, (0, 2), 4, 8, np.random.default_rng(0))
+def test_span_counts_refuse_more_gists_than_fit():
+    # 36 tokens, K = 4: the last block stays, so [0, 32) holds two level-2 nodes; with both taken
+    # no level-1 node is left for the 0.5 x 9 = 4 asked.
+    assert variants.span_counts(36, (0.0, 1.0), 4) == (0, 2)
+    with pytest.raises(ValueError, match="hold only 0 free level-1 nodes, 4 asked for"):
+        variants.span_counts(36, (0.5, 1.0), 4)
 
 
 def test_span_kl_is_zero_over_tokens_alone_and_trains_gistnet():
@@ -189,7 +198,7 @@ def test_span_kl_is_zero_over_tokens_alone_and_trains_gistnet():
     KL is positive, reaches GistNet and the base, and adds exactly ``span_kl`` x KL to the loss."""
     config = tiny_mc_config("/unused", "/unused")
     config.unlock()
-    config.mc.loss.span_kl, config.mc.span_kl.gists = 1.0, (4, 1)
+    config.mc.loss.span_kl = 1.0
     model = MegaContext(config, rngs=nnx.Rngs(0))
     batch = _batch(config)
     tokens = batch["tokens"]
