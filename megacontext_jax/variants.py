@@ -157,12 +157,18 @@ def training_contexts(
     )
 
 
+def _gistable(num_tokens: int, block_size: int) -> int:
+    """Tokens ``[0, n)`` whose spans ``span_kl`` may gist: every complete block but the last, so
+    that tokens follow every gist."""
+    return max(num_tokens // block_size * block_size - block_size, 0)
+
+
 def span_counts(num_tokens: int, fractions: tuple[float, ...], block_size: int) -> tuple[int, ...]:
     """Gists per level (1, 2, ...) for ``span_layout``: ``fractions[l - 1]`` of the sequence's
     level-l nodes. Raises ``ValueError`` when they cannot all fit beside each other."""
     k = block_size
     counts = tuple(int(f * (num_tokens // k ** (l + 1))) for l, f in enumerate(fractions))
-    usable = max(num_tokens // k * k - k, 0)
+    usable = _gistable(num_tokens, k)
     for level in range(len(counts), 0, -1):
         coarser = sum(counts[m - 1] * k ** (m - level) for m in range(level + 1, len(counts) + 1))
         free = usable // k**level - coarser
@@ -193,7 +199,7 @@ def span_layout(
     """
     k = block_size
     counts = span_counts(num_tokens, fractions, k)
-    usable = num_tokens // k * k - k  # the last complete block stays tokens
+    usable = _gistable(num_tokens, k)
     rows = []
     for _ in range(batch):
         taken = np.zeros(num_tokens, bool)
