@@ -13,9 +13,17 @@ On held-out documents of ``length x W`` tokens, the last S tokens are scored (as
 
 ``pyramid`` below ``tail`` is what the gists add; ``other gists`` near ``pyramid`` means they add
 nothing specific to their own text. ``full`` (every token) is the upper bound.
+
+What the window has beyond the tail (the *gap*, between the window's start and the tail's):
+
+* ``tail + older tokens``: as many raw tokens from just before the window instead of the gap's;
+* ``gap's gists + tail``: the pyramid's gists of the gap alone in front of the tail;
+* ``LOD1 gists + window``: every token before the window as LOD1 gists (over budget: a probe of
+  whether gists in front of raw tokens help or distract).
 """
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -58,7 +66,8 @@ def main() -> None:
     frozen = ml_collections.FrozenConfigDict(config)
 
     def nll(ents, seq) -> float:
-        arrays = variants.to_arrays([ents] * len(seq), cursor, layout)
+        room = dataclasses.replace(layout, capacity=max(layout.capacity, len(ents) + layout.scored))
+        arrays = variants.to_arrays([ents] * len(seq), cursor, room)
         arrays = {k: jnp.asarray(v) for k, v in arrays.items()}
         return float(np.asarray(score_wc(model, jnp.asarray(seq), arrays, frozen)[0]).mean())
 
@@ -75,6 +84,18 @@ def main() -> None:
         ),
         ("pyramid, other gists", len(pyramid), nll(pyramid, other)),
     ]
+    window = variants.window(cursor, layout)
+    ws, k = window[0][1], layout.block_size
+    gap = first_token - ws
+    if gap > 0 and ws >= gap:
+        older = [(0, t) for t in range(ws - gap, ws)] + tail
+        gap_gists = [e for e in pyramid if e[1] >= ws and e[0] > 0]
+        lod1 = [(1, s) for s in range(0, ws - ws % k, k)] + [(0, t) for t in range(ws - ws % k, ws)]
+        rows += [
+            ("tail + older tokens", len(older), nll(older, tokens)),
+            ("gap's gists + tail", len(gap_gists) + len(tail), nll(gap_gists + tail, tokens)),
+            ("LOD1 gists + window", len(lod1) + len(window), nll(lod1 + window, tokens)),
+        ]
     print(f"{len(tokens)} documents of {n} tokens ({args.length}W), last {layout.scored} scored")
     print(f"{'context':<22}{'entries':>8}{'nll':>9}")
     for name, count, value in rows:
