@@ -78,12 +78,13 @@ def pyramid_pass(
 
 
 def span_kl(
-    model: MegaContext, table, offsets, teacher: jax.Array, tokens: jax.Array, batch, config
+    model: MegaContext, table, offsets, full_logits: jax.Array, tokens: jax.Array, batch, config
 ) -> tuple[jax.Array, jax.Array]:
     """KL(teacher || model) and the NLL it adds, on the ``span_scored`` tokens of sequences whose
     ``span_lod``/``span_start [B, L]`` entries replace random spans by their gists.
 
-    ``teacher [B, T, V]``: the full-token model's log-probabilities, row t predicting token t + 1.
+    ``full_logits [B, T, V]``: the full-token model (the stop-gradient teacher), row t predicting
+    token t + 1.
     """
     k = config.mc.block_size
     lod, start, scored = batch["span_lod"], batch["span_start"], batch["span_scored"]
@@ -94,11 +95,14 @@ def span_kl(
     labels, label_mask = entry_labels(tokens, lod, start, valid, k, ignored(config))
     mask = scored & label_mask
     # Only token entries are scored: row ``start`` of the teacher predicts the same label.
-    ref = jnp.take_along_axis(teacher, start[..., None], axis=1)
+    ref = sg(jax.nn.log_softmax(jnp.take_along_axis(full_logits, start[..., None], axis=1), -1))
     log_student = jax.nn.log_softmax(logits, axis=-1)
     kl = _masked_mean(jnp.sum(jnp.exp(ref) * (ref - log_student), axis=-1), mask)
-    ref_nll = -jnp.take_along_axis(ref, labels[..., None], axis=-1)[..., 0]
-    return kl, _masked_mean(token_nll(logits, labels) - ref_nll, mask)
+
+    def nll(log_probs):
+        return -jnp.take_along_axis(log_probs, labels[..., None], axis=-1)[..., 0]
+
+    return kl, _masked_mean(nll(log_student) - nll(ref), mask)
 
 
 def guided_contexts(
@@ -194,8 +198,7 @@ def mc_loss(
     first = ctx.sum(-1)  # [B, V]: index of the first scored entry
     rows = first[..., None] + jnp.arange(s_len)  # [B, V, S]
     student = jnp.take_along_axis(logits, rows[..., None], axis=2)
-    teacher_all = sg(jax.nn.log_softmax(full_logits, axis=-1))
-    teacher = teacher_all[:, None, cursor:t]
+    teacher = sg(jax.nn.log_softmax(full_logits[:, cursor:t], axis=-1))[:, None]
     log_student = jax.nn.log_softmax(student, axis=-1)
     kl_tok = jnp.sum(jnp.exp(teacher) * (teacher - log_student), axis=-1)
     kl_mask = jnp.take_along_axis(scored_mask, rows, axis=2)
@@ -240,7 +243,7 @@ def mc_loss(
     extra = {}
     if weights.span_kl > 0:
         extra["span_kl"], extra["span_kl/delta_nll"] = span_kl(
-            model, table, offsets, teacher_all, tokens, batch, config
+            model, table, offsets, full_logits, tokens, batch, config
         )
         total = total + weights.span_kl * extra["span_kl"]
     if weights.pyramid > 0:
