@@ -610,6 +610,17 @@ def _pad_meta(meta: Entries, length: int, end_fill: int) -> Entries:
     )
 
 
+def _fit_meta(meta: Entries, batch: int, length: int, name: str) -> Entries:
+    """``meta`` as ``[batch, length]``: one row broadcasts to every batch row; any other shape
+    is an error (a compiled kernel would read metadata rows that do not exist)."""
+    shape = jnp.shape(meta.lod)
+    if len(shape) != 2 or shape[1] != length or shape[0] not in (1, batch):
+        raise ValueError(
+            f"{name} metadata is {shape}; expected ({batch}, {length}) or (1, {length})"
+        )
+    return jax.tree.map(lambda a: jnp.broadcast_to(a, (batch, length)), meta)
+
+
 def mixed_attention(
     q: jax.Array,
     k: jax.Array,
@@ -625,6 +636,8 @@ def mixed_attention(
 ) -> jax.Array:
     """Attention of ``q [B, Tq, Hq, Dh]`` over ``k, v [B, Tk, Hkv, Dh]`` under ``spec``'s mask.
 
+    Metadata is ``[B, Tq]`` / ``[B, Tk]``, or ``[1, T]`` for one layout shared by every row.
+
     Differentiable in q, k and v (Pallas backward). Lengths are padded to the tiles and head
     halves to powers of two here. ``interpret=None`` interprets on CPU and compiles elsewhere.
     """
@@ -636,6 +649,8 @@ def mixed_attention(
         raise ValueError(f"query heads {hq} must be a multiple of key/value heads {hkv}")
     if dh % 2:
         raise ValueError(f"head_dim must be even (rotary halves), got {dh}")
+    b = q.shape[0]
+    q_meta, k_meta = _fit_meta(q_meta, b, tq, "query"), _fit_meta(k_meta, b, tk, "key")
     half = max(8, pl.next_power_of_2(dh // 2))
     step_q = math.lcm(blocks.block_q, blocks.block_q_bwd)
     step_k = math.lcm(blocks.block_k, blocks.block_k_bwd)

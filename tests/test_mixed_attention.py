@@ -137,6 +137,16 @@ def test_query_that_sees_nothing_returns_zeros():
     np.testing.assert_array_equal(grads, 0.0)
 
 
+def test_metadata_of_another_shape_is_refused():
+    q, k, v = _qkv(np.random.default_rng(0), 3, 5, 2, 2, 8)  # batch 2
+    with pytest.raises(
+        ValueError, match=r"key metadata is \(3, 5\); expected \(2, 5\) or \(1, 5\)"
+    ):
+        mixed_attention(q, k, v, Entries.tokens(2, 3), Entries.tokens(3, 5), blocks=BLOCKS)
+    with pytest.raises(ValueError, match=r"query metadata is \(2, 4\)"):
+        mixed_attention(q, k, v, Entries.tokens(2, 4), Entries.tokens(2, 5), blocks=BLOCKS)
+
+
 def test_pyramid_sees_one_representation_of_each_past_region():
     spec = MaskSpec("pyramid", window=5, block_size=K, max_level=2)
     meta = _pyramid_meta(1, 150, 2, np.random.default_rng(0))
