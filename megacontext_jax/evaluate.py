@@ -12,9 +12,10 @@ are scored under four conditions:
 
 LensNet and the allocator see the history before the scored tokens only, as at a refocus during
 decoding. Reports NLL (nats per token), bits per byte and ``gap_recovered = (window - mc) /
-(window - full)`` (NaN when full does not beat window); then passkey and multi-query associative
-recall accuracy per condition and length, and passkey accuracy by the level of detail of the
-needle's span. Writes JSON and a PNG.
+(window - full)`` (NaN when full does not beat window), and the paired per-document differences
+``mc_static - window``, ``mc_focus - mc_static`` and ``full - window`` with their standard
+errors; then passkey and multi-query associative recall accuracy per condition and length, and
+passkey accuracy by the level of detail of the needle's span. Writes JSON and a PNG.
 """
 
 import argparse
@@ -49,6 +50,7 @@ from megacontext_jax.tokenizer import tokenizer_for
 from megacontext_jax.working_context import WorkingContext
 
 CONDITIONS = ("full", "window", "mc_static", "mc_focus")
+COMPARISONS = (("mc_static", "window"), ("mc_focus", "mc_static"), ("full", "window"))
 
 
 def _scored(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -175,6 +177,13 @@ def substitutability(
     }
 
 
+def _paired(a: np.ndarray, b: np.ndarray) -> dict:
+    """Mean of ``a - b`` over documents ``[docs]`` and its standard error."""
+    d = a - b
+    se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
+    return {"mean": float(d.mean()), "se": se}
+
+
 def _needle_lod(arrays: dict, row: int, needle: tuple[int, int], block_size: int) -> int:
     """Coarsest level among the context entries overlapping the needle (-1: outside the WC)."""
     lod, start, ctx = (np.asarray(arrays[k][row]) for k in ("lod", "start", "context"))
@@ -217,10 +226,16 @@ def evaluate(
             for c, (nll, _, _) in outs.items():
                 totals[c].append(nll)
         row = {}
-        for c, parts in totals.items():
-            if parts:
-                nll = float(np.concatenate(parts).mean())
-                row[c] = {"nll": nll, "bpb": nll / math.log(2) / per_token}
+        per_doc = {c: np.concatenate(p).mean(-1) for c, p in totals.items() if p}  # [docs]
+        for c, nll in per_doc.items():
+            row[c] = {"nll": float(nll.mean()), "bpb": float(nll.mean()) / math.log(2) / per_token}
+        # The claims compare conditions on the same documents: paired differences and their
+        # standard errors say which gaps the sample resolves.
+        row["differences"] = {
+            f"{a} - {b}": _paired(per_doc[a], per_doc[b])
+            for a, b in COMPARISONS
+            if a in per_doc and b in per_doc
+        }
         # Only defined when full context beats the window: otherwise there is no gap to recover.
         gap = row["window"]["nll"] - row["full"]["nll"]
         row["gap_recovered"] = {
@@ -296,6 +311,10 @@ def print_table(results: dict) -> None:
                 f"{_accuracy(results['passkey'][length], c):>8} "
                 f"{_accuracy(results['mqar'][length], c):>8}"
             )
+        diffs = "; ".join(
+            f"{name} {d['mean']:+.4f} ± {d['se']:.4f}" for name, d in row["differences"].items()
+        )
+        print(f"{length:>7} paired over {row['documents']} documents: {diffs}")
 
 
 def plot(results: dict, path: Path) -> None:

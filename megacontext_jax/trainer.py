@@ -1,6 +1,9 @@
 """The training loop behind ``train.py``: data, state, checkpoints, evaluation and logging."""
 
+import contextlib
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -56,6 +59,28 @@ def mc_batch(
         )
         out.update({f"span_{name}": value for name, value in spans.items()})
     return out
+
+
+@contextlib.contextmanager
+def _stop_requests():
+    """SIGINT and SIGTERM (a scheduler's preemption notice) ask the loop to stop between steps,
+    where the state and the data iterator agree; a second SIGINT interrupts at once."""
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():  # signals reach main only
+        yield requested
+        return
+
+    def handler(signum, frame):
+        if requested.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        requested.set()
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requested
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def evaluate(eval_step, params, batches, mesh, rows: int, per_token: float) -> dict[str, float]:
@@ -165,61 +190,69 @@ def train(
     summary: dict[str, float] = {"val/unigram_bpb": unigram_bpb}
     pending, last_time, last_step = [], time.perf_counter(), start
     step = start
-    try:
-        for step in range(start + 1, end + 1):
-            batch = next(data_iter)
-            in_curriculum = step <= curriculum
-            if config.mc.enabled and not in_curriculum:
-                batch = mc_batch(batch, step, config)
-            batch = sharding.global_batch(batch, mesh)
-            state, metrics = (base_step if in_curriculum else train_step)(state, batch)
-            pending.append(metrics)
-            if step == curriculum:
-                data_iter = stage_batches(step)
-                bar.write(f"step {step}: curriculum done, training on {seq_len}-token sequences")
-            # The curriculum's last step is logged on its own: its metrics have other keys.
-            if step % config.train.log_every == 0 or step in (end, curriculum):
-                fetched = jax.device_get(pending)
-                now = time.perf_counter()
-                # The first interval includes compilation; tokens/s counts from the second one.
-                rate = (step - last_step) * tokens_per_step(step) / (now - last_time)
-                record = {
-                    f"train/{key}": float(np.nanmean([m[key] for m in fetched]))
-                    for key in fetched[0]
-                    if key != "lr" and not np.isnan([m[key] for m in fetched]).all()
-                }
-                record["train/lr"] = float(fetched[-1]["lr"])
-                if last_step not in (start, curriculum):  # intervals that compiled a step
-                    record["train/tokens_per_s"] = rate
-                writer.write(step, record)
-                summary.update(record)
-                bar.set_postfix(
-                    loss=f"{record['train/loss']:.3f}", tok_s=f"{rate:,.0f}", refresh=False
-                )
-                bar.update(step - last_step)
-                pending, last_time, last_step = [], time.perf_counter(), step
-            if step % config.train.eval_every == 0 or step == config.train.steps:
-                val = evaluate(eval_step, state.params, val_batches, mesh, rows, per_token)
-                writer.write(step, val)
-                summary.update(val)
-                bar.write(
-                    f"step {step}: val loss {val['val/loss']:.4f}, bpb {val['val/bpb']:.4f} "
-                    f"(unigram {unigram_bpb:.4f})"
-                )
-                last_time = time.perf_counter()
-            if step % config.train.checkpoint_every == 0 or step in (end, curriculum):
-                checkpointer.save(step, checkpointed(state, config), data_iter)
-    except KeyboardInterrupt:
-        done = int(state.step)
-        if checkpointer.latest_step() != done:
-            bar.write(f"interrupted: saving a checkpoint at step {done}")
-            checkpointer.save(done, checkpointed(state, config), data_iter)
-        raise
-    finally:
-        bar.close()
-        checkpointer.wait()
-        checkpointer.close()
-        writer.close()
+    with _stop_requests() as stop:
+        try:
+            for step in range(start + 1, end + 1):
+                if stop.is_set():
+                    raise KeyboardInterrupt
+                batch = next(data_iter)
+                in_curriculum = step <= curriculum
+                if config.mc.enabled and not in_curriculum:
+                    batch = mc_batch(batch, step, config)
+                batch = sharding.global_batch(batch, mesh)
+                state, metrics = (base_step if in_curriculum else train_step)(state, batch)
+                pending.append(metrics)
+                if step == curriculum:
+                    data_iter = stage_batches(step)
+                    bar.write(
+                        f"step {step}: curriculum done, training on {seq_len}-token sequences"
+                    )
+                # The curriculum's last step is logged on its own: its metrics have other keys.
+                if step % config.train.log_every == 0 or step in (end, curriculum):
+                    fetched = jax.device_get(pending)
+                    now = time.perf_counter()
+                    # The first interval includes compilation; tokens/s counts from the second one.
+                    rate = (step - last_step) * tokens_per_step(step) / (now - last_time)
+                    record = {
+                        f"train/{key}": float(np.nanmean([m[key] for m in fetched]))
+                        for key in fetched[0]
+                        if key != "lr" and not np.isnan([m[key] for m in fetched]).all()
+                    }
+                    record["train/lr"] = float(fetched[-1]["lr"])
+                    if last_step not in (start, curriculum):  # intervals that compiled a step
+                        record["train/tokens_per_s"] = rate
+                    writer.write(step, record)
+                    summary.update(record)
+                    bar.set_postfix(
+                        loss=f"{record['train/loss']:.3f}", tok_s=f"{rate:,.0f}", refresh=False
+                    )
+                    bar.update(step - last_step)
+                    pending, last_time, last_step = [], time.perf_counter(), step
+                if step % config.train.eval_every == 0 or step == config.train.steps:
+                    val = evaluate(eval_step, state.params, val_batches, mesh, rows, per_token)
+                    writer.write(step, val)
+                    summary.update(val)
+                    bar.write(
+                        f"step {step}: val loss {val['val/loss']:.4f}, bpb {val['val/bpb']:.4f} "
+                        f"(unigram {unigram_bpb:.4f})"
+                    )
+                    last_time = time.perf_counter()
+                if step % config.train.checkpoint_every == 0 or step in (end, curriculum):
+                    checkpointer.save(step, checkpointed(state, config), data_iter)
+        except KeyboardInterrupt:
+            # A second SIGINT can land while a step holds the donated state: nothing to save then.
+            leaves = jax.tree.leaves(state)
+            deleted = any(isinstance(x, jax.Array) and x.is_deleted() for x in leaves)
+            done = None if deleted else int(state.step)
+            if done is not None and checkpointer.latest_step() != done:
+                bar.write(f"interrupted: saving a checkpoint at step {done}")
+                checkpointer.save(done, checkpointed(state, config), data_iter)
+            raise
+        finally:
+            bar.close()
+            checkpointer.wait()
+            checkpointer.close()
+            writer.close()
     if writer.enabled and writer.path.exists():
         plot_loss_curve(writer.path, workdir / "loss.png")
     summary["step"] = step

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from megacontext_jax import data
-from megacontext_jax.evaluate import condition_arrays, evaluate, score_full, score_wc
+from megacontext_jax.evaluate import _paired, condition_arrays, evaluate, score_full, score_wc
 from megacontext_jax.megacontext import MegaContext
 from megacontext_jax.trainer import train
 from megacontext_jax.variants import Layout
@@ -63,6 +63,15 @@ def test_evaluate_reports_every_condition(trained, corpus_dir):
     else:  # full context does not beat the window: nothing to recover
         assert np.isnan(recovered)
     assert row["documents"] == 4
+    assert set(row["differences"]) == {
+        "mc_static - window",
+        "mc_focus - mc_static",
+        "full - window",
+    }
+    for name, d in row["differences"].items():
+        a, b = name.split(" - ")
+        assert d["mean"] == pytest.approx(row[a]["nll"] - row[b]["nll"], abs=1e-6)
+        assert np.isfinite(d["se"]) and d["se"] >= 0
     assert results["passkey_by_lod"]["4W"]["mc_static"]
     sub = results["substitutability"]
     assert set(sub) == {
@@ -74,6 +83,12 @@ def test_evaluate_reports_every_condition(trained, corpus_dir):
         "documents",
     }
     assert all(np.isfinite(v) for v in sub.values())
+
+
+def test_paired_difference_and_standard_error():
+    d = _paired(np.array([1.0, 2.0, 6.0]), np.array([0.0, 0.0, 3.0]))  # differences 1, 2, 3
+    assert d["mean"] == pytest.approx(2.0)
+    assert d["se"] == pytest.approx(1.0 / np.sqrt(3))
 
 
 def test_evaluate_cli(trained, tmp_path):

@@ -1,4 +1,6 @@
 import os
+import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -7,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megacontext_jax.checkpoint import CheckpointError
+from megacontext_jax.checkpoint import Checkpointer, CheckpointError
 from megacontext_jax.metrics import read_metrics
 from megacontext_jax.restore import load_model
 from megacontext_jax.trainer import train
@@ -153,3 +155,39 @@ def test_cli_train_then_decode(tmp_path, corpus_dir):
         missing.stderr.strip()
         == f"error: no checkpoint at {tmp_path / 'nope'}: config.json not found"
     )
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_between_steps_and_resumes(tmp_path, corpus_dir):
+    """A preemption notice stops the run after a whole step, with a checkpoint to resume from."""
+    workdir = tmp_path / "run"
+    every = ["--config.train.log_every=1", "--config.train.checkpoint_every=100000"]
+    process = subprocess.Popen(
+        [*train_cli(workdir, corpus_dir, steps=100000), *every],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    seen = ""
+    while not re.search(r"\b([5-9]|\d\d+)/100000", seen):  # a few steps done
+        char = process.stderr.read(1)
+        assert char, f"training ended early: {seen[-2000:]}"
+        seen += char
+    process.send_signal(signal.SIGTERM)
+    seen += process.stderr.read()
+    assert process.wait(timeout=120) == 130, seen[-2000:]
+    saved = re.search(r"interrupted: saving a checkpoint at step (\d+)", process.stdout.read())
+    assert saved, seen[-2000:]
+    step = int(saved.group(1))
+    assert Checkpointer(workdir).latest_step() == step
+    result = subprocess.run(
+        [*train_cli(workdir, corpus_dir, steps=step + 2), *every],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed {workdir} from step {step}" in result.stdout
+    assert f"done: step {step + 2}" in result.stdout
