@@ -228,7 +228,8 @@ def evaluate(
         row = {}
         per_doc = {c: np.concatenate(p).mean(-1) for c, p in totals.items() if p}  # [docs]
         for c, nll in per_doc.items():
-            row[c] = {"nll": float(nll.mean()), "bpb": float(nll.mean()) / math.log(2) / per_token}
+            mean = float(nll.mean())
+            row[c] = {"nll": mean, "bpb": mean / math.log(2) / per_token}
         # The claims compare conditions on the same documents: paired differences and their
         # standard errors say which gaps the sample resolves.
         row["differences"] = {

@@ -2,6 +2,7 @@
 
 import os
 import random
+import re
 import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -32,6 +33,19 @@ def corpus_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("corpus")
     write_corpus(directory)
     return directory
+
+
+def signal_when(process, pattern: str, sig: int) -> tuple[int, str]:
+    """Reads ``process``'s stderr until ``pattern`` matches, sends ``sig``, waits; returns the exit
+    status and the whole stderr."""
+    seen = ""
+    while not re.search(pattern, seen):
+        char = process.stderr.read(1)
+        assert char, f"the process ended before {pattern!r}: {seen[-2000:]}"
+        seen += char
+    process.send_signal(sig)
+    seen += process.stderr.read()
+    return process.wait(timeout=120), seen
 
 
 def train_cli(workdir, corpus, steps: int) -> list[str]:

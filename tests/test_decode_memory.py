@@ -17,7 +17,7 @@ from megacontext_jax.tokenizer import BOS, ByteTokenizer
 from megacontext_jax.trainer import train
 from megacontext_jax.tree import APPEND_PIECE, Tree
 from megacontext_jax.tree_storage import read_manifest
-from tests.conftest import tiny_config, tiny_mc_config
+from tests.conftest import signal_when, tiny_config, tiny_mc_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -137,14 +137,9 @@ def test_interrupted_ingest_keeps_what_was_committed(checkpoint, tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
-    seen = ""
-    while not re.search(r"\b(6[5-9]|[7-9]\d|\d{3})\.?\d*k/", seen):  # one piece committed
-        char = process.stderr.read(1)
-        assert char, f"ingest ended early: {seen[-2000:]}"
-        seen += char
-    process.send_signal(signal.SIGINT)
-    seen += process.stderr.read()
-    assert process.wait(timeout=120) == 130, seen[-2000:]
+    one_piece = r"\b(6[5-9]|[7-9]\d|\d{3})\.?\d*k/"  # one piece committed
+    status, seen = signal_when(process, one_piece, signal.SIGINT)
+    assert status == 130, seen[-2000:]
     assert "interrupted: the memory keeps everything committed so far" in seen
     tree = Tree.open(memory)
     n = tree.num_tokens

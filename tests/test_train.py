@@ -13,7 +13,7 @@ from megacontext_jax.checkpoint import Checkpointer, CheckpointError
 from megacontext_jax.metrics import read_metrics
 from megacontext_jax.restore import load_model
 from megacontext_jax.trainer import train
-from tests.conftest import tiny_config, train_cli
+from tests.conftest import signal_when, tiny_config, train_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -169,14 +169,8 @@ def test_sigterm_checkpoints_between_steps_and_resumes(tmp_path, corpus_dir):
         stderr=subprocess.PIPE,
         text=True,
     )
-    seen = ""
-    while not re.search(r"\b([5-9]|\d\d+)/100000", seen):  # a few steps done
-        char = process.stderr.read(1)
-        assert char, f"training ended early: {seen[-2000:]}"
-        seen += char
-    process.send_signal(signal.SIGTERM)
-    seen += process.stderr.read()
-    assert process.wait(timeout=120) == 130, seen[-2000:]
+    status, seen = signal_when(process, r"\b([5-9]|\d\d+)/100000", signal.SIGTERM)  # a few steps
+    assert status == 130, seen[-2000:]
     saved = re.search(r"interrupted: saving a checkpoint at step (\d+)", process.stdout.read())
     assert saved, seen[-2000:]
     step = int(saved.group(1))
