@@ -1,12 +1,13 @@
 """Attention kernels and the rotary (Gaussian RoPE) math they fuse. Depends on jax alone."""
 
-from kernels.attention import attention, attention_reference
+from kernels.attention import attention, attention_reference, cudnn_applies
 from kernels.rope import apply_rotary, gaussian_rope, rope_frequencies, rope_tables
 
 __all__ = [
     "apply_rotary",
     "attention",
     "attention_reference",
+    "cudnn_applies",
     "gaussian_rope",
     "rope_frequencies",
     "rope_tables",

@@ -3,8 +3,8 @@
 ``attention`` dispatches on ``impl``: ``reference`` (pure jnp, below), ``pallas`` (the
 mixed-resolution kernels of ``kernels.mixed_attention`` with pre-rotated q/k; interpreted on CPU,
 compiled on GPU), or ``cudnn`` (``jax.nn.dot_product_attention``: cuDNN on a GPU, XLA elsewhere)
-where its masks suffice (a full pass: ``q_offset`` 0, as many queries as keys, valid keys packed
-at the front) and the Pallas kernels for the rest (decode, metadata masks).
+where it applies (``cudnn_applies``: a full pass with valid keys packed at the front, and on a GPU
+fp16/bf16 inputs) and the Pallas kernels for the rest (decode, metadata masks, float32 on a GPU).
 
 Masks: ``causal=True`` is the WC-causal mask (query i sees key j iff j <= i + q_offset); with
 ``q_offset = kv_len - q_len`` it is the decode mask over a KV cache. ``causal=False`` is bidirectional
@@ -67,6 +67,21 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) 
     return out.reshape(b, tq, hq, dh).astype(q.dtype)
 
 
+def cudnn_applies(
+    q: jax.Array, k: jax.Array, q_offset, entries, backend: str | None = None
+) -> bool:
+    """Whether ``jax.nn.dot_product_attention`` can take this call on ``backend`` (default: JAX's).
+
+    Its masks cover a full pass only (``q_offset`` 0, as many queries as keys, no metadata mask);
+    cuDNN itself takes fp16/bf16 alone (float32 raises NotImplementedError on a GPU), while XLA's
+    implementation elsewhere takes any dtype.
+    """
+    full_pass = isinstance(q_offset, int) and q_offset == 0 and q.shape[1] == k.shape[1]
+    backend = backend or jax.default_backend()
+    dtype_ok = backend != "gpu" or q.dtype in (jnp.bfloat16, jnp.float16)
+    return entries is None and full_pass and dtype_ok
+
+
 def attention(
     q: jax.Array,
     k: jax.Array,
@@ -84,8 +99,7 @@ def attention(
     ``MaskSpec``) replaces ``causal`` / ``kv_valid`` / ``q_offset`` by the metadata-driven mask
     of self-attention over entries, e.g. the pyramid mask.
     """
-    full_pass = isinstance(q_offset, int) and q_offset == 0 and q.shape[1] == k.shape[1]
-    if impl == "cudnn" and entries is None and full_pass:
+    if impl == "cudnn" and cudnn_applies(q, k, q_offset, entries):
         lengths = None if kv_valid is None else kv_valid.sum(-1).astype(jnp.int32)
         return jax.nn.dot_product_attention(
             q,
@@ -96,7 +110,7 @@ def attention(
             implementation="cudnn" if jax.default_backend() == "gpu" else None,
         )
     if impl == "cudnn":
-        impl = "pallas"  # masks cuDNN cannot express
+        impl = "pallas"
     if entries is not None:
         from kernels.mixed_attention import mixed_attention, mixed_attention_reference
 

@@ -216,6 +216,20 @@ def test_dispatcher_pallas_matches_reference():
         kernels.attention(q, k, v, impl="flash")
 
 
+def test_cudnn_applies_to_full_passes_and_on_a_gpu_to_half_precision_only():
+    rng = np.random.default_rng(3)
+    q, k, _ = _qkv(rng, 6, 6, 4, 2, 16)
+    half = q.astype(jnp.bfloat16)
+    assert kernels.cudnn_applies(half, k, 0, None, backend="gpu")
+    assert kernels.cudnn_applies(q, k, 0, None, backend="cpu")
+    # cuDNN refuses float32 on a GPU: the Pallas kernel takes it.
+    assert not kernels.cudnn_applies(q, k, 0, None, backend="gpu")
+    assert not kernels.cudnn_applies(half, k, 2, None, backend="gpu")  # decode
+    assert not kernels.cudnn_applies(half[:, :3], k, 0, None, backend="gpu")
+    meta = Entries.tokens(2, 6)
+    assert not kernels.cudnn_applies(half, k, 0, (meta, MaskSpec()), backend="gpu")
+
+
 def test_model_with_pallas_attention_matches_reference():
     from flax import nnx
 
