@@ -68,7 +68,11 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) 
 
 
 def cudnn_applies(
-    q: jax.Array, k: jax.Array, q_offset, entries, backend: str | None = None
+    q: jax.Array,
+    k: jax.Array,
+    q_offset: jax.Array | int,
+    entries: tuple | None,
+    backend: str | None = None,
 ) -> bool:
     """Whether ``jax.nn.dot_product_attention`` can take this call on ``backend`` (default: JAX's).
 
