@@ -121,22 +121,28 @@ def test_interrupted_ingest_keeps_what_was_committed(checkpoint, tmp_path):
     text = "".join(chr(97 + i % 26) for i in range(10 * APPEND_PIECE))
     big = tmp_path / "big.txt"
     big.write_text(text)
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "decode.py",
-            "ingest",
-            "--checkpoint",
-            checkpoint,
-            "--memory",
-            memory,
-            "--file",
-            big,
-        ],
-        cwd=ROOT,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    # Ctrl-C in a terminal: where this runner ignores SIGINT (a shell's background job), the
+    # child would inherit that; a handler here is reset to the default action by exec.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "decode.py",
+                "ingest",
+                "--checkpoint",
+                checkpoint,
+                "--memory",
+                memory,
+                "--file",
+                big,
+            ],
+            cwd=ROOT,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
     one_piece = r"\b(6[5-9]|[7-9]\d|\d{3})\.?\d*k/"  # one piece committed
     status, seen = signal_when(process, one_piece, signal.SIGINT)
     assert status == 130, seen[-2000:]
