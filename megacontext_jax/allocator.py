@@ -8,11 +8,16 @@ Deterministic and jit-able (fixed shapes; the edit loop is a ``lax.while_loop``)
 
 Edits are applied one at a time in order of |score|, each keeping every WC invariant: nothing in the
 recent tail is touched, an entry created or changed in this refocus is not edited again (no
-overlapping edits), an entry edited in the last ``cooldown`` refocus steps is left alone, and the
-budget W is never exceeded: an expansion that does not fit first collapses the lowest-scoring
+overlapping edits), no edit is undone within ``cooldown`` refocus steps, and the budget W is never
+exceeded: an expansion that does not fit first collapses the lowest-scoring
 sibling group (if that group scores below the expansion). At most ``max_edits`` edits per refocus.
 With ``temperature > 0`` candidates are ranked by |score| plus Gumbel noise times the temperature:
 the stochastic variant for exploration during training.
+
+The cooldown is directional, so that only flipping back waits: the children of an expansion may not
+be collapsed again (cooldown > 0) but may expand further, and the parent made by a collapse may not
+be expanded again (cooldown < 0) but may collapse further. A needle in a LOD3 gist so reaches LOD0
+in three refocus steps, one level per step.
 """
 
 import dataclasses
@@ -62,7 +67,9 @@ class AllocatorConfig:
 @flax.struct.dataclass
 class RefocusResult:
     wc: WorkingContext
-    cooldown: jax.Array  # int32 [W]: refocus steps before each entry may be edited again
+    # int32 [W]: refocus steps before an edit may be undone: > 0 for an expansion's children (no
+    # collapse yet), < 0 for a collapse's parent (no expansion yet)
+    cooldown: jax.Array
     expands: jax.Array  # int32: edits applied, by kind
     collapses: jax.Array
 
@@ -75,18 +82,18 @@ def _window_sum(x: jax.Array, k: int) -> jax.Array:
     return jnp.where(i + k <= n, c[jnp.minimum(i + k, n)] - c[i], 0)
 
 
-def _candidates(wc, scores, editable, cfg: AllocatorConfig):
+def _candidates(wc, scores, expandable, collapsible, cfg: AllocatorConfig):
     """Expand priority per entry; for a group starting at i, its legality and mean score.
 
-    A legal group is K editable entries of one level below ``max_level`` whose first entry is
+    A legal group is K collapsible entries of one level below ``max_level`` whose first entry is
     aligned to the parent's span; since entries tile time in order, they are exactly the siblings.
     """
     k = cfg.block_size
-    expand_priority = jnp.where(editable & (wc.lod > 0), scores, NEG)
+    expand_priority = jnp.where(expandable & (wc.lod > 0), scores, NEG)
     next_lod = jnp.roll(wc.lod, -1)
     same_as_next = (wc.lod == next_lod) & jnp.roll(wc.valid, -1)
     legal = (
-        (_window_sum(editable.astype(jnp.int32), k) == k)
+        (_window_sum(collapsible.astype(jnp.int32), k) == k)
         & (_window_sum(same_as_next.astype(jnp.int32), k - 1) == k - 1)
         & (wc.start % jnp.power(k, wc.lod + 1) == 0)
         & (wc.lod < cfg.max_level)
@@ -118,8 +125,10 @@ def refocus(
         key, k1, k2 = jax.random.split(key, 3)
         count = wc.valid.sum()
         in_tail = wc.end(k) > num_tokens - cfg.recent_tail
-        editable = wc.valid & ~touched & (cooldown == 0) & ~in_tail
-        expand_p, legal, mean = _candidates(wc, scores, editable, cfg)
+        editable = wc.valid & ~touched & ~in_tail
+        expand_p, legal, mean = _candidates(
+            wc, scores, editable & (cooldown >= 0), editable & (cooldown <= 0), cfg
+        )
         expand_rank = jnp.where(expand_p >= cfg.tau_expand, expand_p + noise(k1, (capacity,)), NEG)
         collapse_ok = legal & (mean <= -cfg.tau_collapse)
         collapse_rank = jnp.where(collapse_ok, -mean + noise(k2, (capacity,)), NEG)
@@ -142,7 +151,7 @@ def refocus(
             return (
                 collapse(wc, index, k),
                 shift_for_collapse(scores, index, k, parent_score),
-                shift_for_collapse(cooldown, index, k, cfg.cooldown),
+                shift_for_collapse(cooldown, index, k, -cfg.cooldown),
                 shift_for_collapse(touched, index, k, True),
             )
 
@@ -183,7 +192,7 @@ def refocus(
     )
     out = jax.lax.while_loop(lambda c: c[-1], body, init)
     wc, _, cooldown, touched, expands, collapses = out[:6]
-    cooldown = jnp.where(touched | ~wc.valid, cooldown, jnp.maximum(cooldown - 1, 0))
+    cooldown = jnp.where(touched | ~wc.valid, cooldown, cooldown - jnp.sign(cooldown))
     return RefocusResult(
         wc=wc, cooldown=jnp.where(wc.valid, cooldown, 0), expands=expands, collapses=collapses
     )

@@ -42,35 +42,39 @@ def reference_refocus(ents, scores, cooldown, num_tokens, capacity, cfg):
     state["touched"] = [False] * len(ents)
     expands = collapses = 0
 
-    def edit(i, count, ents_new, score, new_count):
+    def edit(i, count, ents_new, score, new_count, cooldown):
         for key, new in (
             ("ents", ents_new),
             ("scores", [score] * new_count),
-            ("cooldown", [cfg.cooldown] * new_count),
+            ("cooldown", [cooldown] * new_count),
             ("touched", [True] * new_count),
         ):
             state[key] = _splice(state[key], i, count, new)
 
     def collapse_at(i):
         lod, start = state["ents"][i]
-        edit(i, k, [(lod + 1, start)], sum(state["scores"][i : i + k]) / k, 1)
+        edit(i, k, [(lod + 1, start)], sum(state["scores"][i : i + k]) / k, 1, -cfg.cooldown)
 
     go = cfg.max_edits > 0
     while go:
         ents, scores = state["ents"], state["scores"]
         n = len(ents)
         editable = [
-            not state["touched"][i]
-            and state["cooldown"][i] == 0
-            and ents[i][1] + k ** ents[i][0] <= num_tokens - cfg.recent_tail
+            not state["touched"][i] and ents[i][1] + k ** ents[i][0] <= num_tokens - cfg.recent_tail
             for i in range(n)
         ]
-        legal = [_legal_group(ents, editable, i, cfg) for i in range(n)]
+        # Only undoing an edit waits: an expansion's children (cooldown > 0) may not collapse,
+        # a collapse's parent (cooldown < 0) may not expand.
+        collapsible = [e and state["cooldown"][i] <= 0 for i, e in enumerate(editable)]
+        legal = [_legal_group(ents, collapsible, i, cfg) for i in range(n)]
         means = [sum(scores[i : i + k]) / k if legal[i] else 0.0 for i in range(n)]
         exp = [
             (scores[i], i)
             for i in range(n)
-            if editable[i] and ents[i][0] > 0 and scores[i] >= cfg.tau_expand
+            if editable[i]
+            and state["cooldown"][i] >= 0
+            and ents[i][0] > 0
+            and scores[i] >= cfg.tau_expand
         ]
         col = [(-means[i], i) for i in range(n) if legal[i] and means[i] <= -cfg.tau_collapse]
         e, c = _first_max(exp), _first_max(col)
@@ -93,14 +97,15 @@ def reference_refocus(ents, scores, cooldown, num_tokens, capacity, cfg):
                 state["touched"][e] = True
             else:
                 lod, start = state["ents"][e]
-                edit(e, 1, [(lod - 1, start + j * k ** (lod - 1)) for j in range(k)], 0.0, k)
+                children = [(lod - 1, start + j * k ** (lod - 1)) for j in range(k)]
+                edit(e, 1, children, 0.0, k, cfg.cooldown)
         elif c is not None:
             collapse_at(c[1])
         expands += do_expand and not skip
         collapses += (c is not None and not do_expand) + make_room
         go = (bool(exp) or bool(col)) and expands + collapses < cfg.max_edits
     cooldown = [
-        cd if t else max(cd - 1, 0)
+        cd if t else cd - (cd > 0) + (cd < 0)
         for cd, t in zip(state["cooldown"], state["touched"], strict=True)
     ]
     return state["ents"], cooldown, expands, collapses
@@ -123,7 +128,7 @@ def test_matches_reference_and_keeps_invariants(cfg, capacity, data):
     # Scores on a 1/8 grid: sums and means are exact in float32, so ties are real ties.
     scores = data.draw(st.lists(st.integers(-8, 8), min_size=capacity, max_size=capacity))
     scores = [s / 8 for s in scores]
-    cooldown = data.draw(st.lists(st.integers(0, 2), min_size=capacity, max_size=capacity))
+    cooldown = data.draw(st.lists(st.integers(-2, 2), min_size=capacity, max_size=capacity))
     for _ in range(2):  # a second refocus starts from the first's output and cooldowns
         out = refocus(wc, jnp.array(scores, jnp.float32), jnp.array(cooldown), n, cfg)
         check(out.wc, n, k, cfg.max_level, cfg.recent_tail)
@@ -208,14 +213,40 @@ def test_max_edits_and_cooldown():
     out = _run(ents, [0.9, 0.8, 0.7, 0.6] + [0.0] * 8, n, max_edits=2)
     assert int(out.expands) == 2 and entries(out.wc)[0] == (0, 0)
     cfg = AllocatorConfig(4, 2, 4, max_edits=8, cooldown=2)
-    cooldown = jnp.array([0, 1, 0, 0] + [0] * 28)
+    # (1, 0) was made by a collapse a refocus ago: it may not expand back yet. (1, 4) came from
+    # an expansion: it may expand further.
+    cooldown = jnp.array([-1, 1, 0, 0] + [0] * 28)
     scores = jnp.array([0.9] * 4 + [0.0] * 28)
     out = refocus(from_entries(ents, 32), scores, cooldown, n, cfg)
     got = entries(out.wc)
-    assert (1, 4) in got and (1, 0) not in got  # the cooling gist stayed
+    assert (1, 0) in got and (1, 4) not in got and (0, 4) in got
     cd = np.asarray(out.cooldown)
-    assert cd[got.index((1, 4))] == 0  # cooldowns tick down each refocus
-    assert cd[got.index((0, 0))] == 2  # fresh edits start cooling
+    assert cd[got.index((1, 0))] == 0  # cooldowns tick towards 0 each refocus
+    assert cd[got.index((0, 4))] == 2  # an expansion's children may not collapse back yet
+    # Children of an expansion do not collapse back however cold; a collapse's parent may
+    # collapse further with its siblings.
+    cold = jnp.array([-0.9] * 4 + [0.0] * 28)
+    out = refocus(from_entries(ents, 32), cold, jnp.array([2, 0, 0, 0] + [0] * 28), n, cfg)
+    assert entries(out.wc) == ents
+    out = refocus(from_entries(ents, 32), cold, jnp.array([-2, 0, 0, 0] + [0] * 28), n, cfg)
+    assert entries(out.wc)[0] == (2, 0)
+    assert np.asarray(out.cooldown)[0] == -2
+
+
+def test_descends_one_level_per_refocus():
+    # A needle at token 21, inside the level-2 gist (2, 16): refocus steps scoring whatever
+    # covers it bring it to LOD0 in two steps, one level each.
+    ents, n = [(2, 0), (2, 16), *[(0, t) for t in range(32, 40)]], 40
+    cfg = AllocatorConfig(4, 2, 4, max_edits=8, cooldown=2)
+    wc, cooldown = from_entries(ents, 32), jnp.zeros(32, jnp.int32)
+    for _ in range(2):
+        got = entries(wc)
+        scores = [1.0 if s <= 21 < s + 4**lod else 0.0 for lod, s in got]
+        out = refocus(wc, jnp.array(scores + [0.0] * (32 - len(got))), cooldown, n, cfg)
+        wc, cooldown = out.wc, out.cooldown
+        check(wc, n, 4, 2, 4)
+        assert int(out.expands) == 1
+    assert (0, 21) in entries(wc) and (1, 16) in entries(wc)
 
 
 def test_stochastic_variant_explores_and_stays_legal():
