@@ -116,7 +116,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.mc.base_checkpoint = ""  # frozen_base: workdir of a trained base model
     c.mc.scored_tokens = 32  # S: newest tokens whose predictions every condition scores
     c.mc.num_random_variants = 3  # counterfactual variants per training sequence
+    # Of training baselines and random variants: deep expansions (a gist down to one LOD0 block)
+    c.mc.deep_fraction = 0.0
     c.mc.train_temperature = 0.5  # allocator exploration for the LensNet-guided variant
+    c.mc.train_refocus_steps = 1  # refocus rounds that make the guided variant
     c.mc.lens_start = 0  # step at which the LensNet loss switches on
     c.mc.loss = ml_collections.ConfigDict()
     c.mc.loss.lm_tokens = 1.0
@@ -433,6 +436,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"{d.seq_len} must exceed mc.scored_tokens + mc.recent_tail",
         )
         _require(mc.scored_tokens >= 1, "mc.scored_tokens", "must be >= 1")
+    _require(0 <= mc.deep_fraction <= 1, "mc.deep_fraction", "must be in [0, 1]")
+    _require(mc.train_refocus_steps >= 1, "mc.train_refocus_steps", "must be >= 1")
     _require(mc.allocator.max_edits >= 0, "mc.allocator.max_edits", "must be >= 0")
     _require(mc.allocator.cooldown >= 0, "mc.allocator.cooldown", "must be >= 0")
     _require(mc.allocator.temperature >= 0, "mc.allocator.temperature", "must be >= 0")

@@ -33,14 +33,14 @@ from flax import nnx
 from tqdm import tqdm
 
 from megacontext_jax import data, tasks, variants
-from megacontext_jax.allocator import AllocatorConfig, refocus
+from megacontext_jax.allocator import AllocatorConfig
 from megacontext_jax.checkpoint import CheckpointError
 from megacontext_jax.mc_losses import ignored
 from megacontext_jax.megacontext import (
     MegaContext,
     entry_labels,
+    focus_rounds,
     gather_entries,
-    lens_scores,
     node_table,
     wc_positions,
     with_tail,
@@ -100,13 +100,9 @@ def focus(model: MegaContext, tokens: jax.Array, arrays: dict, config, steps: in
     n = tokens.shape[1] - 1
     cursor, wc_cap = n - mc.scored_tokens, mc.wc_size - mc.scored_tokens
     table, offsets = _table(model, tokens[:, :n], config)
-    cfg = AllocatorConfig.from_config(config)
     wc = WorkingContext(*(arrays[k][:, :wc_cap] for k in ("lod", "start", "context")))
-    cooldown = jnp.zeros(wc.lod.shape, jnp.int32)
-    for _ in range(steps):
-        scores = lens_scores(model, table, offsets, wc.lod, wc.start, wc.valid, cursor, config)
-        result = jax.vmap(lambda w, s, c: refocus(w, s, c, cursor, cfg))(wc, scores, cooldown)
-        wc, cooldown = result.wc, result.cooldown
+    cfg = AllocatorConfig.from_config(config)
+    wc, _ = focus_rounds(model, table, offsets, wc, cursor, config, cfg, steps)
     return with_tail(wc, cursor, mc.scored_tokens, mc.wc_size)
 
 

@@ -1,7 +1,8 @@
 """MegaContext training losses (DESIGN section 8), in one jit-able function.
 
-Per sequence ``tokens [T + 1]`` and host-built contexts (pyramid, window, random variants; see
-``variants.py``), plus one LensNet-guided variant made in-graph by the allocator:
+Per sequence ``tokens [T + 1]`` and host-built contexts (a baseline, the window, random variants
+of the baseline; see ``variants.training_contexts``), plus one LensNet-guided variant made in-graph
+by the allocator:
 
 * ``lm_tokens``: the ordinary next-token loss of the base model on the raw tokens (e2e only);
 * ``lm_wc``: next-token loss on every working-context entry, each labelled with the first token
@@ -15,7 +16,7 @@ Per sequence ``tokens [T + 1]`` and host-built contexts (pyramid, window, random
 * ``pyramid`` (optional, DESIGN section 6.2): every token and gist of the sequence in one pass of
   the base model under the pyramid mask, each entry labelled with the first token after its span:
   the base model learns to read gists at every position, not only at the scored ones;
-* ``lens``: Bradley–Terry preference loss: for two variants a, b of the pyramid with measured loss
+* ``lens``: Bradley–Terry preference loss: for two variants a, b of the baseline with measured loss
   L_a < L_b, ``-log sigmoid(u_a - u_b)`` where u is LensNet's utility of the variant's edits
   (sum of scores of expanded gists minus mean scores of collapsed groups), plus
   ``lens_prior`` times the mean squared score (a pull towards 0, "leave as is").
@@ -28,10 +29,11 @@ import jax.numpy as jnp
 import ml_collections
 
 from kernels.mixed_attention import Entries, MaskSpec
-from megacontext_jax.allocator import AllocatorConfig, refocus
+from megacontext_jax.allocator import AllocatorConfig
 from megacontext_jax.megacontext import (
     MegaContext,
     entry_labels,
+    focus_rounds,
     gather_entries,
     lens_scores,
     node_layout,
@@ -108,7 +110,8 @@ def span_kl(
 def guided_contexts(
     model: MegaContext, table, offsets, arrays, cursor: int, config, key
 ) -> tuple[dict[str, jax.Array], jax.Array, jax.Array]:
-    """LensNet scores of the pyramid (variant 0) and the allocator's refocus of it.
+    """LensNet scores of the baseline (variant 0) and ``mc.train_refocus_steps`` rounds of the
+    allocator's refocus of it (as at evaluation, where a needle descends a level per round).
 
     Returns the refocused context followed by the scored tail (``[B, 1, W]`` arrays), the scores
     ``[B, W]`` and the number of edits per example.
@@ -120,12 +123,20 @@ def guided_contexts(
         AllocatorConfig.from_config(config), temperature=config.mc.train_temperature
     )
     wc = WorkingContext(lod[:, :wc_cap], start[:, :wc_cap], ctx[:, :wc_cap])
-    keys = jax.random.split(key, lod.shape[0])
-    result = jax.vmap(
-        lambda wc, s, key: refocus(wc, s, jnp.zeros(wc_cap, jnp.int32), cursor, cfg, key)
-    )(wc, sg(scores[:, :wc_cap]), keys)
-    guided = with_tail(result.wc, cursor, config.mc.scored_tokens, w)
-    return {k: v[:, None] for k, v in guided.items()}, scores, result.expands + result.collapses
+    wc, edits = focus_rounds(
+        model,
+        table,
+        offsets,
+        wc,
+        cursor,
+        config,
+        cfg,
+        config.mc.train_refocus_steps,
+        key,
+        scores[:, :wc_cap],
+    )
+    guided = with_tail(wc, cursor, config.mc.scored_tokens, w)
+    return {k: v[:, None] for k, v in guided.items()}, scores, edits
 
 
 def utilities(scores, base_lod, base_start, base_ctx, lod, start, ctx, block_size):
@@ -158,7 +169,8 @@ def mc_loss(
     key: jax.Array,
     config: ml_collections.ConfigDict,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Total loss and metrics. ``batch``: ``tokens [B, T+1]``, contexts ``[B, V, W]``, ``expand_lod``."""
+    """Total loss and metrics. ``batch``: ``tokens [B, T+1]``, contexts ``[B, V, W]``,
+    ``expand_lod [B, V - 3]`` and ``from_pyramid [B]`` (as ``trainer.mc_batch`` builds them)."""
     mc, weights = config.mc, config.mc.loss
     k, s_len = mc.block_size, mc.scored_tokens
     tokens = batch["tokens"]
@@ -207,7 +219,7 @@ def mc_loss(
         token_nll(full_logits[:, cursor:t], targets[:, cursor:t]), target_mask[:, cursor:t]
     )
 
-    # LensNet preferences among the pyramid-derived variants (all but the window, index 1).
+    # LensNet preferences among the baseline and its variants (all but the window, index 1).
     pyramid_like = jnp.array([i for i in range(v) if i != 1])
     u = utilities(
         scores,
@@ -249,7 +261,10 @@ def mc_loss(
     if weights.pyramid > 0:
         extra["loss/pyramid"] = pyramid_pass(model, table, tokens, config)
         total = total + weights.pyramid * extra["loss/pyramid"]
-    delta = variant_loss[:, 2:-1] - variant_loss[:, :1]  # random variants vs the pyramid
+    delta = variant_loss[:, 2:-1] - variant_loss[:, :1]  # random variants vs their baseline
+    # The condition metrics, over the examples whose baseline is the pyramid (see ``deep_fraction``).
+    from_pyramid = batch["from_pyramid"]
+    on_pyramid = jnp.where(from_pyramid.any(), 0.0, jnp.nan)
     metrics = {
         "loss": total,
         "lm_tokens": lm_tokens,
@@ -257,10 +272,10 @@ def mc_loss(
         "kl": kl,
         "lens": lens,
         "loss/full": teacher_nll,
-        "loss/mc_static": variant_loss[:, 0].mean(),
+        "loss/mc_static": _masked_mean(variant_loss[:, 0], from_pyramid) + on_pyramid,
         "loss/window": variant_loss[:, 1].mean(),
         "loss/random": variant_loss[:, 2:-1].mean(),
-        "loss/mc_focus": variant_loss[:, -1].mean(),
+        "loss/mc_focus": _masked_mean(variant_loss[:, -1], from_pyramid) + on_pyramid,
         "lens/agreement": agreement,
         "lens/correlation": corr,
         "lens/pairs": prefer.sum(),

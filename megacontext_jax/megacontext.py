@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from megacontext_jax.allocator import AllocatorConfig, refocus
 from megacontext_jax.gistnet import GistNet, build_levels
 from megacontext_jax.lensnet import LensNet
 from megacontext_jax.model import GPT, DecoderLM
@@ -132,6 +133,37 @@ def lens_scores(
     mu, sigma = wc_positions(lod, start, config)
     cursor_b = jnp.full(lod.shape[:1], cursor, jnp.int32)
     return model.lensnet(emb, WorkingContext(lod, start, context), mu, sigma, context, cursor_b)
+
+
+def focus_rounds(
+    model: MegaContext,
+    table,
+    offsets,
+    wc: WorkingContext,
+    cursor: int,
+    config: ml_collections.ConfigDict,
+    cfg: AllocatorConfig,
+    rounds: int,
+    key: jax.Array | None = None,
+    scores: jax.Array | None = None,
+) -> tuple[WorkingContext, jax.Array]:
+    """``rounds`` refocus steps of the contexts ``wc [B, Wc]``: LensNet scores them, the allocator
+    edits them, the cooldown carries over. ``scores [B, Wc]``: the first round's, where the caller
+    has them. Returns the refocused contexts and the edits made per example ``[B]``.
+    """
+    b, capacity = wc.lod.shape
+    cooldown = jnp.zeros((b, capacity), jnp.int32)
+    edits = jnp.zeros(b, jnp.int32)
+    keys = jax.random.split(jax.random.key(0) if key is None else key, (rounds, b))
+    for r in range(rounds):
+        if scores is None or r > 0:
+            scores = lens_scores(model, table, offsets, wc.lod, wc.start, wc.valid, cursor, config)
+        result = jax.vmap(lambda w, s, c, k: refocus(w, s, c, cursor, cfg, k))(
+            wc, jax.lax.stop_gradient(scores), cooldown, keys[r]
+        )
+        wc, cooldown = result.wc, result.cooldown
+        edits = edits + result.expands + result.collapses
+    return wc, edits
 
 
 def with_tail(

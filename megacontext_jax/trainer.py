@@ -43,11 +43,22 @@ def mc_batch(
     layout = variants.Layout.from_config(config)
     rows, seq_len = batch["inputs"].shape
     rng = np.random.default_rng([config.seed, step, jax.process_index()])
-    contexts, expand_lod = variants.training_contexts(
-        rows, config.mc.num_random_variants, seq_len - layout.scored, layout, rng
+    contexts, expand_lod, from_pyramid = variants.training_contexts(
+        rows,
+        config.mc.num_random_variants,
+        seq_len - layout.scored,
+        layout,
+        rng,
+        config.mc.deep_fraction,
     )
     tokens = np.concatenate([batch["inputs"], batch["targets"][:, -1:]], axis=1)
-    out = {**batch, **contexts, "tokens": tokens, "expand_lod": expand_lod}
+    out = {
+        **batch,
+        **contexts,
+        "tokens": tokens,
+        "expand_lod": expand_lod,
+        "from_pyramid": from_pyramid,
+    }
     if config.mc.loss.span_kl > 0:
         spans = variants.span_layout(
             rows,

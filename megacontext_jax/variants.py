@@ -6,9 +6,11 @@ allocator see only the context, as they would at a refocus during decoding; ever
 the same S tokens, so their losses compare directly.
 
 Conditions over the context: ``pyramid`` (the recency pyramid), ``window`` (the newest Wc tokens,
-the plain-model baseline) and random counterfactual ``variants`` of the pyramid: one or two aligned
-edits (expand a gist, collapsing a random sibling group when the budget needs room; or collapse a
-group), each keeping every WC invariant.
+the plain-model baseline) and random counterfactual ``variants`` of a baseline: aligned edits
+(expand a gist, collapsing random sibling groups when the budget needs room; or collapse a group),
+each keeping every WC invariant. A ``deep_variant`` brings K tokens under gists to LOD0, a level at a
+time: the one change that turns a passkey in a coarse gist into readable digits, which
+single-level expansions never measure, since the base model reads no digits out of a gist.
 """
 
 import dataclasses
@@ -117,6 +119,49 @@ def random_variant(
     return list(ents), -1
 
 
+def _descend(ents: Entries, token: int, k: int) -> tuple[Entries, tuple[int, int]]:
+    """``ents`` with the entry over ``token`` expanded, then the child over it, down to LOD0;
+    returns it and the (lod, start) of the entry first expanded (lod 0: nothing to do)."""
+    i = max(j for j, (_, s) in enumerate(ents) if s <= token)
+    root = ents[i]
+    for lod in range(root[0], 0, -1):
+        ents = _expand(ents, i, k)
+        i += (token - ents[i][1]) // k ** (lod - 1)
+    return ents, root
+
+
+def deep_variant(
+    ents: Entries, cursor: int, layout: Layout, rng: np.random.Generator
+) -> tuple[Entries, int] | None:
+    """``ents`` with the K tokens from a random one under a gist brought to LOD0 (the one or two
+    blocks they touch): the gist over each expanded, then the child over it, down to LOD0,
+    collapsing random sibling groups outside those gists' spans while over budget. Returns it and
+    the coarsest lod expanded, or None where no gist is expandable or the budget cannot make room.
+
+    The token is uniform over the gists' spans, so a coarse gist is chosen in proportion to the
+    history it covers; K tokens from it, a fact a few tokens long that straddles two blocks (a
+    passkey's digits, half of the time) is read whole.
+    """
+    k = layout.block_size
+    expandable = _expandable(ents, cursor, layout)
+    if not expandable:
+        return None
+    spans = np.array([k ** ents[i][0] for i in expandable], np.float64)
+    lod, start = ents[int(rng.choice(expandable, p=spans / spans.sum()))]
+    token = start + int(rng.integers(k**lod))
+    new, roots = list(ents), []
+    for t in (token, min(token + k - 1, cursor - layout.recent_tail - 1)):
+        new, root = _descend(new, t, k)
+        roots.append(root)
+    while len(new) > layout.context_capacity:
+        frozen = {j for j, (_, s) in enumerate(new) if any(r <= s < r + k**l for l, r in roots)}
+        groups = _legal_groups(new, cursor, layout, frozen)
+        if not groups:
+            return None
+        new = _collapse(new, int(rng.choice(groups)), k)
+    return new, max(l for l, _ in roots)
+
+
 def to_arrays(contexts: list[Entries], cursor: int, layout: Layout) -> dict[str, np.ndarray]:
     """Contexts, each followed by the S scored tokens, as ``lod``/``start``/``valid`` ``[n, W]``."""
     n, w = len(contexts), layout.capacity
@@ -137,23 +182,49 @@ def to_arrays(contexts: list[Entries], cursor: int, layout: Layout) -> dict[str,
 
 
 def training_contexts(
-    batch: int, num_random: int, cursor: int, layout: Layout, rng: np.random.Generator
-) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Per example: pyramid, window, then ``num_random`` random variants of the pyramid.
+    batch: int,
+    num_random: int,
+    cursor: int,
+    layout: Layout,
+    rng: np.random.Generator,
+    deep_fraction: float = 0.0,
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """Per example: a baseline, the window, then ``num_random`` random variants of the baseline.
 
-    Returns arrays ``[batch, 2 + num_random, W]`` and the expanded lod of each random variant
-    ``[batch, num_random]`` (-1 for a collapse-only variant).
+    The baseline is the pyramid, or with probability ``deep_fraction`` a ``deep_variant`` of it,
+    so that LensNet also learns to score contexts focus has already changed (LOD0 blocks and
+    fine gists far from the tail); each random variant is, with that probability, a
+    ``deep_variant`` of the baseline, else a ``random_variant``.
+
+    Returns arrays ``[batch, 2 + num_random, W]``, the expanded lod of each random variant
+    ``[batch, num_random]`` (-1 for a collapse-only variant), and whether each baseline is the
+    pyramid ``[batch]``.
     """
-    base = pyramid(cursor, layout)
-    rows, lods = [], []
+    pyr = pyramid(cursor, layout)
+
+    def deep_or(ents, fallback):
+        if deep_fraction > 0 and rng.random() < deep_fraction:
+            deep = deep_variant(ents, cursor, layout, rng)
+            if deep is not None:
+                return deep
+        return fallback(ents)
+
+    rows, lods, from_pyramid = [], [], []
     for _ in range(batch):
-        variants = [random_variant(base, cursor, layout, rng) for _ in range(num_random)]
+        base, _ = deep_or(pyr, lambda e: (e, -1))
+        variants = [
+            deep_or(base, lambda e: random_variant(e, cursor, layout, rng))
+            for _ in range(num_random)
+        ]
         rows.extend([base, window(cursor, layout), *(v for v, _ in variants)])
         lods.append([l for _, l in variants])
+        from_pyramid.append(base == pyr)
     arrays = to_arrays(rows, cursor, layout)
     shape = (batch, 2 + num_random, layout.capacity)
-    return {k: v.reshape(shape) for k, v in arrays.items()}, np.array(lods, np.int32).reshape(
-        batch, num_random
+    return (
+        {k: v.reshape(shape) for k, v in arrays.items()},
+        np.array(lods, np.int32).reshape(batch, num_random),
+        np.array(from_pyramid),
     )
 
 

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from kernels.mixed_attention import Entries, MaskSpec
 from megacontext_jax import variants
+from megacontext_jax.allocator import AllocatorConfig, refocus
 from megacontext_jax.checkpoint import Checkpointer
 from megacontext_jax.gistnet import build_levels
 from megacontext_jax.mc_losses import guided_contexts, mc_loss, span_kl
@@ -18,6 +19,7 @@ from megacontext_jax.megacontext import (
     MegaContext,
     entry_labels,
     gather_entries,
+    lens_scores,
     node_layout,
     node_table,
 )
@@ -26,7 +28,7 @@ from megacontext_jax.restore import load_model
 from megacontext_jax.sharding import make_mesh
 from megacontext_jax.train_step import make_trainable
 from megacontext_jax.trainer import mc_batch, train
-from megacontext_jax.working_context import check, from_entries
+from megacontext_jax.working_context import check, entries, from_entries
 from tests.conftest import tiny_mc_config
 
 LAYOUT = variants.Layout(block_size=4, max_level=2, capacity=24, scored=4, recent_tail=4)
@@ -53,10 +55,14 @@ def test_training_contexts_keep_every_invariant(k, max_level, seed, data):
     tail = data.draw(st.integers(0, capacity - scored - 2 * k))
     layout = variants.Layout(k, max_level, capacity, scored, tail)
     cursor = data.draw(st.integers(1, 3000))
-    arrays, expand_lod = variants.training_contexts(
-        3, 3, cursor, layout, np.random.default_rng(seed)
+    deep = data.draw(st.sampled_from([0.0, 0.5, 1.0]))
+    arrays, expand_lod, from_pyramid = variants.training_contexts(
+        3, 3, cursor, layout, np.random.default_rng(seed), deep
     )
+    pyramid = variants.pyramid(cursor, layout)
     for b in range(3):
+        assert (_rows(arrays, b, 0) == pyramid) == from_pyramid[b]
+        assert from_pyramid[b] or deep > 0
         for v in (0, 2, 3, 4):  # the window (1) drops history on purpose
             context = _rows(arrays, b, v)
             check(from_entries(context, layout.context_capacity), cursor, k, max_level, tail)
@@ -70,9 +76,46 @@ def test_training_contexts_keep_every_invariant(k, max_level, seed, data):
                 assert any(l == lod - 1 for l, _ in _rows(arrays, b, v))
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from([2, 4, 8]), st.integers(1, 3), st.integers(0, 2**31 - 1), st.data())
+def test_deep_variant_brings_k_tokens_to_lod0(k, max_level, seed, data):
+    capacity = data.draw(st.integers(4 * k + 8, 80))
+    tail = data.draw(st.integers(0, capacity - 1 - 2 * k))
+    layout = variants.Layout(k, max_level, capacity, 1, tail)
+    cursor = data.draw(st.integers(1, 3000))
+    ents = variants.pyramid(cursor, layout)
+    out = variants.deep_variant(ents, cursor, layout, np.random.default_rng(seed))
+    if out is None:
+        return
+    new, root_lod = out
+    check(from_entries(new, layout.context_capacity), cursor, k, max_level, tail)
+    # One or two whole blocks that were under gists, one after the other, are now tokens.
+    fresh = [s for l, s in new if l == 0 and (0, s) not in ents]
+    assert len(fresh) in (k, 2 * k) and fresh[0] % k == 0
+    assert fresh == list(range(fresh[0], fresh[0] + len(fresh)))
+
+    def covering(entries, s):
+        return entries[max(i for i, (_, start) in enumerate(entries) if start <= s)]
+
+    assert max(covering(ents, t)[0] for t in fresh) == root_lod
+    roots = {covering(ents, t) for t in fresh}  # the pyramid's gists that were expanded
+
+    def holds_fresh(lod, s):
+        return any(s <= t < s + k**lod for t in fresh)
+
+    for lod, s in new:
+        if any(r <= s < r + k**rl for rl, r in roots):
+            # Inside: the cover of the paths down to the blocks, each entry a child of a node
+            # on a path and on a path itself only at LOD0.
+            assert lod == 0 or not holds_fresh(lod, s)
+            assert holds_fresh(lod + 1, s // k ** (lod + 1) * k ** (lod + 1))
+        else:  # elsewhere entries only collapsed
+            assert lod >= covering(ents, s)[0]
+
+
 def test_labels_are_the_first_token_after_each_span():
     cursor = 60
-    arrays, _ = variants.training_contexts(2, 2, cursor, LAYOUT, np.random.default_rng(0))
+    arrays, *_ = variants.training_contexts(2, 2, cursor, LAYOUT, np.random.default_rng(0))
     tokens = jnp.broadcast_to(jnp.arange(65), (2, 65))  # token value == position
     labels, mask = entry_labels(
         tokens, *(jnp.asarray(arrays[n]) for n in ("lod", "start", "valid")), 4, (256, 257)
@@ -107,18 +150,48 @@ def _batch(config, step=0, seed=0):
     return {k: jnp.asarray(v) for k, v in mc_batch(raw, step, config).items()}
 
 
-def test_guided_variant_keeps_invariants():
+@pytest.mark.parametrize("rounds", [1, 3])
+def test_guided_variant_is_rounds_of_lensnet_and_allocator(rounds):
     config = tiny_mc_config("/unused", "/unused")
+    config.unlock()
+    config.mc.train_refocus_steps, config.mc.train_temperature = rounds, 0.0
+    config.mc.allocator.max_edits = 1  # so that every round has edits left to make
     model = MegaContext(config, rngs=nnx.Rngs(0))
     batch = _batch(config)
     table, offsets = node_table(model.gistnet, model.base.embed(batch["tokens"][:, :64]), 4, 2)
     host = {n: batch[n] for n in ("lod", "start", "valid", "context")}
-    guided, scores, _ = guided_contexts(model, table, offsets, host, 60, config, jax.random.key(1))
+    guided, scores, edits = guided_contexts(
+        model, table, offsets, host, 60, config, jax.random.key(1)
+    )
     assert scores.shape == (2, 24) and float(jnp.abs(scores).max()) <= 1.0
     arrays = {k: np.asarray(v) for k, v in guided.items()}
+    cfg = AllocatorConfig.from_config(config)
     for b in range(2):
         check(from_entries(_rows(arrays, b, 0), 20), 60, 4, 2, 4)
         check(from_entries(_rows(arrays, b, 0, "valid"), 24), 64, 4, 2, 4)
+        # The same rounds by hand: score, refocus, carry the cooldown.
+        wc = from_entries(_rows(host, b, 0), 20)
+        cooldown, made = jnp.zeros(20, jnp.int32), 0
+        for r in range(rounds):
+            s = (
+                scores[b, :20]
+                if r == 0
+                else lens_scores(
+                    model,
+                    table[b : b + 1],
+                    offsets,
+                    wc.lod[None],
+                    wc.start[None],
+                    wc.valid[None],
+                    60,
+                    config,
+                )[0]
+            )
+            out = refocus(wc, s, cooldown, 60, cfg)
+            wc, cooldown = out.wc, out.cooldown
+            made += int(out.expands + out.collapses)
+        assert entries(wc) == _rows(arrays, b, 0)
+        assert int(edits[b]) == made == rounds
 
 
 @pytest.mark.parametrize("lens_start,lens_grads", [(0, True), (10, False)])
@@ -136,6 +209,27 @@ def test_gradients_reach_every_part(lens_start, lens_grads):
     assert norm(grads.base) > 0
     assert norm(grads.gistnet) > 0
     assert (norm(grads.lensnet) > 0) == lens_grads
+
+
+def test_condition_metrics_average_the_pyramid_baselines_only():
+    """With ``deep_fraction`` some baselines are deep expansions: ``loss/mc_static`` and
+    ``loss/mc_focus`` average the examples whose baseline is the pyramid, and nothing else."""
+    config = tiny_mc_config("/unused", "/unused")
+    config.unlock()
+    config.mc.deep_fraction = 1.0
+    model = MegaContext(config, rngs=nnx.Rngs(0))
+    batch = _batch(config)
+    assert not batch["from_pyramid"].all()  # the deep baselines are in use
+    metrics = {}
+    for which in ((True, True), (True, False), (False, True), (False, False)):
+        b = {**batch, "from_pyramid": jnp.array(which)}
+        metrics[which] = mc_loss(model, b, jnp.int32(0), jax.random.key(0), config)[1]
+    for name in ("loss/mc_static", "loss/mc_focus"):
+        both, first, second = (float(metrics[w][name]) for w in list(metrics)[:3])
+        np.testing.assert_allclose(both, (first + second) / 2, rtol=1e-5)
+        assert first != second
+        assert np.isnan(float(metrics[False, False][name]))
+    np.testing.assert_array_equal(metrics[True, True]["lens"], metrics[False, False]["lens"])
 
 
 def test_lens_prior_adds_the_mean_squared_score():
