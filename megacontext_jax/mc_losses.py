@@ -262,7 +262,7 @@ def mc_loss(
         extra["loss/pyramid"] = pyramid_pass(model, table, tokens, config)
         total = total + weights.pyramid * extra["loss/pyramid"]
     delta = variant_loss[:, 2:-1] - variant_loss[:, :1]  # random variants vs their baseline
-    # The condition metrics, over the examples whose baseline is the pyramid (see ``deep_fraction``).
+    # The condition metrics average the examples whose baseline is the pyramid (``deep_fraction``).
     from_pyramid = batch["from_pyramid"]
     on_pyramid = jnp.where(from_pyramid.any(), 0.0, jnp.nan)
     metrics = {

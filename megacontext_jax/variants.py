@@ -8,8 +8,8 @@ the same S tokens, so their losses compare directly.
 Conditions over the context: ``pyramid`` (the recency pyramid), ``window`` (the newest Wc tokens,
 the plain-model baseline) and random counterfactual ``variants`` of a baseline: aligned edits
 (expand a gist, collapsing random sibling groups when the budget needs room; or collapse a group),
-each keeping every WC invariant. A ``deep_variant`` brings K tokens under gists to LOD0, a level at a
-time: the one change that turns a passkey in a coarse gist into readable digits, which
+each keeping every WC invariant. A ``deep_variant`` brings K tokens under gists to LOD0, a level
+at a time: the one change that turns a passkey in a coarse gist into readable digits, which
 single-level expansions never measure, since the base model reads no digits out of a gist.
 """
 
