@@ -9,8 +9,8 @@ Deterministic and jit-able (fixed shapes; the edit loop is a ``lax.while_loop``)
 Edits are applied one at a time in order of |score|, each keeping every WC invariant: nothing in the
 recent tail is touched, an entry created or changed in this refocus is not edited again (no
 overlapping edits), no edit is undone within ``cooldown`` refocus steps, and the budget W is never
-exceeded: an expansion that does not fit first collapses the lowest-scoring
-sibling group (if that group scores below the expansion). At most ``max_edits`` edits per refocus.
+exceeded: an expansion that does not fit first collapses the lowest-scoring sibling group (if that
+group scores below the expansion). At most ``max_edits`` edits per refocus.
 With ``temperature > 0`` candidates are ranked by |score| plus Gumbel noise times the temperature:
 the stochastic variant for exploration during training.
 

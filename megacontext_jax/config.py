@@ -116,7 +116,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mc.base_checkpoint = ""  # frozen_base: workdir of a trained base model
     c.mc.scored_tokens = 32  # S: newest tokens whose predictions every condition scores
     c.mc.num_random_variants = 3  # counterfactual variants per training sequence
-    # Of training baselines and random variants: deep expansions (a gist down to one LOD0 block)
+    # Of training baselines and random variants: deep ones (K tokens under gists brought to LOD0)
     c.mc.deep_fraction = 0.0
     c.mc.train_temperature = 0.5  # allocator exploration for the LensNet-guided variant
     c.mc.train_refocus_steps = 1  # refocus rounds that make the guided variant

@@ -90,6 +90,21 @@ def _collapse(ents: Entries, i: int, k: int) -> Entries:
     return [*ents[:i], (ents[i][0] + 1, ents[i][1]), *ents[i + k :]]
 
 
+def _make_room(
+    ents: Entries, cursor: int, layout: Layout, kept: list[tuple[int, int]], rng
+) -> Entries | None:
+    """``ents`` with random sibling groups collapsed, none inside the spans of the ``kept``
+    (lod, start) nodes, until they fit the budget; None where no legal group is left."""
+    k = layout.block_size
+    while len(ents) > layout.context_capacity:
+        frozen = {j for j, (_, s) in enumerate(ents) if any(r <= s < r + k**l for l, r in kept)}
+        groups = _legal_groups(ents, cursor, layout, frozen)
+        if not groups:
+            return None
+        ents = _collapse(ents, int(rng.choice(groups)), k)
+    return ents
+
+
 def random_variant(
     ents: Entries, cursor: int, layout: Layout, rng: np.random.Generator
 ) -> tuple[Entries, int]:
@@ -102,17 +117,9 @@ def random_variant(
     expandable = _expandable(ents, cursor, layout)
     if expandable and rng.random() < 0.5:
         i = int(rng.choice(expandable))
-        expanded_lod = ents[i][0]
-        new = _expand(ents, i, k)
-        while len(new) > layout.context_capacity:
-            groups = _legal_groups(new, cursor, layout, frozen=set(range(i, i + k)))
-            if not groups:
-                break
-            g = int(rng.choice(groups))
-            new = _collapse(new, g, k)
-            i = i - (k - 1) if g < i else i
-        else:
-            return new, expanded_lod
+        new = _make_room(_expand(ents, i, k), cursor, layout, [ents[i]], rng)
+        if new is not None:
+            return new, ents[i][0]
     groups = _legal_groups(ents, cursor, layout, frozen=set())
     if groups:
         return _collapse(ents, int(rng.choice(groups)), k), -1
@@ -153,13 +160,8 @@ def deep_variant(
     for t in (token, min(token + k - 1, cursor - layout.recent_tail - 1)):
         new, root = _descend(new, t, k)
         roots.append(root)
-    while len(new) > layout.context_capacity:
-        frozen = {j for j, (_, s) in enumerate(new) if any(r <= s < r + k**l for l, r in roots)}
-        groups = _legal_groups(new, cursor, layout, frozen)
-        if not groups:
-            return None
-        new = _collapse(new, int(rng.choice(groups)), k)
-    return new, max(l for l, _ in roots)
+    new = _make_room(new, cursor, layout, roots, rng)
+    return None if new is None else (new, max(l for l, _ in roots))
 
 
 def to_arrays(contexts: list[Entries], cursor: int, layout: Layout) -> dict[str, np.ndarray]:
