@@ -23,6 +23,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 OPTIMIZERS = ("adamw", "muon")
 MODEL_FAMILIES = ("gpt", "llama")
 POOLINGS = ("mean", "query", "cls")
+LENS_WEIGHTINGS = ("uniform", "gap")
 MC_MODES = ("e2e", "frozen_base")
 PROJECTIONS = ("linear", "mlp")
 
@@ -128,6 +129,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mc.loss.lens = 1.0
     c.mc.loss.lens_margin = 0.002  # nats: smaller loss differences are not preferences
     c.mc.loss.lens_prior = 0.0  # weight of the mean squared LensNet score (keeps tanh unsaturated)
+    c.mc.loss.lens_weighting = "uniform"  # preference pairs weighted alike, or by their loss gap
     c.mc.loss.pyramid = 0.0  # weight of the pyramid pass (DESIGN 6.2); 0 leaves it out
     c.mc.loss.span_kl = 0.0  # weight of the close-range substitutability pass; 0 leaves it out
     c.mc.span_kl = ml_collections.ConfigDict()
@@ -393,6 +395,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"{mc.wc_size} leaves no room for gists beside a tail of {mc.recent_tail} (needs >= tail + 2K)",
     )
     _require(mc.loss.lens_prior >= 0, "mc.loss.lens_prior", "must be >= 0")
+    _require(
+        mc.loss.lens_weighting in LENS_WEIGHTINGS,
+        "mc.loss.lens_weighting",
+        f"must be one of {LENS_WEIGHTINGS}",
+    )
     _require(mc.loss.pyramid >= 0, "mc.loss.pyramid", "must be >= 0 (0 leaves the pass out)")
     _require(mc.loss.span_kl >= 0, "mc.loss.span_kl", "must be >= 0 (0 leaves the pass out)")
     if mc.loss.span_kl > 0:

@@ -18,7 +18,8 @@ by the allocator:
   the base model learns to read gists at every position, not only at the scored ones;
 * ``lens``: Bradley–Terry preference loss: for two variants a, b of the baseline with measured loss
   L_a < L_b, ``-log sigmoid(u_a - u_b)`` where u is LensNet's utility of the variant's edits
-  (sum of scores of expanded gists minus mean scores of collapsed groups), plus
+  (sum of scores of expanded gists minus mean scores of collapsed groups), each pair weighted
+  by 1 or by its loss gap (``lens_weighting``), plus
   ``lens_prior`` times the mean squared score (a pull towards 0, "leave as is").
 """
 
@@ -162,6 +163,25 @@ def utilities(scores, base_lod, base_start, base_ctx, lod, start, ctx, block_siz
     )
 
 
+def preference_loss(
+    losses: jax.Array, u: jax.Array, margin: float, gap_weighted: bool
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Bradley–Terry loss of utilities ``u [B, V]`` against measured variant ``losses [B, V]``.
+
+    Every pair a, b of one example with ``L_a < L_b - margin`` adds ``-log sigmoid(u_a - u_b)``.
+    ``gap_weighted`` weighs a pair by ``L_b - L_a``, what misordering it costs: a variant that
+    brings a needle back (a gap of nats) then outweighs the many near-ties of ordinary text.
+    Returns the loss (weighted mean over pairs), ``prefer [B, V, V]`` (1 where a is preferred to
+    b) and ``du [B, V, V] = u_a - u_b``.
+    """
+    gap = losses[:, None, :] - losses[:, :, None]
+    prefer = (gap > margin).astype(jnp.float32)
+    weight = prefer * gap if gap_weighted else prefer
+    du = u[:, :, None] - u[:, None, :]
+    loss = jnp.sum(weight * jax.nn.softplus(-du)) / jnp.maximum(weight.sum(), 1e-9)
+    return loss, prefer, du
+
+
 def mc_loss(
     model: MegaContext,
     batch: dict[str, jax.Array],
@@ -232,9 +252,9 @@ def mc_loss(
         k,
     )
     losses = sg(variant_loss[:, pyramid_like])
-    prefer = (losses[:, :, None] < losses[:, None, :] - mc.loss.lens_margin).astype(jnp.float32)
-    du = u[:, :, None] - u[:, None, :]
-    lens = jnp.sum(prefer * jax.nn.softplus(-du)) / jnp.maximum(prefer.sum(), 1.0)
+    lens, prefer, du = preference_loss(
+        losses, u, mc.loss.lens_margin, mc.loss.lens_weighting == "gap"
+    )
     # Scores default to 0 ("leave as is") where preferences give no evidence: without this pull,
     # Adam drives the tanh scores to saturation (every entry at +1 or -1), where no gradient is left.
     score_ms = _masked_mean(jnp.square(scores), ctx[:, 0])

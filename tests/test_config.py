@@ -39,6 +39,7 @@ def test_overrides_are_typed():
         ("--config.model=3", "config.model is a group of fields"),
         ("--config.mc.sigma_scale=-1", r"config.mc.sigma_scale: must be >= 0, got -1.0"),
         ("--config.mc.deep_fraction=1.5", r"config.mc.deep_fraction: must be in \[0, 1\]"),
+        ("--config.mc.loss.lens_weighting=loss", "config.mc.loss.lens_weighting: must be one of"),
         ("--config.data.seq_len=100", "passkey tasks need data.seq_len >= 128, got 100"),
         ("--config.curriculum.steps=99999", r"config.curriculum.steps: must be in \[0, train"),
         ("--config.curriculum.steps=1 --config.curriculum.seq_len=64", "need sequences of >= 128"),

@@ -14,7 +14,7 @@ from megacontext_jax import variants
 from megacontext_jax.allocator import AllocatorConfig, refocus
 from megacontext_jax.checkpoint import Checkpointer
 from megacontext_jax.gistnet import build_levels
-from megacontext_jax.mc_losses import guided_contexts, mc_loss, span_kl
+from megacontext_jax.mc_losses import guided_contexts, mc_loss, preference_loss, span_kl
 from megacontext_jax.megacontext import (
     MegaContext,
     entry_labels,
@@ -249,6 +249,35 @@ def test_lens_prior_adds_the_mean_squared_score():
     expected = 3.0 * float(metrics["lens/score_rms"]) ** 2
     np.testing.assert_allclose(totals[3.0, 10] - totals[0.0, 10], expected, rtol=1e-4)
     np.testing.assert_allclose(totals[3.0, 0], totals[0.0, 0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("gap_weighted", [False, True])
+def test_preference_loss_is_the_weighted_bradley_terry_mean(gap_weighted):
+    """Pairs closer than the margin are not preferences; the rest are weighed by 1 or the gap."""
+    losses = np.array([[1.0, 1.5, 1.001, 3.0], [2.0, 2.0, 2.0, 2.0]], np.float32)
+    u = np.array([[0.3, -0.2, 0.9, 0.1], [0.5, 0.0, -0.5, 1.0]], np.float32)
+    margin = 0.01
+    num = den = 0.0
+    for b in range(2):
+        for i in range(4):
+            for j in range(4):
+                gap = float(losses[b, j]) - float(losses[b, i])
+                if gap > margin:
+                    weight = gap if gap_weighted else 1.0
+                    num += weight * np.log1p(np.exp(-(float(u[b, i]) - float(u[b, j]))))
+                    den += weight
+    loss, prefer, du = preference_loss(jnp.asarray(losses), jnp.asarray(u), margin, gap_weighted)
+    np.testing.assert_allclose(float(loss), num / den, rtol=1e-5)
+    # Example 0: (0, 1), (0, 3), (1, 3), (2, 1), (2, 3); the tie (0, 2) and example 1 give none.
+    assert float(prefer.sum()) == 5 and float(prefer[1].sum()) == 0
+    np.testing.assert_allclose(du[0, 2, 1], u[0, 2] - u[0, 1], rtol=1e-6)
+
+
+def test_preference_loss_without_pairs_is_zero():
+    losses = jnp.ones((2, 3))
+    for gap_weighted in (False, True):
+        loss, prefer, _ = preference_loss(losses, jnp.zeros((2, 3)), 0.002, gap_weighted)
+        assert float(loss) == 0.0 and float(prefer.sum()) == 0.0
 
 
 @pytest.mark.parametrize(
