@@ -49,8 +49,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.mc.lens_start = 2300  # LensNet learns once GistNet and the base have 300 MC steps
     # Preference pairs weighed by their loss gap, and the prior that keeps tanh unsaturated under
     # them: at 8 W mc_focus - mc_static is -0.043 against -0.028 with uniform pairs. Gap weights
-    # alone saturate every score within 100 LensNet steps; the prior with uniform pairs leaves
-    # every score under tau, so focus makes no edit.
+    # alone saturate every score within 100 LensNet steps; with uniform pairs, the prior holds the
+    # scores so near 0 that focus makes no edit at all.
     c.mc.loss.lens_weighting = "gap"
     c.mc.loss.lens_prior = 1.0
     # Gists trained only through the scored tokens (R or more tokens after any gist) recover 18%
