@@ -14,8 +14,10 @@ LensNet and the allocator see the history before the scored tokens only, as at a
 decoding. Reports NLL (nats per token), bits per byte and ``gap_recovered = (window - mc) /
 (window - full)`` (NaN when full does not beat window), and the paired per-document differences
 ``mc_static - window``, ``mc_focus - mc_static`` and ``full - window`` with their standard
-errors; then passkey and multi-query associative recall accuracy per condition and length, and
-passkey accuracy by the level of detail of the needle's span. Writes JSON and a PNG.
+errors; then passkey and multi-query associative recall accuracy per condition and length,
+passkey accuracy by the level of detail of the answer's span (its digits where the needle planted
+them), and ``passkey_oracle``: the accuracy of the pyramid with those digits brought to LOD0, an
+upper bound for focus that tells LensNet's misses from the base model's. Writes JSON and a PNG.
 """
 
 import argparse
@@ -180,12 +182,41 @@ def _paired(a: np.ndarray, b: np.ndarray) -> dict:
     return {"mean": float(d.mean()), "se": se}
 
 
-def _needle_lod(arrays: dict, row: int, needle: tuple[int, int], block_size: int) -> int:
-    """Coarsest level among the context entries overlapping the needle (-1: outside the WC)."""
+def _span_lod(arrays: dict, row: int, span: tuple[int, int], block_size: int) -> int:
+    """Coarsest level among the context entries overlapping ``span`` (-1: outside the WC)."""
     lod, start, ctx = (np.asarray(arrays[k][row]) for k in ("lod", "start", "context"))
     end = start + block_size**lod
-    hit = ctx & (start < needle[1]) & (end > needle[0])
+    hit = ctx & (start < span[1]) & (end > span[0])
     return int(lod[hit].max()) if hit.any() else -1
+
+
+def _answered(pred: np.ndarray, probe: tasks.Probe, cursor: int) -> bool:
+    """Whether the argmax predictions ``[S]`` after ``cursor`` spell the probe's answer."""
+    return bool((pred[probe.answer - cursor - 1] == probe.tokens[probe.answer]).all())
+
+
+def oracle_passkey(model: MegaContext, config, probes: list[tasks.Probe], cursor: int):
+    """Passkeys found when the pyramid has each probe's answer tokens brought to LOD0
+    (``variants.bring_to_lod0``): what a focus that found every needle would give the base model.
+
+    Returns whether each probe is answered ``[B]`` and whether its tokens fit the budget ``[B]``
+    (a probe that does not fit counts as not answered).
+    """
+    layout = variants.Layout.from_config(config)
+    pyr = variants.pyramid(cursor, layout)
+    rng = np.random.default_rng(0)
+    rows, fits = [], []
+    for p in probes:
+        first, stop = p.source
+        at = (*range(first, stop, layout.block_size), stop - 1)
+        out = variants.bring_to_lod0(pyr, at, cursor, layout, rng)
+        rows.append(pyr if out is None else out[0])
+        fits.append(out is not None)
+    arrays = {k: jnp.asarray(v) for k, v in variants.to_arrays(rows, cursor, layout).items()}
+    tokens = jnp.asarray(np.stack([p.tokens for p in probes]))
+    pred = np.asarray(score_wc(model, tokens, arrays, ml_collections.FrozenConfigDict(config))[1])
+    answered = [_answered(pred[r], p, cursor) and fits[r] for r, p in enumerate(probes)]
+    return np.array(answered), np.array(fits)
 
 
 def evaluate(
@@ -201,7 +232,13 @@ def evaluate(
 ) -> dict:
     w, s = config.mc.wc_size, config.mc.scored_tokens
     tokenizer, bos = tokenizer_for(config.model), config.model.bos_id
-    results: dict = {"conditions": {}, "passkey": {}, "mqar": {}, "passkey_by_lod": {}}
+    results: dict = {
+        "conditions": {},
+        "passkey": {},
+        "mqar": {},
+        "passkey_by_lod": {},
+        "passkey_oracle": {},
+    }
     if isinstance(model, MegaContext) and config.mc.max_level >= 2:
         results["substitutability"] = substitutability(model, config, docs, num_docs)
     filler = np.concatenate([d.data.astype(np.int32) for d in docs])
@@ -250,6 +287,7 @@ def evaluate(
                 continue
             correct: dict = {}
             by_lod: dict = {}
+            oracle: dict = {"accuracy": [], "fits_budget": []}
             for _ in range(max(1, num_probes // batch)):
                 probes = []
                 for _ in range(batch):
@@ -261,13 +299,20 @@ def evaluate(
                 )
                 for c, (_, pred, arrays) in outs.items():
                     for r, p in enumerate(probes):
-                        rows = p.answer - (n - s) - 1
-                        ok = bool((pred[r, rows] == p.tokens[p.answer]).all())
+                        ok = _answered(pred[r], p, n - s)
                         correct.setdefault(c, []).append(ok)
                         if task == "passkey" and arrays is not None and c != "window":
-                            lod = _needle_lod(arrays, r, p.needle, config.mc.block_size)
+                            lod = _span_lod(arrays, r, p.source, config.mc.block_size)
                             by_lod.setdefault(c, {}).setdefault(str(lod), []).append(ok)
+                if task == "passkey" and isinstance(model, MegaContext):
+                    answered, fits = oracle_passkey(model, config, probes, n - s)
+                    oracle["accuracy"].extend(answered)
+                    oracle["fits_budget"].extend(fits)
             results[task][f"{m}W"] = {c: float(np.mean(v)) for c, v in correct.items()}
+            if oracle["accuracy"]:
+                results["passkey_oracle"][f"{m}W"] = {
+                    k: float(np.mean(v)) for k, v in oracle.items()
+                }
             if task == "passkey":
                 results["passkey_by_lod"][f"{m}W"] = {
                     c: {lod: [float(np.mean(v)), len(v)] for lod, v in sorted(d.items())}
@@ -312,6 +357,12 @@ def print_table(results: dict) -> None:
             f"{name} {d['mean']:+.4f} ± {d['se']:.4f}" for name, d in row["differences"].items()
         )
         print(f"{length:>7} paired over {row['documents']} documents: {diffs}")
+        oracle = results["passkey_oracle"].get(length)
+        if oracle:
+            print(
+                f"{length:>7} passkey with the digits brought to LOD0 (oracle focus): "
+                f"{oracle['accuracy']:.3f}; they fit the budget in {oracle['fits_budget']:.3f}"
+            )
 
 
 def plot(results: dict, path: Path) -> None:

@@ -8,7 +8,8 @@
   the sequence ends with queries ``" key=value"`` of pairs chosen at random.
 
 Each generator returns the token sequence, the positions whose predictions are the answer
-(``answer[i]`` is predicted from position ``answer[i] - 1``), and the span holding the needle.
+(``answer[i]`` is predicted from position ``answer[i] - 1``), the span holding the needle, and
+the span of the planted tokens that hold the answer (what focus must bring to LOD0).
 Texts are encoded by the model's tokenizer (bytes by default); answers are the tokens of the key
 or value, encoded on their own.
 """
@@ -27,6 +28,7 @@ class Probe:
     tokens: np.ndarray  # int32 [n]
     answer: np.ndarray  # int [a]: positions of the answer tokens
     needle: tuple[int, int]  # token span [start, stop) of the planted fact
+    source: tuple[int, int]  # token span of the planted tokens that hold the answer
 
 
 def _plant(
@@ -51,8 +53,10 @@ def passkey(
 ) -> Probe:
     """A passkey probe of ``length`` tokens; ``depth`` in [0, 1] places the needle (random if None)."""
     key = "".join(str(d) for d in rng.integers(0, 10, 5))
-    needle = tokenizer.encode(f"\n# the pass key is {key}\n")
     answer = tokenizer.encode(key)
+    # Encoded in parts, so that the key's tokens in the needle are the answer's.
+    lead = tokenizer.encode("\n# the pass key is ")
+    needle = np.concatenate([lead, answer, tokenizer.encode("\n")])
     question = np.concatenate(
         [tokenizer.encode("\n# what is the pass key? the pass key is "), answer]
     )
@@ -62,7 +66,8 @@ def passkey(
     offset = 1 + round((rng.random() if depth is None else depth) * (room - 1))
     tokens = _plant(filler, length, [(offset, needle)], question)
     answer_at = np.arange(length - len(answer), length)
-    return Probe(tokens, answer_at, (offset, offset + len(needle)))
+    key_at = offset + len(lead)
+    return Probe(tokens, answer_at, (offset, offset + len(needle)), (key_at, key_at + len(answer)))
 
 
 def mqar(
@@ -99,7 +104,10 @@ def mqar(
         parts.append((int(position), fact))
     tokens = _plant(filler, length, parts, suffix)
     first, last = parts[0][0], parts[-1][0] + len(facts[-1])
-    return Probe(tokens, length - len(suffix) + np.array(value_at), (first, last))
+    # The queried facts, from the first planted to the end of the last.
+    asked_at = sorted(int(i) for i in asked)
+    source = (parts[asked_at[0]][0], parts[asked_at[-1]][0] + len(facts[asked_at[-1]]))
+    return Probe(tokens, length - len(suffix) + np.array(value_at), (first, last), source)
 
 
 def plant_passkey(

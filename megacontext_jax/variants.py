@@ -137,13 +137,29 @@ def _descend(ents: Entries, token: int, k: int) -> tuple[Entries, tuple[int, int
     return ents, root
 
 
+def bring_to_lod0(
+    ents: Entries, tokens: tuple[int, ...], cursor: int, layout: Layout, rng: np.random.Generator
+) -> tuple[Entries, int] | None:
+    """``ents`` with each of ``tokens`` at LOD0: the gist over it expanded, then the child over it,
+    down to LOD0, collapsing random sibling groups outside those gists' spans while over budget.
+    Returns it and the coarsest lod expanded (0: all were tokens already), or None where a token
+    is older than the context's first entry or the budget cannot make room."""
+    if not ents or min(tokens) < ents[0][1]:
+        return None
+    new, roots = list(ents), []
+    for t in tokens:
+        new, root = _descend(new, t, layout.block_size)
+        roots.append(root)
+    new = _make_room(new, cursor, layout, roots, rng)
+    return None if new is None else (new, max(l for l, _ in roots))
+
+
 def deep_variant(
     ents: Entries, cursor: int, layout: Layout, rng: np.random.Generator
 ) -> tuple[Entries, int] | None:
     """``ents`` with the K tokens from a random one under a gist brought to LOD0 (the one or two
-    blocks they touch): the gist over each expanded, then the child over it, down to LOD0,
-    collapsing random sibling groups outside those gists' spans while over budget. Returns it and
-    the coarsest lod expanded, or None where no gist is expandable or the budget cannot make room.
+    blocks they touch, by ``bring_to_lod0``). Returns it and the coarsest lod expanded, or None
+    where no gist is expandable or the budget cannot make room.
 
     The token is uniform over the gists' spans, so a coarse gist is chosen in proportion to the
     history it covers; K tokens from it, a fact a few tokens long that straddles two blocks (a
@@ -156,12 +172,8 @@ def deep_variant(
     spans = np.array([k ** ents[i][0] for i in expandable], np.float64)
     lod, start = ents[int(rng.choice(expandable, p=spans / spans.sum()))]
     token = start + int(rng.integers(k**lod))
-    new, roots = list(ents), []
-    for t in (token, min(token + k - 1, cursor - layout.recent_tail - 1)):
-        new, root = _descend(new, t, k)
-        roots.append(root)
-    new = _make_room(new, cursor, layout, roots, rng)
-    return None if new is None else (new, max(l for l, _ in roots))
+    last = min(token + k - 1, cursor - layout.recent_tail - 1)
+    return bring_to_lod0(ents, (token, last), cursor, layout, rng)
 
 
 def to_arrays(contexts: list[Entries], cursor: int, layout: Layout) -> dict[str, np.ndarray]:

@@ -73,6 +73,8 @@ def test_evaluate_reports_every_condition(trained, corpus_dir):
         assert d["mean"] == pytest.approx(row[a]["nll"] - row[b]["nll"], abs=1e-6)
         assert np.isfinite(d["se"]) and d["se"] >= 0
     assert results["passkey_by_lod"]["4W"]["mc_static"]
+    oracle = results["passkey_oracle"]["4W"]
+    assert 0.0 <= oracle["accuracy"] <= oracle["fits_budget"] <= 1.0
     sub = results["substitutability"]
     assert set(sub) == {
         "lod1_gist",

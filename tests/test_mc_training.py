@@ -113,6 +113,30 @@ def test_deep_variant_brings_k_tokens_to_lod0(k, max_level, seed, data):
             assert lod >= covering(ents, s)[0]
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from([2, 4, 8]), st.integers(1, 3), st.integers(0, 2**31 - 1), st.data())
+def test_bring_to_lod0_puts_the_tokens_at_lod0(k, max_level, seed, data):
+    capacity = data.draw(st.integers(4 * k + 8, 80))
+    tail = data.draw(st.integers(0, capacity - 1 - 2 * k))
+    layout = variants.Layout(k, max_level, capacity, 1, tail)
+    cursor = data.draw(st.integers(1, 3000))
+    ents = variants.pyramid(cursor, layout)
+    first = data.draw(st.integers(0, cursor - 1))
+    at = (first, data.draw(st.integers(first, min(first + 2 * k, cursor - 1))))
+    out = variants.bring_to_lod0(ents, at, cursor, layout, np.random.default_rng(seed))
+    if first < ents[0][1]:  # the pyramid dropped that history
+        assert out is None
+        return
+    if all((0, t) in ents for t in at):
+        assert out == (ents, 0)
+    if out is None:  # no room: too few sibling groups to collapse
+        return
+    new, root_lod = out
+    check(from_entries(new, layout.context_capacity), cursor, k, max_level, tail)
+    assert {(0, t) for t in at} <= set(new)
+    assert root_lod == max(l for l, s in ents if any(s <= t < s + k**l for t in at))
+
+
 def test_labels_are_the_first_token_after_each_span():
     cursor = 60
     arrays, *_ = variants.training_contexts(2, 2, cursor, LAYOUT, np.random.default_rng(0))

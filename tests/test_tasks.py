@@ -20,6 +20,8 @@ def test_passkey_answer_repeats_the_needle():
         assert len(key) == 5 and key.isdigit()
         assert text.endswith(f"the pass key is {key}")
         assert TOK.decode(probe.tokens[slice(*probe.needle)]) == f"\n# the pass key is {key}\n"
+        assert (probe.tokens[slice(*probe.source)] == probe.tokens[probe.answer]).all()
+        assert probe.needle[0] < probe.source[0] < probe.source[1] < probe.needle[1]
     early = tasks.passkey(FILLER, 400, rng, 0.0).needle[0]
     late = tasks.passkey(FILLER, 400, rng, 1.0).needle[0]
     assert early == 1 and late > 300
@@ -35,6 +37,11 @@ def test_mqar_answers_are_the_queried_values():
     assert TOK.decode(probe.tokens[probe.answer]) == "".join(v for _, v in queries)
     for key, value in queries:
         assert facts[key] == value
+    # The source runs from the first queried fact to the end of the last.
+    source = text[probe.source[0] : probe.source[1]]
+    inside = re.findall(r" ([a-z]{3})=(\d\d);", source)
+    assert source.startswith(" {}={};".format(*inside[0])) and source.endswith(";")
+    assert {inside[0], inside[-1]} <= set(queries) <= set(inside)
 
 
 def test_too_short_for_a_task():
