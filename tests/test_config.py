@@ -57,6 +57,25 @@ def test_bad_values_name_the_field(override, message):
         parse_args(["--config", TINY, *override.split()])
 
 
+def test_tiny_retrieval_variant_changes_only_focus_fields():
+    default, _ = parse_args(["--config", TINY])
+    retrieval, _ = parse_args(["--config", f"{TINY}:retrieval"])
+    assert retrieval.mc.recent_tail < default.mc.recent_tail
+    assert retrieval.mc.deep_fraction == 0.5 and retrieval.mc.train_refocus_steps == 3
+    changed = {"workdir", "mc.recent_tail", "mc.deep_fraction", "mc.train_refocus_steps"}
+
+    def flat(c, prefix=""):
+        out = {}
+        for k, v in c.items():
+            out |= flat(v, f"{prefix}{k}.") if hasattr(v, "items") else {f"{prefix}{k}": v}
+        return out
+
+    a, b = flat(default), flat(retrieval)
+    assert {k for k in a if a[k] != b[k]} == changed
+    with pytest.raises(ConfigError, match="unknown variant 'fast'; known: \\('retrieval',\\)"):
+        load_config(f"{TINY}:fast")
+
+
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="config file not found"):
         load_config("configs/nope.py")
