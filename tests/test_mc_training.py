@@ -76,14 +76,20 @@ def test_training_contexts_keep_every_invariant(k, max_level, seed, data):
                 assert any(l == lod - 1 for l, _ in _rows(arrays, b, v))
 
 
-@settings(max_examples=60, deadline=None)
-@given(st.sampled_from([2, 4, 8]), st.integers(1, 3), st.integers(0, 2**31 - 1), st.data())
-def test_deep_variant_brings_k_tokens_to_lod0(k, max_level, seed, data):
+def _drawn_pyramid(k: int, max_level: int, data):
+    """A layout with one scored token, a cursor and the recency pyramid there, drawn by ``data``."""
     capacity = data.draw(st.integers(4 * k + 8, 80))
     tail = data.draw(st.integers(0, capacity - 1 - 2 * k))
     layout = variants.Layout(k, max_level, capacity, 1, tail)
     cursor = data.draw(st.integers(1, 3000))
-    ents = variants.pyramid(cursor, layout)
+    return layout, cursor, variants.pyramid(cursor, layout)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from([2, 4, 8]), st.integers(1, 3), st.integers(0, 2**31 - 1), st.data())
+def test_deep_variant_brings_k_tokens_to_lod0(k, max_level, seed, data):
+    layout, cursor, ents = _drawn_pyramid(k, max_level, data)
+    tail = layout.recent_tail
     out = variants.deep_variant(ents, cursor, layout, np.random.default_rng(seed))
     if out is None:
         return
@@ -116,11 +122,8 @@ def test_deep_variant_brings_k_tokens_to_lod0(k, max_level, seed, data):
 @settings(max_examples=60, deadline=None)
 @given(st.sampled_from([2, 4, 8]), st.integers(1, 3), st.integers(0, 2**31 - 1), st.data())
 def test_bring_to_lod0_puts_the_tokens_at_lod0(k, max_level, seed, data):
-    capacity = data.draw(st.integers(4 * k + 8, 80))
-    tail = data.draw(st.integers(0, capacity - 1 - 2 * k))
-    layout = variants.Layout(k, max_level, capacity, 1, tail)
-    cursor = data.draw(st.integers(1, 3000))
-    ents = variants.pyramid(cursor, layout)
+    layout, cursor, ents = _drawn_pyramid(k, max_level, data)
+    tail = layout.recent_tail
     first = data.draw(st.integers(0, cursor - 1))
     at = (first, data.draw(st.integers(first, min(first + 2 * k, cursor - 1))))
     out = variants.bring_to_lod0(ents, at, cursor, layout, np.random.default_rng(seed))
