@@ -190,7 +190,7 @@ def _span_lod(arrays: dict, row: int, span: tuple[int, int], block_size: int) ->
     return int(lod[hit].max()) if hit.any() else -1
 
 
-def _answered(pred: np.ndarray, probe: tasks.Probe, cursor: int) -> bool:
+def answered(pred: np.ndarray, probe: tasks.Probe, cursor: int) -> bool:
     """Whether the argmax predictions ``[S]`` after ``cursor`` spell the probe's answer."""
     return bool((pred[probe.answer - cursor - 1] == probe.tokens[probe.answer]).all())
 
@@ -215,8 +215,8 @@ def oracle_passkey(model: MegaContext, config, probes: list[tasks.Probe], cursor
     arrays = {k: jnp.asarray(v) for k, v in variants.to_arrays(rows, cursor, layout).items()}
     tokens = jnp.asarray(np.stack([p.tokens for p in probes]))
     pred = np.asarray(score_wc(model, tokens, arrays, ml_collections.FrozenConfigDict(config))[1])
-    answered = [_answered(pred[r], p, cursor) and fits[r] for r, p in enumerate(probes)]
-    return np.array(answered), np.array(fits)
+    found = [answered(pred[r], p, cursor) and fits[r] for r, p in enumerate(probes)]
+    return np.array(found), np.array(fits)
 
 
 def evaluate(
@@ -299,14 +299,14 @@ def evaluate(
                 )
                 for c, (_, pred, arrays) in outs.items():
                     for r, p in enumerate(probes):
-                        ok = _answered(pred[r], p, n - s)
+                        ok = answered(pred[r], p, n - s)
                         correct.setdefault(c, []).append(ok)
                         if task == "passkey" and arrays is not None and c != "window":
                             lod = _span_lod(arrays, r, p.source, config.mc.block_size)
                             by_lod.setdefault(c, {}).setdefault(str(lod), []).append(ok)
                 if task == "passkey" and isinstance(model, MegaContext):
-                    answered, fits = oracle_passkey(model, config, probes, n - s)
-                    oracle["accuracy"].extend(answered)
+                    found, fits = oracle_passkey(model, config, probes, n - s)
+                    oracle["accuracy"].extend(found)
                     oracle["fits_budget"].extend(fits)
             results[task][f"{m}W"] = {c: float(np.mean(v)) for c, v in correct.items()}
             if oracle["accuracy"]:
