@@ -62,7 +62,14 @@ def test_tiny_retrieval_variant_changes_only_focus_fields():
     retrieval, _ = parse_args(["--config", f"{TINY}:retrieval"])
     assert retrieval.mc.recent_tail < default.mc.recent_tail
     assert retrieval.mc.deep_fraction == 0.5 and retrieval.mc.train_refocus_steps == 3
-    changed = {"workdir", "mc.recent_tail", "mc.deep_fraction", "mc.train_refocus_steps"}
+    assert retrieval.mc.num_random_variants > default.mc.num_random_variants
+    changed = {
+        "workdir",
+        "mc.recent_tail",
+        "mc.deep_fraction",
+        "mc.train_refocus_steps",
+        "mc.num_random_variants",
+    }
 
     def flat(c, prefix=""):
         out = {}
