@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megacontext_jax import data, tasks, variants
-from megacontext_jax.evaluate import answered, condition_arrays, focus, score_wc
+from megacontext_jax.evaluate import answered, coarsest_over, condition_arrays, focus, score_wc
 from megacontext_jax.megacontext import lens_scores, node_table
 from megacontext_jax.restore import load_model
 from megacontext_jax.tokenizer import tokenizer_for
@@ -36,9 +36,8 @@ from megacontext_jax.tokenizer import tokenizer_for
 def digits_state(arrays: dict, scores: np.ndarray, row: int, source: tuple[int, int], k: int):
     """``"L0"``, or ``"L<lod> rank <r>"`` for the coarsest entry over the digits (ranks over 3
     are pooled as ``">3"``)."""
-    lod, start, ctx = (np.asarray(arrays[key][row]) for key in ("lod", "start", "context"))
-    over = np.flatnonzero(ctx & (start < source[1]) & (start + k**lod > source[0]))
-    top = over[np.argmax(lod[over])]
+    lod, ctx = np.asarray(arrays["lod"][row]), np.asarray(arrays["context"][row])
+    top = coarsest_over(arrays, row, source, k)
     if lod[top] == 0:
         return "L0"
     gist_scores = np.where(ctx & (lod > 0), scores[row], -np.inf)

@@ -182,12 +182,17 @@ def _paired(a: np.ndarray, b: np.ndarray) -> dict:
     return {"mean": float(d.mean()), "se": se}
 
 
+def coarsest_over(arrays: dict, row: int, span: tuple[int, int], block_size: int) -> int:
+    """Index of the coarsest context entry of WC ``row`` overlapping ``span`` (-1: none does)."""
+    lod, start, ctx = (np.asarray(arrays[k][row]) for k in ("lod", "start", "context"))
+    hit = np.flatnonzero(ctx & (start < span[1]) & (start + block_size**lod > span[0]))
+    return int(hit[np.argmax(lod[hit])]) if hit.size else -1
+
+
 def _span_lod(arrays: dict, row: int, span: tuple[int, int], block_size: int) -> int:
     """Coarsest level among the context entries overlapping ``span`` (-1: outside the WC)."""
-    lod, start, ctx = (np.asarray(arrays[k][row]) for k in ("lod", "start", "context"))
-    end = start + block_size**lod
-    hit = ctx & (start < span[1]) & (end > span[0])
-    return int(lod[hit].max()) if hit.any() else -1
+    i = coarsest_over(arrays, row, span, block_size)
+    return int(np.asarray(arrays["lod"][row])[i]) if i >= 0 else -1
 
 
 def answered(pred: np.ndarray, probe: tasks.Probe, cursor: int) -> bool:
