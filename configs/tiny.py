@@ -9,12 +9,14 @@ curriculum in which the base GPT alone learns to copy on short sequences.
     python train.py --config configs/tiny.py:retrieval   # a shorter raw tail: room for focus
 
 ``retrieval`` trades next-token loss for passkey retrieval. A working context of W = 64 holds the
-S = 16 scored tokens and 48 context entries. The default keeps 32 of them as the raw tail, which
-next-token loss on code needs, and that leaves almost no room to bring a needle's digits to LOD0
-(``passkey_oracle`` in ``megacontext_jax.evaluate``: 2 of 32 probes fit at 4 W, none at 8 W).
-``retrieval`` keeps a 16-token tail (30 of 32 fit at 4 W and 8 W), and it trains LensNet on deep
-expansions, on three rounds of guided refocus (as evaluation refocuses), and on 6 random variants
-per sequence rather than 3: with 3, ``mc_focus`` found 5 passkeys of 32 at 8 W, with 6, 10.
+S = 16 scored tokens and 48 context entries. The default keeps 40 of them as tokens at 4 W and
+8 W (a ``recent`` pyramid over a 32-token tail), which next-token loss on code needs, and that
+leaves almost no room to bring a needle's digits to LOD0 (``passkey_oracle`` in
+``megacontext_jax.evaluate``: 2 of 32 probes fit at 4 W, none at 8 W). ``retrieval`` keeps a
+16-token tail in a ``proportional`` pyramid (30 of 32 fit at 4 W and 8 W), and it trains LensNet
+on deep expansions, on three rounds of guided refocus (as evaluation refocuses), and on 6 random
+variants per sequence rather than 3: with 3, ``mc_focus`` found 5 passkeys of 32 at 8 W, with 6,
+10.
 """
 
 import ml_collections
@@ -58,10 +60,16 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     # 16 blocks per GistNet call: a decode refocus gists one new block in a fixed-shape chunk, so
     # a small chunk keeps that cheap (bulk ingest pays ~25% more dispatches than with 64).
     c.mc.ingest_chunk = 16
-    c.mc.recent_tail = 32  # the pyramid keeps 32 of the window's 48 context tokens as tokens
+    c.mc.recent_tail = 32  # focus never collapses the 32 newest context tokens
+    # Detail to the present first: the pyramid keeps 40 of the window's 48 context tokens as
+    # tokens at 4 W and 8 W, where "proportional" keeps 32 and spends 10 entries on LOD1 gists,
+    # which are worth far less than the raw tokens they displace (benchmarks/gist_value.py). At
+    # 8 W mc_static trails window by 0.025 against 0.068, and mc_focus is 0.012 better.
+    c.mc.pyramid = "recent"
     c.mc.lens_start = 2300  # LensNet learns once GistNet and the base have 300 MC steps
     # Preference pairs weighed by their loss gap, and the prior that keeps tanh unsaturated under
-    # them: at 8 W mc_focus - mc_static is -0.043 against -0.028 with uniform pairs. Gap weights
+    # them: at 8 W mc_focus - mc_static was -0.043 against -0.028 with uniform pairs (with the
+    # "proportional" pyramid, which leaves focus more to do than "recent"). Gap weights
     # alone saturate every score within 100 LensNet steps; with uniform pairs, the prior holds the
     # scores so near 0 that focus makes no edit at all.
     c.mc.loss.lens_weighting = "gap"
@@ -75,6 +83,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     if variant == "retrieval":
         c.workdir = "runs/tiny_retrieval"
         c.mc.recent_tail = 16
+        c.mc.pyramid = "proportional"  # LOD1 gists for focus to expand, and LOD1 groups to collapse
         c.mc.deep_fraction = 0.5
         c.mc.train_refocus_steps = 3
         c.mc.num_random_variants = 6

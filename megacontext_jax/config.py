@@ -18,6 +18,7 @@ import ml_collections
 
 from kernels.attention import IMPLS as ATTENTION_IMPLS
 from megacontext_jax.variants import span_counts
+from megacontext_jax.working_context import PYRAMIDS
 
 DTYPES = ("float32", "bfloat16", "float16")
 OPTIMIZERS = ("adamw", "muon")
@@ -102,6 +103,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mc.ingest_chunk = 64  # blocks per GistNet call while ingesting (fixed shape, aligned)
     c.mc.wc_size = 512  # W: working-context capacity in entries
     c.mc.recent_tail = 64  # R: the newest R tokens always stay at LOD0
+    c.mc.pyramid = "proportional"  # the default WC's shape (working_context.expand_priority)
     c.mc.refocus_every = 0  # decode: tokens between refocus steps (0: every K tokens)
 
     c.mc.gist = ml_collections.ConfigDict()
@@ -389,6 +391,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "mc.recent_tail",
         f"must be in [0, mc.wc_size={mc.wc_size}), got {mc.recent_tail}",
     )
+    _require(mc.pyramid in PYRAMIDS, "mc.pyramid", f"must be one of {PYRAMIDS}")
     _require(
         mc.wc_size >= mc.recent_tail + 2 * k,
         "mc.wc_size",

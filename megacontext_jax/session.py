@@ -31,7 +31,12 @@ from megacontext_jax.sampling import sample_logits
 from megacontext_jax.telemetry import Telemetry
 from megacontext_jax.tokenizer import sampleable
 from megacontext_jax.tree import APPEND_PIECE, Tree
-from megacontext_jax.working_context import WorkingContext, entries, recency_pyramid
+from megacontext_jax.working_context import (
+    WorkingContext,
+    entries,
+    expand_priority,
+    recency_pyramid,
+)
 
 
 class SessionError(ValueError):
@@ -108,6 +113,7 @@ class Session:
         self.config, self.tree, self.use_lens, self.telemetry = config, tree, use_lens, telemetry
         self.allowed = jnp.asarray(sampleable(config.model))
         self.k, self.max_level, self.tail = mc.block_size, mc.max_level, mc.recent_tail
+        self.pyramid = mc.pyramid
         self.capacity = mc.wc_size
         self.every = mc.refocus_every or self.k
         self.budget = self.capacity - self.every  # entries kept after a refocus
@@ -209,7 +215,9 @@ class Session:
     # -- the working context ---------------------------------------------------------------------
     def _assemble(self) -> None:
         """The recency pyramid over the whole history, then a refocus."""
-        pyramid = recency_pyramid(self.num_tokens, self.budget, self.k, self.max_level, self.tail)
+        pyramid = recency_pyramid(
+            self.num_tokens, self.budget, self.k, self.max_level, self.tail, self.pyramid
+        )
         self.entries = entries(pyramid)
         self.cooldown = {}
         self.refocus()
@@ -265,31 +273,31 @@ class Session:
         return record
 
     def _age(self, ents: list[Entry], n: int) -> tuple[list[Entry], int]:
-        """Collapses sibling groups, lowest recency priority first, until ``budget`` entries remain;
-        drops the oldest entries (the horizon) when nothing more can collapse."""
+        """Collapses sibling groups until ``budget`` entries remain, first the group whose parent
+        comes last in the pyramid's expansion order; drops the oldest entries (the horizon) when
+        nothing more can collapse."""
         ents, k, aged = list(ents), self.k, 0
+
+        def collapsible(i: int) -> bool:
+            lod, start = ents[i]
+            span = k ** (lod + 1)
+            return (
+                lod < self.max_level
+                and start % span == 0
+                and start + span <= n - self.tail
+                and all(ents[i + j][0] == lod for j in range(k))
+            )
+
+        def parent_priority(i: int) -> tuple[float, int]:
+            return expand_priority(self.pyramid, ents[i][0] + 1, ents[i][1], n, k)
+
         while len(ents) > self.budget:
-            best, best_priority = None, None
-            i = 0
-            while i + k <= len(ents):
-                lod, start = ents[i]
-                span = k ** (lod + 1)
-                if (
-                    lod < self.max_level
-                    and start % span == 0
-                    and start + span <= n - self.tail
-                    and all(ents[i + j][0] == lod for j in range(k))
-                ):
-                    priority = span / (n - start)  # span / (distance + span) of the parent
-                    if best_priority is None or priority < best_priority:
-                        best, best_priority = i, priority
-                    i += k
-                else:
-                    i += 1
-            if best is None:
+            groups = [i for i in range(len(ents) - k + 1) if collapsible(i)]
+            if not groups:
                 ents.pop(0)
             else:
-                ents[best : best + k] = [(ents[best][0] + 1, ents[best][1])]
+                i = max(groups, key=parent_priority)
+                ents[i : i + k] = [(ents[i][0] + 1, ents[i][1])]
                 aged += 1
         return ents, aged
 

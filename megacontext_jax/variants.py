@@ -31,6 +31,7 @@ class Layout:
     capacity: int  # W: total entries (context + scored tail)
     scored: int  # S: newest tokens whose predictions are scored
     recent_tail: int  # R: context tokens kept at LOD0 before the cursor
+    pyramid: str = "proportional"  # the baseline's shape (working_context.PYRAMIDS)
 
     @property
     def context_capacity(self) -> int:
@@ -39,13 +40,20 @@ class Layout:
     @classmethod
     def from_config(cls, config) -> "Layout":
         mc = config.mc
-        return cls(mc.block_size, mc.max_level, mc.wc_size, mc.scored_tokens, mc.recent_tail)
+        return cls(
+            mc.block_size, mc.max_level, mc.wc_size, mc.scored_tokens, mc.recent_tail, mc.pyramid
+        )
 
 
 def pyramid(cursor: int, layout: Layout) -> Entries:
     return entries(
         recency_pyramid(
-            cursor, layout.context_capacity, layout.block_size, layout.max_level, layout.recent_tail
+            cursor,
+            layout.context_capacity,
+            layout.block_size,
+            layout.max_level,
+            layout.recent_tail,
+            layout.pyramid,
         )
     )
 

@@ -91,28 +91,51 @@ def min_entries(num_tokens: int, block_size: int, max_level: int, tail: int) -> 
     return len(_with_tail(cover, num_tokens, block_size, tail))
 
 
+PYRAMIDS = ("recent", "proportional")
+
+
+def expand_priority(
+    shape: str, lod: int, start: int, num_tokens: int, block_size: int
+) -> tuple[float, int]:
+    """Sort key of a gist in the pyramid's expansion order (smallest first; ``shape`` in
+    ``PYRAMIDS``). ``recent``: the newest gist first, so detail goes to the present (the raw tokens
+    just before the tail are worth far more per entry than older gists, ``benchmarks/gist_value.py``).
+    ``proportional``: the largest span relative to its distance, ``span / (distance + span)``, so
+    detail falls off gradually and leaves finer gists in the middle for focus to expand.
+    """
+    span = block_size**lod
+    distance = num_tokens - (start + span)
+    if shape == "recent":
+        return (distance, -start)
+    return (-span / (distance + span), -start)
+
+
 def recency_pyramid(
-    num_tokens: int, capacity: int, block_size: int, max_level: int, tail: int
+    num_tokens: int,
+    capacity: int,
+    block_size: int,
+    max_level: int,
+    tail: int,
+    shape: str = "proportional",
 ) -> WorkingContext:
     """The default WC: tail at LOD0, detail falling off with distance, as full as legally possible.
 
-    Starting from the coarsest cover, repeatedly expands the gist whose span is largest relative to
-    its distance from the present (``span / (distance + span)``, newest first on ties) while
-    ``K - 1`` more entries fit. When even the coarsest cover exceeds ``capacity`` the oldest entries
-    are dropped: the horizon is the start of the first entry kept.
+    Starting from the coarsest cover, repeatedly expands the first gist in ``expand_priority``
+    order while ``K - 1`` more entries fit. When even the coarsest cover exceeds ``capacity`` the
+    oldest entries are dropped: the horizon is the start of the first entry kept.
     """
+    if shape not in PYRAMIDS:
+        raise ValueError(f"pyramid shape {shape!r}: must be one of {PYRAMIDS}")
     k = block_size
     current = _with_tail(coarsest_cover(num_tokens, k, max_level), num_tokens, k, tail)
     if len(current) > capacity:
         current = current[len(current) - capacity :]
 
-    def priority(lod: int, start: int) -> tuple[float, int]:
-        span = k**lod
-        distance = num_tokens - (start + span)
-        return (-span / (distance + span), -start)
+    def item(lod: int, start: int) -> tuple:
+        return (*expand_priority(shape, lod, start, num_tokens, k), lod, start)
 
     chosen = set(current)
-    heap = [(*priority(l, s), l, s) for l, s in current if l > 0]
+    heap = [item(l, s) for l, s in current if l > 0]
     heapq.heapify(heap)
     count = len(current)
     while heap and count + k - 1 <= capacity:
@@ -121,7 +144,7 @@ def recency_pyramid(
         for child in _children(lod, start, k):
             chosen.add(child)
             if child[0] > 0:
-                heapq.heappush(heap, (*priority(*child), *child))
+                heapq.heappush(heap, item(*child))
         count += k - 1
     return from_entries(sorted(chosen, key=lambda e: e[1]), capacity)
 

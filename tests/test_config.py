@@ -63,9 +63,11 @@ def test_tiny_retrieval_variant_changes_only_focus_fields():
     assert retrieval.mc.recent_tail < default.mc.recent_tail
     assert retrieval.mc.deep_fraction == 0.5 and retrieval.mc.train_refocus_steps == 3
     assert retrieval.mc.num_random_variants > default.mc.num_random_variants
+    assert (default.mc.pyramid, retrieval.mc.pyramid) == ("recent", "proportional")
     changed = {
         "workdir",
         "mc.recent_tail",
+        "mc.pyramid",
         "mc.deep_fraction",
         "mc.train_refocus_steps",
         "mc.num_random_variants",

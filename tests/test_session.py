@@ -96,15 +96,24 @@ def test_memory_reopens_and_continues(tmp_path):
     tree.close()
 
 
-def test_fresh_session_assembles_the_pyramid_and_empty_memory_errors():
+@pytest.mark.parametrize("shape", ["recent", "proportional"])
+def test_fresh_session_assembles_the_pyramid_and_ages_it(shape):
     config = _config()
+    config.unlock()
+    config.mc.pyramid = shape
     model = _model(config)
     tree = Tree.in_memory(gister_for(model, config), L, config.model.vocab_size)
     session = Session(model, config, tree, use_lens=False)
     with pytest.raises(SessionError, match="the memory is empty: give a prompt"):
         session.logits()
     session.ingest(_history(64))
-    assert session.entries == entries(recency_pyramid(64, session.budget, K, L, R))
+    assert session.entries == entries(recency_pyramid(64, session.budget, K, L, R, shape))
+    for n in range(68, 100, 4):  # short inputs join as tokens; the refocus ages the WC
+        session.ingest(_history(4, seed=n))
+        check(from_entries(session.entries, session.budget), n, K, L, R)
+        # Aging collapses in the inverse of the pyramid's expansion order, so the WC stays the
+        # pyramid of the longer history.
+        assert session.entries == entries(recency_pyramid(n, session.budget, K, L, R, shape))
 
 
 def test_lod_map(tmp_path):

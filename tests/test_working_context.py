@@ -16,14 +16,15 @@ def wc_setups(draw):
     capacity = draw(st.integers(2 * k + 2, 120))
     tail = draw(st.integers(0, capacity - 2 * k))
     num_tokens = draw(st.integers(0, 20_000))
-    return num_tokens, capacity, k, max_level, tail
+    shape = draw(st.sampled_from(wcm.PYRAMIDS))
+    return num_tokens, capacity, k, max_level, tail, shape
 
 
 @settings(max_examples=300, deadline=None)
 @given(wc_setups())
 def test_recency_pyramid_is_legal_and_full(setup):
-    n, capacity, k, max_level, tail = setup
-    wc = wcm.recency_pyramid(n, capacity, k, max_level, tail)
+    n, capacity, k, max_level, tail, shape = setup
+    wc = wcm.recency_pyramid(n, capacity, k, max_level, tail, shape)
     horizon = check(wc, n, k, max_level, tail)
     ents = entries(wc)
     has_gist = any(lod > 0 for lod, _ in ents)
@@ -34,12 +35,29 @@ def test_recency_pyramid_is_legal_and_full(setup):
         assert ents == [(0, t) for t in range(n)]
 
 
-def test_pyramid_detail_falls_off_with_distance():
-    ents = entries(wcm.recency_pyramid(100_000, 256, 8, 4, 32))
+@pytest.mark.parametrize("shape", wcm.PYRAMIDS)
+def test_pyramid_detail_falls_off_with_distance(shape):
+    ents = entries(wcm.recency_pyramid(100_000, 256, 8, 4, 32, shape))
     lods = [lod for lod, _ in ents]
     assert lods == sorted(lods, reverse=True)  # coarse in the past, fine near the present
     assert set(lods) == {0, 1, 2, 3, 4}
     assert all(lod == 0 for lod, start in ents if start >= 100_000 - 32)
+
+
+def test_pyramid_shapes():
+    # 496 tokens, 48 entries, K = 8, a 16-token tail: the coarsest cover is 7 LOD2 gists, 4 LOD1
+    # gists and 16 tokens (27 entries), and 3 expansions of 7 entries fill the budget.
+    lod2 = [(2, 64 * i) for i in range(7)]
+    recent = entries(wcm.recency_pyramid(496, 48, 8, 3, 16, "recent"))
+    assert recent == lod2 + [(1, 448)] + [(0, t) for t in range(456, 496)]  # the newest LOD1s
+    # "proportional" expands by span / (distance + span): the LOD2 gists at 384 (64 / 112) and
+    # 320 (64 / 176), then the LOD1 gist at 472 (8 / 24).
+    proportional = entries(wcm.recency_pyramid(496, 48, 8, 3, 16, "proportional"))
+    assert proportional == (
+        lod2[:5] + [(1, 320 + 8 * j) for j in range(19)] + [(0, t) for t in range(472, 496)]
+    )
+    with pytest.raises(ValueError, match="pyramid shape 'flat': must be one of"):
+        wcm.recency_pyramid(496, 48, 8, 3, 16, "flat")
 
 
 def test_horizon_when_history_exceeds_coarsest_cover():
