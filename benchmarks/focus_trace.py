@@ -4,7 +4,7 @@
     python benchmarks/focus_trace.py --checkpoint runs/tiny_retrieval --length 4 --rounds 8
 
 On passkey probes of ``length x W`` tokens (held-out text as filler, as in
-``megacontext_jax.evaluate``), after r = 0, 1, ... rounds of LensNet scoring and allocator edits,
+``megacontext_jax.evaluation``), after r = 0, 1, ... rounds of LensNet scoring and allocator edits,
 counts the probes by the coarsest level of detail over the key's digits. For those still under a
 gist, it also gives the rank of that gist among the context's gists by LensNet's score at that
 round (0: LensNet would expand it first). Last, the share of probes whose answer is right after
@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megacontext_jax import data, tasks, variants
-from megacontext_jax.evaluate import answered, coarsest_over, condition_arrays, focus, score_wc
+from megacontext_jax.evaluation import answered, coarsest_over, condition_arrays, focus, score_wc
 from megacontext_jax.megacontext import lens_scores, node_table
 from megacontext_jax.restore import load_model
 from megacontext_jax.tokenizer import tokenizer_for

@@ -5,7 +5,7 @@ only in their gists.
     python benchmarks/gist_value.py --checkpoint runs/tiny --length 16 --docs 64
 
 On held-out documents of ``length x W`` tokens, the last S tokens are scored (as in
-``megacontext_jax.evaluate``) after these contexts:
+``megacontext_jax.evaluation``) after these contexts:
 
 * ``window``: the newest W - S tokens; ``tail``: the pyramid's tokens alone (its gists dropped);
 * ``pyramid``: the recency pyramid; ``pyramid, no LOD>=2``: without its coarser gists;
@@ -34,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megacontext_jax import data, variants
-from megacontext_jax.evaluate import score_full, score_wc
+from megacontext_jax.evaluation import score_full, score_wc
 from megacontext_jax.restore import load_model
 from megacontext_jax.tokenizer import tokenizer_for
 

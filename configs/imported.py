@@ -1,6 +1,6 @@
 """MegaContext on an imported Llama-family model (Llama, Qwen2, Mistral, SmolLM, TinyLlama): the
 base is read from a local Hugging Face directory and frozen; GistNet, then LensNet, are trained.
-The MegaContext sizes are those of ``configs/tiny.py``.
+The MegaContext sizes are those of ``configs/tiny.py`` (its base-model curriculum left out).
 
     python train.py --config configs/imported.py:/path/to/hf_checkpoint
     python train.py --config configs/imported.py:/path/to/hf_checkpoint --config.train.steps=300
@@ -26,6 +26,7 @@ def get_config(hf_path: str = "") -> ml_collections.ConfigDict:
     c.model.smear_keys = False
     c.model.hf_path = hf_path
     c.mc.mode = "frozen_base"
+    c.curriculum.steps = 0  # tiny's curriculum trains the base model, which stays frozen here
     c.mc.lens_start = 100  # GistNet first, then LensNet
     c.data.passkey_fraction = 0.0
     c.train.steps = 300

@@ -7,12 +7,18 @@ curriculum in which the base GPT alone learns to copy on short sequences.
         --config.workdir=runs/t300
     python train.py --config configs/tiny.py --config.mc.enabled=False   # the plain LM alone
     python train.py --config configs/tiny.py:retrieval   # a shorter raw tail: room for focus
+    python train.py --config configs/tiny.py:quick   # a first look: ~5 minutes with decoding
+
+``quick`` is the same model trained for 300 steps instead of 3,500 (200 of curriculum in batches of
+16, then 100 of the whole model, LensNet from step 240): every part trains and decode runs over a
+memory with learned focus, but the model is far from what the full run reaches; use it to see the
+system work, not to measure it.
 
 ``retrieval`` trades next-token loss for passkey retrieval. A working context of W = 64 holds the
 S = 16 scored tokens and 48 context entries. The default keeps 40 of them as tokens at 4 W and
 8 W (a ``recent`` pyramid over a 32-token tail), which next-token loss on code needs, and that
 leaves almost no room to bring a needle's digits to LOD0 (``passkey_oracle`` in
-``megacontext_jax.evaluate``: 2 of 32 probes fit at 4 W, none at 8 W). ``retrieval`` keeps a
+``megacontext_jax.evaluation``: 2 of 32 probes fit at 4 W, none at 8 W). ``retrieval`` keeps a
 16-token tail in a ``proportional`` pyramid (30 of 32 fit at 4 W and 8 W), and it trains LensNet
 on deep expansions, on three rounds of guided refocus (as evaluation refocuses), and on 12 random
 variants per sequence rather than 3: ``mc_focus`` found 15 / 5 passkeys of 32 at 4 W / 8 W with 3,
@@ -23,7 +29,7 @@ import ml_collections
 
 from megacontext_jax.config import ConfigError, base_config
 
-VARIANTS = ("retrieval",)
+VARIANTS = ("retrieval", "quick")
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
@@ -87,4 +93,13 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         c.mc.deep_fraction = 0.5
         c.mc.train_refocus_steps = 3
         c.mc.num_random_variants = 12
+    if variant == "quick":
+        c.workdir = "runs/tiny_quick"
+        c.train.steps = 300
+        c.train.warmup_steps = 30
+        c.train.eval_every = 100
+        c.train.checkpoint_every = 100
+        c.curriculum.steps = 200
+        c.curriculum.batch_size = 16
+        c.mc.lens_start = 240
     return c

@@ -1,3 +1,35 @@
-"""MegaContext JAX: a language model reading a fixed-size working context of tokens and gists."""
+"""MegaContext JAX: a language model reading a fixed-size working context of tokens and gists.
+
+    import megacontext_jax as mcj
+    model = mcj.load("runs/tiny")
+    with model.session("runs/tiny/memory") as s:
+        print(s.generate("def main():", max_new_tokens=64))
+
+See ``megacontext_jax.api`` for the whole front door. The names below are imported on first use,
+so ``import megacontext_jax.config`` (what ``train.py --help`` needs) does not load JAX.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "load": "megacontext_jax.api",
+    "evaluate": "megacontext_jax.api",
+    "Model": "megacontext_jax.api",
+    "MemorySession": "megacontext_jax.api",
+    "CheckpointError": "megacontext_jax.checkpoint",
+    "SessionError": "megacontext_jax.session",
+    "TreeError": "megacontext_jax.tree_storage",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'megacontext_jax' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

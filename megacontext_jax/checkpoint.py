@@ -12,7 +12,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from megacontext_jax.config import from_json, to_json
+from megacontext_jax.config import from_json, leaves, normalized, to_json
 
 
 class CheckpointError(RuntimeError):
@@ -20,25 +20,55 @@ class CheckpointError(RuntimeError):
 
 
 CONFIG_FILE = "config.json"
-# Fields that change the saved arrays; anything else (steps, logging, lr) may change on resume.
-_SHAPE_GROUPS = ("model",)
+# Fields that change what a checkpoint holds (the shapes, dtypes or structure of the parameters and
+# optimizer state, or where a frozen base comes from); anything else (steps, logging, lr, data,
+# the attention implementation, the compute dtype) may change on resume. A group name covers all
+# of its fields.
+RESUME_FIXED = (
+    "model",
+    "mc.enabled",
+    "mc.mode",
+    "mc.base_checkpoint",
+    "mc.block_size",
+    "mc.max_level",
+    "mc.gist",
+    "mc.lens",
+    "train.optimizer",
+)
+RESUME_FREE = ("model.attention_impl", "model.dtype")
+
+
+def _fixed(field: str) -> bool:
+    def under(group: str) -> bool:
+        return field == group or field.startswith(f"{group}.")
+
+    return any(map(under, RESUME_FIXED)) and not any(map(under, RESUME_FREE))
+
+
+def check_resume(workdir: Path, config: ml_collections.ConfigDict) -> None:
+    """Refuses, before anything is written, to resume the run in ``workdir`` with a config that
+    changes what its checkpoints hold; one line names the first such field and both values."""
+    checkpoints = Path(workdir) / "checkpoints"
+    saved_steps = checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
+    if not saved_steps or not (Path(workdir) / CONFIG_FILE).exists():
+        return  # nothing to resume: the run starts afresh
+    saved, new = leaves(read_config(workdir)), leaves(config)
+    for field, value in new.items():
+        if _fixed(field) and field in saved and normalized(saved[field]) != normalized(value):
+            raise CheckpointError(
+                f"{workdir} holds a run with {field}={saved[field]!r}, not {value!r}: resume "
+                "with the same value or choose a new --config.workdir"
+            )
 
 
 def write_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
-    """Records the run's config, refusing a workdir that holds a run with another model."""
-    path = workdir / CONFIG_FILE
-    if path.exists():
-        saved = read_config(workdir)
-        for group in _SHAPE_GROUPS:
-            for key, value in config[group].items():
-                if key in saved[group] and saved[group][key] != value:
-                    raise CheckpointError(
-                        f"{workdir} holds a run with {group}.{key}={saved[group][key]!r}, not "
-                        f"{value!r}: resume with the same model or choose a new --config.workdir"
-                    )
+    """Records the run's config (process 0). Call it only once the state is initialized or
+    restored, so a resume that fails leaves the workdir's record as it was."""
     if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        path.write_text(to_json(config))
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+        tmp = Path(workdir) / f"{CONFIG_FILE}.tmp"
+        tmp.write_text(to_json(config))
+        tmp.replace(Path(workdir) / CONFIG_FILE)
 
 
 def read_config(workdir: Path) -> ml_collections.ConfigDict:

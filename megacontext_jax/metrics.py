@@ -1,4 +1,18 @@
-"""Metrics sinks: one JSON line per record, TensorBoard event files, and a loss-curve PNG."""
+"""Metrics sinks: one JSON line per record, TensorBoard event files, and a loss-curve PNG.
+
+Series (``metrics.jsonl`` keys; the same names in TensorBoard), one prefix per objective so that
+no curve mixes two of them:
+
+* ``curriculum/*``: the curriculum's steps; ``curriculum/loss`` is the base model's plain LM loss
+  (nats per token) on the curriculum's short sequences.
+* ``train/*``: the main phase of a plain LM (``mc.enabled=False``); ``train/loss`` in nats/token.
+* ``mc/*``: the MegaContext phase. ``mc/objective`` is the weighted sum that is optimized (no
+  unit); its parts (``mc/lm_tokens``, ``mc/lm_wc``, ``mc/kl``, ``mc/lens``, ...) are in nats per
+  token, ``mc/lm_tokens`` being the base model's plain LM loss on the training sequences.
+* ``*/grad_norm``, ``*/lr``, ``*/tokens_per_s`` (steps only: no compilation or validation).
+* ``val/loss`` (nats/token) and ``val/bpb`` (bits per byte): the base model's plain LM loss on
+  held-out sequences of ``data.seq_len`` tokens; ``val/unigram_bpb`` the unigram baseline.
+"""
 
 import json
 import math
@@ -33,6 +47,11 @@ class MetricsWriter:
             if math.isfinite(v):
                 self._tb.add_scalar(k, v, step)
 
+    def text(self, tag: str, text: str) -> None:
+        """A text record in TensorBoard (e.g. the run's config), shown as code."""
+        if self.enabled:
+            self._tb.add_text(tag, "\n".join("    " + line for line in text.splitlines()))
+
     def close(self) -> None:
         if self.enabled:
             self._file.close()
@@ -43,24 +62,64 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def latest_metrics(workdir: Path) -> dict[str, float]:
+    """The latest value of every series in ``workdir/metrics.jsonl`` (empty if there is none)."""
+    path = Path(workdir) / "metrics.jsonl"
+    latest: dict[str, float] = {}
+    if path.exists():
+        for record in read_metrics(path):
+            latest.update({k: v for k, v in record.items() if k != "step"})
+    return latest
+
+
+# (series, label) of each panel: the plain LM losses, all in nats per token, then the MegaContext
+# objective and those of its parts that are not plain LM losses.
+_LM_SERIES = (
+    ("curriculum/loss", "curriculum: base LM loss (short sequences)"),
+    ("train/loss", "train: LM loss"),
+    ("mc/lm_tokens", "mc phase: base LM loss on raw tokens"),
+    ("val/loss", "validation: base LM loss"),
+)
+_MC_SERIES = (
+    ("mc/objective", "objective (weighted sum)"),
+    ("mc/lm_wc", "LM loss on WC entries"),
+    ("mc/kl", "KL to the full-token teacher"),
+    ("mc/span_kl", "close-range KL"),
+    ("mc/lens", "LensNet preference loss"),
+)
+
+
 def plot_loss_curve(metrics_path: Path, png_path: Path) -> None:
-    """Train and validation loss against step, from a metrics JSONL file."""
+    """The run's curves: plain LM losses (train phases and validation, nats per token) on the
+    left, the MegaContext objective and its parts on the right (if the run has that phase)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = read_metrics(metrics_path)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("train/loss", "train"), ("val/loss", "validation")):
-        points = [(r["step"], r[key]) for r in records if key in r]
-        if points:
-            steps, values = zip(*points, strict=True)
-            ax.plot(steps, values, label=label, marker="o" if key.startswith("val") else None)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats / byte)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+
+    def series(key):
+        points = [(r["step"], r[key]) for r in records if key in r and math.isfinite(r[key])]
+        return tuple(zip(*points, strict=True)) if points else None
+
+    has_mc = series("mc/objective") is not None
+    fig, axes = plt.subplots(1, 2 if has_mc else 1, figsize=(12 if has_mc else 7, 4), squeeze=False)
+    panels = [(axes[0, 0], _LM_SERIES, "plain LM loss (nats / token)")]
+    if has_mc:
+        panels.append((axes[0, 1], _MC_SERIES, "MegaContext phase (nats / token; objective: sum)"))
+    curriculum_end = max((r["step"] for r in records if "curriculum/loss" in r), default=None)
+    for ax, keys, title in panels:
+        for key, label in keys:
+            points = series(key)
+            if points:
+                ax.plot(*points, label=label, marker="o" if key.startswith("val") else None)
+        if curriculum_end is not None and has_mc:
+            ax.axvline(curriculum_end, color="grey", linestyle=":", label="end of curriculum")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
     plt.close(fig)

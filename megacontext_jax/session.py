@@ -27,7 +27,7 @@ from megacontext_jax.cached_context import CachedContext, Entry
 from megacontext_jax.gister import Gister
 from megacontext_jax.megacontext import MegaContext
 from megacontext_jax.positions import entry_positions
-from megacontext_jax.sampling import sample_logits
+from megacontext_jax.sampling import check_sampling, sample_logits
 from megacontext_jax.telemetry import Telemetry
 from megacontext_jax.tokenizer import sampleable
 from megacontext_jax.tree import APPEND_PIECE, Tree
@@ -74,7 +74,7 @@ def _focus(
     return rows, jnp.stack([r.expands, r.collapses])
 
 
-_sample = jax.jit(sample_logits, static_argnums=(3, 4))
+_sample = jax.jit(sample_logits, static_argnums=(3, 4, 5))
 
 
 def _runs(ids: list[int]) -> list[tuple[int, int]]:
@@ -186,17 +186,19 @@ class Session:
         *,
         temperature: float = 0.0,
         top_k: int = 0,
+        top_p: float = 1.0,
         seed: int = 0,
         stop: tuple[int, ...] = (),
     ) -> Iterator[int]:
         """Yields up to ``max_new_tokens`` decoded ids (each joins the memory); ends after a
         ``stop`` id. Commits when done."""
+        check_sampling(max_new_tokens, temperature, top_k, top_p)
         key = jax.random.key(seed)
         try:
             for _ in range(max_new_tokens):
                 key, sub = jax.random.split(key)
                 logits = self.logits()
-                token = int(_sample(logits[None], sub, self.allowed, temperature, top_k)[0])
+                token = int(_sample(logits[None], sub, self.allowed, temperature, top_k, top_p)[0])
                 self._push(token)
                 yield token
                 if token in stop:
@@ -360,36 +362,23 @@ def _lap(t: float) -> tuple[float, float]:
 
 
 def open_session(
-    checkpoint: str | Path,
+    model: MegaContext,
+    config: ml_collections.ConfigDict,
     memory: str | Path,
     *,
+    lens_trained: bool,
     telemetry: Telemetry | None = None,
-    log: Callable[[str], None] = print,
 ) -> Session:
-    """A session over the memory directory ``memory`` (created if new) for a trained checkpoint.
+    """A session over the memory directory ``memory`` (created if new); ``lens_trained``: whether
+    LensNet learned anything (if not, the session keeps the aged recency pyramid).
 
-    Raises ``CheckpointError`` / ``TreeError`` / ``SessionError`` (one line each).
+    Raises ``TreeError`` / ``SessionError`` (one line each).
     """
-    from megacontext_jax.restore import latest_step, load_model
-
-    model, config = load_model(checkpoint)
-    if not isinstance(model, MegaContext):
-        raise SessionError(
-            f"{checkpoint} holds a plain language model: a memory needs a MegaContext "
-            "checkpoint (trained with --config.mc.enabled=true)"
-        )
-    step = latest_step(checkpoint)
-    use_lens = config.mc.loss.lens > 0 and step > config.mc.lens_start
-    if not use_lens:
-        log(
-            f"note: LensNet of {checkpoint} was not trained (step {step}, lens loss starts at "
-            f"{config.mc.lens_start}): decoding keeps the recency pyramid, no learned focus"
-        )
     tree = Tree.open_or_create(
         memory, gister_for(model, config), config.mc.max_level, config.model.vocab_size
     )
     try:
-        return Session(model, config, tree, use_lens=use_lens, telemetry=telemetry)
+        return Session(model, config, tree, use_lens=lens_trained, telemetry=telemetry)
     except BaseException:
         tree.close()
         raise

@@ -3,22 +3,59 @@
     python -m megacontext_jax.sweep --config configs/tiny.py --sweep configs/sweeps/X.py \\
         [--root runs/sweep_X] [--config.train.steps=200 ...] [--lengths 8] [--docs 16]
 
-The sweep file's ``sweep()`` returns a list of ``{"dotted.key": value}`` dicts. Each run trains (or
-resumes) in ``ROOT/<name>``, is evaluated (``megacontext_jax.evaluate``), and the table of all runs
-is written to ``ROOT/results.csv`` and ``ROOT/results.md``. A finished run is not repeated.
+The sweep file's ``sweep()`` returns a list of ``{"dotted.key": value}`` dicts, each set at most
+once. Every run trains (or resumes) in ``ROOT/<run_name>``, a name unique to its override set, is
+evaluated (``megacontext_jax.evaluation``) on its own config's held-out data, and the table of all
+runs is written to ``ROOT/results.csv`` and ``ROOT/results.md`` after each one. A finished run is
+not repeated. A run that raises becomes a row with its one-line ``error`` and the sweep goes on; it
+is not marked finished, so the same command retries it. Exit status: 0 when every run finished, 1
+when any failed (listed at the end), 2 for a bad command line, config or sweep file, 130 when
+interrupted.
 """
 
 import argparse
 import csv
+import hashlib
 import importlib.util
 import json
+import re
 import sys
+import traceback
 from pathlib import Path
 
+from megacontext_jax.checkpoint import CheckpointError
 from megacontext_jax.config import ConfigError, apply_override, parse_args, validate
+
+NAME_MAX = 80  # characters of a run's directory name
+_SAFE = re.compile(r"[A-Za-z0-9._+-]*")  # what a key or value may hold to appear verbatim
+# Failures a user causes (data, checkpoints, values; ConfigError and DataError are ValueErrors)
+# are reported in one line; anything else is a bug and also prints its traceback.
+_EXPECTED = (CheckpointError, ValueError)
+
+
+def _canonical(overrides: dict) -> tuple[tuple[str, str], ...]:
+    # apply_override receives str(value), so {"k": 2} and {"k": "2"} are the same run, and the
+    # order of distinct keys does not change the config.
+    return tuple(sorted((str(k), str(v)) for k, v in overrides.items()))
+
+
+def run_name(overrides: dict) -> str:
+    """The directory name of the run of ``overrides``: ``key=value`` pairs in key order, keys in
+    full; when that is longer than ``NAME_MAX`` or holds characters unsafe in a path, a sanitized
+    prefix plus ``-`` and 8 hex digits of the override set's sha256. ``base`` for no overrides."""
+    items = _canonical(overrides)
+    if not items:
+        return "base"
+    name = ",".join(f"{k}={v}" for k, v in items)
+    if len(name) <= NAME_MAX and all(_SAFE.fullmatch(k) and _SAFE.fullmatch(v) for k, v in items):
+        return name
+    digest = hashlib.sha256(json.dumps(dict(items), sort_keys=True).encode()).hexdigest()[:8]
+    return f"{re.sub(r'[^A-Za-z0-9._+=,-]', '_', name)[: NAME_MAX - 9]}-{digest}"
 
 
 def load_sweep(path: str) -> list[dict]:
+    """The override sets of the sweep file's ``sweep()``; ``ConfigError`` (one line) for a missing
+    file, no ``sweep()``, an empty or malformed list, or an override set listed twice."""
     spec = importlib.util.spec_from_file_location("_sweep", path)
     if spec is None or not Path(path).is_file():
         raise ConfigError(f"sweep file not found: {path}")
@@ -29,19 +66,19 @@ def load_sweep(path: str) -> list[dict]:
     runs = module.sweep()
     if not runs or not all(isinstance(r, dict) for r in runs):
         raise ConfigError(f"sweep() in {path} must return a non-empty list of dicts")
+    first: dict[tuple, int] = {}
+    for i, overrides in enumerate(runs, 1):
+        j = first.setdefault(_canonical(overrides), i)
+        if j != i:
+            raise ConfigError(
+                f"sweep() in {path} lists the same overrides twice (runs {j} and {i}): {overrides}"
+            )
     return runs
 
 
-def run_name(overrides: dict) -> str:
-    def fmt(v):
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-    return ",".join(f"{k.split('.')[-1]}={fmt(v)}" for k, v in overrides.items())
-
-
 def results_row(overrides: dict, summary: dict, evaluation: dict) -> dict:
-    row = {k: v for k, v in overrides.items()}
-    for key in ("val/bpb", "train/loss/mc_static", "train/loss/mc_focus", "train/lens/agreement"):
+    row = dict(overrides)
+    for key in ("val/bpb", "mc/loss/mc_static", "mc/loss/mc_focus", "mc/lens/agreement"):
         if key in summary:
             row[key] = summary[key]
     for length, conditions in evaluation["conditions"].items():
@@ -56,6 +93,29 @@ def results_row(overrides: dict, summary: dict, evaluation: dict) -> dict:
     return row
 
 
+def error_line(e: BaseException) -> str:
+    """``Type: first line of the message`` (``Type`` alone for an empty message)."""
+    message = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {message[0]}" if message else type(e).__name__
+
+
+def run_one(config, overrides: dict, lengths: list[int], num_docs: int, num_probes: int) -> dict:
+    """Trains (or resumes) the run in ``config.workdir``, evaluates its latest checkpoint on the
+    run's own held-out data, and returns its row of the results."""
+    # Imported here so that --help and config errors answer without loading the training stack.
+    from megacontext_jax import data
+    from megacontext_jax.evaluation import evaluate
+    from megacontext_jax.restore import load_model
+    from megacontext_jax.tokenizer import tokenizer_for
+    from megacontext_jax.trainer import train
+
+    summary = train(config)
+    model, _ = load_model(config.workdir)
+    docs = data.evaluation_documents(config, tokenizer_for(config.model))
+    evaluation = evaluate(model, config, docs, lengths, num_docs, 8, 4, num_probes)
+    return results_row(overrides, summary, evaluation)
+
+
 def write_tables(root: Path, rows: list[dict]) -> None:
     columns = list(dict.fromkeys(k for row in rows for k in row))
     with (root / "results.csv").open("w", newline="") as f:
@@ -64,31 +124,89 @@ def write_tables(root: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
     def cell(v):
-        return f"{v:.4f}" if isinstance(v, float) else str(v)
+        return f"{v:.4f}" if isinstance(v, float) else str(v).replace("|", "\\|")
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
     (root / "results.md").write_text("\n".join(lines) + "\n")
 
 
-def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m megacontext_jax.sweep", description=__doc__.splitlines()[0]
-    )
-    p.add_argument("--sweep", required=True)
-    p.add_argument("--root", help="directory of the runs (default: runs/sweep_<sweep file name>)")
-    p.add_argument("--lengths", default="8")
-    p.add_argument("--docs", type=int, default=16)
-    p.add_argument("--probes", type=int, default=16)
-    args, rest = p.parse_known_args(argv)
+def _lengths(text: str) -> list[int]:
     try:
-        base, unknown = parse_args(rest)
+        lengths = [int(x) for x in text.split(",")]
+    except ValueError:
+        lengths = []
+    if not lengths or min(lengths) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive integers like 4,8, got {text!r}")
+    return lengths
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m megacontext_jax.sweep",
+        usage="%(prog)s --config PATH[:ARG] --sweep FILE\n"
+        "       [--config.FIELD=VALUE ...] [options]",
+        description=__doc__.splitlines()[0],
+    )
+    config = p.add_argument_group(
+        "config",
+        "--config.FIELD=VALUE (or --config.FIELD VALUE), any number of times, overrides one "
+        "field of the base config, e.g. --config.train.steps=200; each run's overrides from the "
+        "sweep file apply on top.",
+    )
+    # Parsed here only for the help and the error of a missing one; config.parse_args reads it.
+    config.add_argument(
+        "--config",
+        required=True,
+        metavar="PATH[:ARG]",
+        help="the base config file; ARG is passed to its get_config(ARG) (required)",
+    )
+    p.add_argument(
+        "--sweep",
+        required=True,
+        metavar="FILE",
+        help="a Python file whose sweep() returns a list of {'dotted.key': value} (required)",
+    )
+    p.add_argument(
+        "--root",
+        metavar="DIR",
+        help="directory of the runs and the results (default: runs/sweep_<sweep file stem>)",
+    )
+    p.add_argument(
+        "--lengths",
+        type=_lengths,
+        default="8",
+        metavar="L,...",
+        help="evaluation history lengths in multiples of W (default: %(default)s)",
+    )
+    p.add_argument(
+        "--docs",
+        type=int,
+        default=16,
+        metavar="N",
+        help="evaluation documents per length (default: %(default)s)",
+    )
+    p.add_argument(
+        "--probes",
+        type=int,
+        default=16,
+        metavar="N",
+        help="retrieval probes per task and length (default: %(default)s)",
+    )
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args, rest = build_parser().parse_known_args(argv)
+    try:
+        config_argv = ["--config", args.config, *rest]
+        unknown = parse_args(config_argv)[1]
         if unknown:
             raise ConfigError(f"unexpected arguments: {' '.join(unknown)}")
         runs = load_sweep(args.sweep)
         configs = []
         for overrides in runs:
-            config = parse_args(rest)[0]
+            config = parse_args(config_argv)[0]
             for key, value in overrides.items():
                 apply_override(config, key, str(value))
             validate(config)
@@ -96,16 +214,10 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from megacontext_jax import data
-    from megacontext_jax.evaluate import evaluate
-    from megacontext_jax.restore import load_model
-    from megacontext_jax.tokenizer import tokenizer_for
-    from megacontext_jax.trainer import train
 
     root = Path(args.root or f"runs/sweep_{Path(args.sweep).stem}")
     root.mkdir(parents=True, exist_ok=True)
-    docs = data.evaluation_documents(base, tokenizer_for(base.model))
-    rows = []
+    rows, failures = [], []
     for i, (overrides, config) in enumerate(zip(runs, configs, strict=True), 1):
         workdir = root / run_name(overrides)
         done = workdir / "sweep_result.json"
@@ -116,18 +228,39 @@ def main(argv: list[str]) -> int:
         config.unlock()
         config.workdir = str(workdir)
         config.lock()
-        summary = train(config)
-        model, _ = load_model(workdir)
-        lengths = [int(x) for x in args.lengths.split(",")]
-        evaluation = evaluate(model, config, docs, lengths, args.docs, 8, 4, args.probes)
-        row = results_row(overrides, summary, evaluation)
-        done.write_text(json.dumps(row))
-        rows.append(row)
-        write_tables(root, rows)
-    write_tables(root, rows)
+        try:
+            row = run_one(config, overrides, args.lengths, args.docs, args.probes)
+        except KeyboardInterrupt:
+            print("interrupted; rerun the same command to resume", file=sys.stderr)
+            return 130
+        except Exception as e:  # one run's failure must not end the sweep
+            if not isinstance(e, _EXPECTED):
+                traceback.print_exc()
+            error = error_line(e)
+            print(f"[{i}/{len(runs)}] {workdir.name} failed: {error}", file=sys.stderr)
+            failures.append((workdir.name, error))
+            rows.append({**overrides, "error": error})
+        else:
+            done.write_text(json.dumps(row))
+            rows.append(row)
+        write_tables(root, rows)  # after each run, so that an interrupted sweep leaves a table
+    write_tables(root, rows)  # also when every run was already finished
     print((root / "results.md").read_text())
+    if failures:
+        print(
+            f"{len(failures)} of {len(runs)} runs failed (rerun the same command to retry them):",
+            file=sys.stderr,
+        )
+        for name, error in failures:
+            print(f"  {name}: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The ``megacontext-sweep`` console entry point."""
     sys.exit(main(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    run()

@@ -68,18 +68,14 @@ class HFTokenizer:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
 
     def stream_decoder(self) -> Callable[[int], str]:
-        """``feed(id) -> str``: the new text once it no longer ends in a partial character."""
-        ids: list[int] = []
-        shown = 0
+        """``feed(id) -> str``: the new text once it no longer ends in a partial character
+        (``tokenizers``' ``DecodeStream``: constant work per token, not a re-decode of the turn)."""
+        from tokenizers.decoders import DecodeStream
+
+        stream = DecodeStream(skip_special_tokens=True)
 
         def feed(token: int) -> str:
-            nonlocal shown
-            ids.append(token)
-            text = self.decode(ids)
-            if text.endswith("\ufffd"):
-                return ""
-            new, shown = text[shown:], len(text)
-            return new
+            return stream.step(self.tokenizer, int(token)) or ""
 
         return feed
 

@@ -4,19 +4,20 @@ import contextlib
 import math
 import signal
 import threading
-import time
 from pathlib import Path
 
 import jax
 import ml_collections
 import numpy as np
+from flax import nnx
 from tqdm import tqdm
 
 from megacontext_jax import data, sharding, variants
-from megacontext_jax.checkpoint import Checkpointer, write_config
-from megacontext_jax.config import validate
-from megacontext_jax.metrics import MetricsWriter, plot_loss_curve
+from megacontext_jax.checkpoint import Checkpointer, check_resume, write_config
+from megacontext_jax.config import config_diff, to_json, validate
+from megacontext_jax.metrics import MetricsWriter, latest_metrics, plot_loss_curve
 from megacontext_jax.model import count_params
+from megacontext_jax.progress import Phase, PhaseBar, startup_block
 from megacontext_jax.restore import attach_base
 from megacontext_jax.tokenizer import tokenizer_for
 from megacontext_jax.train_step import (
@@ -105,13 +106,71 @@ def evaluate(eval_step, params, batches, mesh, rows: int, per_token: float) -> d
     return {"val/loss": loss, "val/bpb": loss / math.log(2) / per_token}
 
 
+def phases(config: ml_collections.ConfigDict) -> list[Phase]:
+    """The run's phases: the curriculum (if any), then the main phase."""
+    cur, t, mc = config.curriculum, config.train, config.mc
+    out = []
+    if cur.steps:
+        what = "the base model alone, plain LM loss"
+        out.append(Phase("curriculum", 1, cur.steps, cur.batch_size, cur.seq_len, what))
+    if t.steps > cur.steps:
+        name, what = (
+            ("mc", f"MegaContext objective ({mc.mode})")
+            if mc.enabled
+            else ("train", "plain LM loss")
+        )
+        out.append(Phase(name, cur.steps + 1, t.steps, t.batch_size, config.data.seq_len, what))
+    return out
+
+
+def _record(prefix: str, fetched: list[dict]) -> dict[str, float]:
+    """One log record of a phase's steps since the last: means of its metrics under ``prefix``
+    (the MegaContext phase's summed ``loss`` becomes ``mc/objective``), the latest ``lr``."""
+    record = {}
+    for key in fetched[0]:
+        values = [m[key] for m in fetched]
+        name = "objective" if prefix == "mc" and key == "loss" else key
+        if key == "lr":
+            record[f"{prefix}/lr"] = float(values[-1])
+        elif not np.isnan(values).all():
+            record[f"{prefix}/{name}"] = float(np.nanmean(values))
+    return record
+
+
+def _postfix(prefix: str, record: dict[str, float], rate: float | None) -> dict[str, str]:
+    shown = (
+        {"lm": record["mc/lm_tokens"], "objective": record["mc/objective"]}
+        if prefix == "mc"
+        else {"loss": record[f"{prefix}/loss"]}
+    )
+    out = {k: f"{v:.3f}" for k, v in shown.items()}
+    if rate is not None:
+        out["tok_s"] = f"{rate:,.0f}"
+    return out
+
+
+def _param_counts(params: nnx.State) -> dict[str, int]:
+    if "gistnet" in params.raw_mapping:
+        return {part: count_params(params[part]) for part in ("base", "gistnet", "lensnet")}
+    return {"base": count_params(params)}
+
+
 def train(
-    config: ml_collections.ConfigDict, *, stop_at: int | None = None, progress: bool = True
+    config: ml_collections.ConfigDict,
+    *,
+    stop_at: int | None = None,
+    progress: bool = True,
+    defaults: ml_collections.ConfigDict | None = None,
+    source: str = "config",
 ) -> dict[str, float]:
-    """Trains (or resumes) the run in ``config.workdir``; returns the final metrics.
+    """Trains (or resumes) the run in ``config.workdir``; returns the latest value of every
+    metric (and ``step``, the last step done).
 
     ``stop_at`` ends this invocation after that step with a checkpoint, as an interruption would;
-    running again with the same workdir resumes exactly where it stopped.
+    running again with the same workdir resumes exactly where it stopped. ``defaults`` (the
+    config file's own values) and ``source`` (its name) only make the start-up block's config
+    diff. A resume whose config changes what the checkpoints hold fails before anything is
+    written (``checkpoint.check_resume``).
     """
     workdir = Path(config.workdir)
     if config.model.family == "llama":
@@ -119,21 +178,28 @@ def train(
 
         sync_config(config)
         validate(config)  # the checkpoint's sizes against the MegaContext settings
-    write_config(workdir, config)
+    check_resume(workdir, config)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-    global_bs = config.train.batch_size
-    curriculum = config.curriculum.steps
-    sizes = {"train.batch_size": global_bs}
-    if curriculum:
-        sizes["curriculum.batch_size"] = config.curriculum.batch_size
-    for field, size in sizes.items():
-        if size % mesh.size or size % jax.process_count():
+    run_phases = phases(config)
+    for p in run_phases:
+        if p.batch_size % mesh.size or p.batch_size % jax.process_count():
+            field = "curriculum.batch_size" if p.name == "curriculum" else "train.batch_size"
             raise ValueError(
-                f"config.{field}={size} must be divisible by the {mesh.size} devices "
+                f"config.{field}={p.batch_size} must be divisible by the {mesh.size} devices "
                 f"and {jax.process_count()} processes"
             )
+    checkpointer = Checkpointer(workdir, keep=config.train.keep_checkpoints)
+    start = checkpointer.latest_step() or 0
+    if start >= config.train.steps and start:
+        checkpointer.close()
+        tqdm.write(
+            f"{workdir} is a finished run (step {start} of train.steps={config.train.steps}): "
+            "nothing to train; raise --config.train.steps to go on"
+        )
+        return {**latest_metrics(workdir), "step": start, "finished": True}
+    global_bs, seq_len = config.train.batch_size, config.data.seq_len
     rows = global_bs // jax.process_count()
-    seq_len = config.data.seq_len
+    curriculum = config.curriculum.steps
 
     tokenizer = tokenizer_for(config.model)
     docs = data.tokenize(
@@ -159,8 +225,7 @@ def train(
         )
         return iter(dataset)
 
-    checkpointer = Checkpointer(workdir, keep=config.train.keep_checkpoints)
-    data_iter = stage_batches(checkpointer.latest_step() or 0)
+    data_iter = stage_batches(start)
     val_batches = data.validation_batches(
         val_docs, seq_len, global_bs, config.train.eval_batches, tokenizer
     )
@@ -169,98 +234,105 @@ def train(
     per_token = data.bytes_per_token(val_batches, token_bytes)
 
     trainable = make_trainable(config, mesh)
-    if checkpointer.latest_step() is not None:
-        abstract = checkpointed(trainable.abstract_state(), config)
-        state, start = checkpointer.restore(abstract, data_iter)
-        tqdm.write(f"resumed {workdir} from step {start}")
+    if start:
+        state, _ = checkpointer.restore(checkpointed(trainable.abstract_state(), config), data_iter)
     else:
-        state, start = trainable.init(), 0
+        state = trainable.init()
     if frozen_base(config):
         state = attach_base(state, trainable, config)
+    write_config(workdir, config)  # only now: a resume that failed above changed nothing
     train_step, eval_step = make_train_step(trainable), make_eval_step(trainable)
     base_step = make_train_step(trainable, base_only=True) if curriculum else None
+    process0 = jax.process_index() == 0
+    counts = _param_counts(state.params)
+    if progress and process0:
+        tqdm.write(
+            startup_block(
+                workdir=str(workdir),
+                resumed_from=start or None,
+                mesh=mesh,
+                params=counts,
+                phases=run_phases,
+                config_source=source,
+                diff=config_diff(config, defaults) if defaults is not None else {},
+            )
+        )
     writer = MetricsWriter(workdir)
     if start == 0:
-        writer.write(0, {"params": count_params(state.params), "val/unigram_bpb": unigram_bpb})
+        writer.write(0, {"params": sum(counts.values()), "val/unigram_bpb": unigram_bpb})
+        writer.text("config", to_json(config))
 
     end = config.train.steps if stop_at is None else min(stop_at, config.train.steps)
-
-    def tokens_per_step(step: int) -> int:
-        if step <= curriculum:
-            return config.curriculum.batch_size * config.curriculum.seq_len
-        return global_bs * seq_len
-
-    bar = tqdm(
-        total=config.train.steps,
-        initial=start,
-        disable=not progress or jax.process_index() != 0,
-        desc="train",
-        unit="step",
-        dynamic_ncols=True,
-    )
-    summary: dict[str, float] = {"val/unigram_bpb": unigram_bpb}
-    pending, last_time, last_step = [], time.perf_counter(), start
-    step = start
+    summary: dict[str, float] = {**latest_metrics(workdir), "val/unigram_bpb": unigram_bpb}
+    step, bar = start, None
     with _stop_requests() as stop:
         try:
-            for step in range(start + 1, end + 1):
-                if stop.is_set():
-                    raise KeyboardInterrupt
-                batch = next(data_iter)
-                in_curriculum = step <= curriculum
-                if config.mc.enabled and not in_curriculum:
-                    batch = mc_batch(batch, step, config)
-                batch = sharding.global_batch(batch, mesh)
-                state, metrics = (base_step if in_curriculum else train_step)(state, batch)
-                pending.append(metrics)
-                if step == curriculum:
-                    data_iter = stage_batches(step)
-                    bar.write(
+            for phase in run_phases:
+                last = min(phase.last, end)
+                if step >= last:
+                    continue
+                bar = PhaseBar(phase, enabled=progress and process0)
+                run_step = base_step if phase.name == "curriculum" else train_step
+                pending, first = [], step + 1
+                for step in range(first, last + 1):
+                    if stop.is_set():
+                        raise KeyboardInterrupt
+                    batch = next(data_iter)
+                    if phase.name == "mc":
+                        batch = mc_batch(batch, step, config)
+                    state, metrics = run_step(state, sharding.global_batch(batch, mesh))
+                    pending.append(metrics)
+                    if bar.bar is None:  # the phase's first step has compiled: start the clock
+                        jax.block_until_ready(metrics)
+                        bar.started(step)
+                    else:
+                        # The bar counts finished steps: it waits for the previous one only, so
+                        # the host prepares the next batch while the device runs this step.
+                        if len(pending) > 1:
+                            jax.block_until_ready(pending[-2])
+                        bar.step()
+                    if step == curriculum:
+                        data_iter = stage_batches(step)
+                    if step % config.train.log_every == 0 or step == last:
+                        record = _record(phase.name, jax.device_get(pending))
+                        rate = bar.tokens_per_s()
+                        if rate is not None:
+                            record[f"{phase.name}/tokens_per_s"] = rate
+                        writer.write(step, record)
+                        summary.update(record)
+                        bar.show(**_postfix(phase.name, record, rate))
+                        pending = []
+                    if step % config.train.eval_every == 0 or step == config.train.steps:
+                        with bar.paused():
+                            val = evaluate(
+                                eval_step, state.params, val_batches, mesh, rows, per_token
+                            )
+                        writer.write(step, val)
+                        summary.update(val)
+                        bar.write(
+                            f"step {step}: validation loss {val['val/loss']:.4f} nats/token, "
+                            f"{val['val/bpb']:.4f} bits/byte (unigram {unigram_bpb:.4f})"
+                        )
+                    if step % config.train.checkpoint_every == 0 or step in (end, curriculum):
+                        with bar.paused():
+                            checkpointer.save(step, checkpointed(state, config), data_iter)
+                bar.close()
+                if step == curriculum and end > curriculum:
+                    tqdm.write(
                         f"step {step}: curriculum done, training on {seq_len}-token sequences"
                     )
-                # The curriculum's last step is logged on its own: its metrics have other keys.
-                if step % config.train.log_every == 0 or step in (end, curriculum):
-                    fetched = jax.device_get(pending)
-                    now = time.perf_counter()
-                    # The first interval includes compilation; tokens/s counts from the second one.
-                    rate = (step - last_step) * tokens_per_step(step) / (now - last_time)
-                    record = {
-                        f"train/{key}": float(np.nanmean([m[key] for m in fetched]))
-                        for key in fetched[0]
-                        if key != "lr" and not np.isnan([m[key] for m in fetched]).all()
-                    }
-                    record["train/lr"] = float(fetched[-1]["lr"])
-                    if last_step not in (start, curriculum):  # intervals that compiled a step
-                        record["train/tokens_per_s"] = rate
-                    writer.write(step, record)
-                    summary.update(record)
-                    bar.set_postfix(
-                        loss=f"{record['train/loss']:.3f}", tok_s=f"{rate:,.0f}", refresh=False
-                    )
-                    bar.update(step - last_step)
-                    pending, last_time, last_step = [], time.perf_counter(), step
-                if step % config.train.eval_every == 0 or step == config.train.steps:
-                    val = evaluate(eval_step, state.params, val_batches, mesh, rows, per_token)
-                    writer.write(step, val)
-                    summary.update(val)
-                    bar.write(
-                        f"step {step}: val loss {val['val/loss']:.4f}, bpb {val['val/bpb']:.4f} "
-                        f"(unigram {unigram_bpb:.4f})"
-                    )
-                    last_time = time.perf_counter()
-                if step % config.train.checkpoint_every == 0 or step in (end, curriculum):
-                    checkpointer.save(step, checkpointed(state, config), data_iter)
         except KeyboardInterrupt:
             # A second SIGINT can land while a step holds the donated state: nothing to save then.
             leaves = jax.tree.leaves(state)
             deleted = any(isinstance(x, jax.Array) and x.is_deleted() for x in leaves)
             done = None if deleted else int(state.step)
             if done is not None and checkpointer.latest_step() != done:
-                bar.write(f"interrupted: saving a checkpoint at step {done}")
+                tqdm.write(f"interrupted: saving a checkpoint at step {done}")
                 checkpointer.save(done, checkpointed(state, config), data_iter)
             raise
         finally:
-            bar.close()
+            if bar is not None:
+                bar.close()
             checkpointer.wait()
             checkpointer.close()
             writer.close()

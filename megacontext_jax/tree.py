@@ -287,9 +287,24 @@ def _check_compatible(meta: TreeMeta, gister: Gister, where) -> None:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m megacontext_jax.tree", description=__doc__)
-    parser.add_argument("command", choices=("verify", "stats"))
-    parser.add_argument("directory")
+    # The module docstring is reST for readers of the code; the help is plain text of its own.
+    parser = argparse.ArgumentParser(
+        prog="python -m megacontext_jax.tree",
+        description="Checks or describes a MegaContext tree directory on disk.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, summary in (
+        ("verify", "check every invariant; exit status 1 and one line if the tree is broken"),
+        ("stats", "print levels, lengths and bytes per token as JSON"),
+    ):
+        command = commands.add_parser(
+            name,
+            help=summary,
+            description=summary,
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        command.add_argument("directory", metavar="DIR", help="the tree's directory")
     args = parser.parse_args(argv)
     try:
         tree = Tree.open(args.directory)
@@ -305,5 +320,10 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The ``megacontext-tree`` console entry point."""
     sys.exit(main(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    run()

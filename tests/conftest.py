@@ -35,6 +35,46 @@ def corpus_dir(tmp_path_factory):
     return directory
 
 
+# A Llama-family checkpoint small enough to write in a test (random weights, BPE tokenizer).
+HF_CONFIG = {
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "vocab_size": 320,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": True,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+}
+
+
+@pytest.fixture(scope="session")
+def hf_dir(tmp_path_factory, corpus_dir):
+    """A Hugging Face directory of ``HF_CONFIG``: config, one safetensors file, tokenizer."""
+    from megacontext_jax.llama import random_checkpoint, train_tokenizer
+
+    directory = tmp_path_factory.mktemp("hf")
+    train_tokenizer(directory, [p.read_text() for p in sorted(corpus_dir.glob("*.txt"))], 300)
+    random_checkpoint(directory, HF_CONFIG)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def mc_checkpoint(tmp_path_factory, corpus_dir):
+    """A MegaContext run of ``tiny_mc_config`` trained 3 steps (shared: tests write memories
+    elsewhere, never into it)."""
+    from megacontext_jax.trainer import train
+
+    workdir = tmp_path_factory.mktemp("mc_run")
+    train(tiny_mc_config(workdir, corpus_dir, steps=3), progress=False)
+    return workdir
+
+
 def signal_when(process, pattern: str, sig: int) -> tuple[int, str]:
     """Reads ``process``'s stderr until ``pattern`` matches, sends ``sig``, waits; returns the exit
     status and the whole stderr."""

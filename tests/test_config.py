@@ -1,3 +1,7 @@
+"""Config loading, overrides and validation; the field reference (``FIELDS``) against
+``base_config()`` and the README; ``train.py``'s one-line errors, ``--help`` and ``--print-config``."""
+
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -6,7 +10,16 @@ import jax
 import pytest
 from flax import nnx
 
-from megacontext_jax.config import ConfigError, load_config, parse_args
+from megacontext_jax.config import (
+    FIELDS,
+    ConfigError,
+    base_config,
+    format_config,
+    leaves,
+    load_config,
+    markdown_table,
+    parse_args,
+)
 from megacontext_jax.model import GPT, count_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,16 +85,11 @@ def test_tiny_retrieval_variant_changes_only_focus_fields():
         "mc.train_refocus_steps",
         "mc.num_random_variants",
     }
-
-    def flat(c, prefix=""):
-        out = {}
-        for k, v in c.items():
-            out |= flat(v, f"{prefix}{k}.") if hasattr(v, "items") else {f"{prefix}{k}": v}
-        return out
-
-    a, b = flat(default), flat(retrieval)
+    a, b = leaves(default), leaves(retrieval)
     assert {k for k in a if a[k] != b[k]} == changed
-    with pytest.raises(ConfigError, match="unknown variant 'fast'; known: \\('retrieval',\\)"):
+    with pytest.raises(
+        ConfigError, match="unknown variant 'fast'; known: \\('retrieval', 'quick'\\)"
+    ):
         load_config(f"{TINY}:fast")
 
 
@@ -92,19 +100,93 @@ def test_missing_config_file():
         parse_args([])
 
 
-def test_train_cli_reports_one_line_and_exits_before_compute(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "train.py", "--config", TINY, "--config.train.stpes=3"],
+def test_config_file_with_a_misspelt_field_is_one_line(tmp_path):
+    path = tmp_path / "typo.py"
+    path.write_text(
+        "from megacontext_jax.config import base_config\n\n\n"
+        "def get_config():\n    c = base_config()\n    c.train.stpes = 3\n    return c\n"
+    )
+    with pytest.raises(
+        ConfigError, match=f"{path}: unknown config key 'train.stpes'.*'train.steps'"
+    ):
+        load_config(str(path))
+    path.write_text(
+        "import ml_collections\n\n\ndef get_config():\n    return ml_collections.ConfigDict()\n"
+    )
+    with pytest.raises(ConfigError, match=r"config.curriculum.batch_size is missing \(start from"):
+        load_config(str(path))
+
+
+def test_every_field_has_one_line_of_documentation():
+    assert set(FIELDS) == set(leaves(base_config()))
+    assert all(meaning and "\n" not in meaning for meaning in FIELDS.values())
+    sections = [key.rpartition(".")[0] for key in FIELDS]
+    runs = [s for i, s in enumerate(sections) if i == 0 or s != sections[i - 1]]
+    assert len(runs) == len(set(runs)), f"a section's fields are not contiguous in FIELDS: {runs}"
+
+
+def cli(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=120,
+        env={**os.environ, **env},
     )
+
+
+def test_readme_table_is_the_generated_one():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### `train.py`", 1)[1].split("\n### ", 1)[0]
+    table = "\n".join(line for line in section.splitlines() if line.startswith("|"))
+    regenerate = "python -m megacontext_jax.config --markdown configs/tiny.py"
+    assert table == markdown_table(load_config(TINY)), f"README.md is stale: paste {regenerate}"
+    result = cli("-m", "megacontext_jax.config", "--markdown", "configs/tiny.py")
+    assert (result.returncode, result.stdout.strip()) == (0, table)
+
+
+def test_train_cli_reports_one_line_and_exits_before_compute():
+    result = cli("train.py", "--config", TINY, "--config.train.stpes=3")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: unknown config key 'train.stpes': no field 'stpes' under 'train' "
         "(did you mean 'train.steps'?)"
     ]
+    result = cli("train.py", "--config", TINY, "--print-config", "--bogus")
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.strip().splitlines() == ["error: unexpected arguments: --bogus"]
+
+
+@pytest.mark.parametrize("spec", [None, TINY])
+def test_train_help_lists_every_field_with_its_default(spec):
+    config = load_config(spec) if spec else base_config()
+    result = cli("train.py", *(["--config", spec] if spec else []), "--help")
+    assert (result.returncode, result.stderr) == (0, "")
+    out = result.stdout
+    assert out.startswith("usage: python train.py --config FILE[:ARG] [--config.FIELD=VALUE ...]")
+    assert f"fields (defaults of {spec or 'base_config()'}" in out
+    listed = {}  # key -> "value  meaning"
+    for line in out.splitlines():
+        key, _, rest = line.strip().partition(" ")
+        if key in FIELDS:
+            listed[key] = rest.strip()
+    assert list(listed) == list(FIELDS)
+    for key, value in leaves(config).items():
+        assert listed[key].startswith(f"{value!r} ") and listed[key].endswith(FIELDS[key]), key
+    assert "\nmc.gist:\n" in out  # grouped under section headings
+
+
+def test_train_print_config_is_the_resolved_config_without_compute():
+    args = ["--config", TINY, "--config.train.steps=7000", "--config.mc.pyramid=proportional"]
+    # A backend that cannot start: any compute would fail.
+    result = cli("train.py", *args, "--print-config", JAX_PLATFORMS="no_such_platform")
+    assert (result.returncode, result.stderr) == (0, "")
+    config, _ = parse_args(args)
+    assert result.stdout == format_config(config) + "\n"
+    assert (
+        "train.steps = 7000\n" in result.stdout and "mc.pyramid = 'proportional'\n" in result.stdout
+    )
 
 
 def test_small_config_is_about_100m_parameters():

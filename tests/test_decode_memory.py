@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 import decode
 from megacontext_jax.gister import Gister
@@ -20,13 +19,6 @@ from megacontext_jax.tree_storage import read_manifest
 from tests.conftest import signal_when, tiny_config, tiny_mc_config
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, corpus_dir):
-    workdir = tmp_path_factory.mktemp("mc_run")
-    train(tiny_mc_config(workdir, corpus_dir, steps=3), progress=False)
-    return workdir
 
 
 def _decode(*args, stdin=None):
@@ -40,9 +32,9 @@ def _decode(*args, stdin=None):
     )
 
 
-def test_decode_grows_a_memory_across_runs(checkpoint, tmp_path):
+def test_decode_grows_a_memory_across_runs(mc_checkpoint, tmp_path):
     memory = tmp_path / "memory"
-    common = ["--checkpoint", checkpoint, "--memory", memory, "--temperature", "0"]
+    common = ["--checkpoint", mc_checkpoint, "--memory", memory, "--temperature", "0"]
     first = _decode(*common, "--prompt", "the quick", "--max-new-tokens", 20)
     assert first.returncode == 0, first.stderr[-3000:]
     assert first.stdout.startswith("the quick")
@@ -64,7 +56,7 @@ def test_decode_grows_a_memory_across_runs(checkpoint, tmp_path):
     assert ByteTokenizer().decode(tokens[30:34]) == "fox\n"  # the first turn follows run one
 
 
-def test_bad_input_is_one_line(checkpoint, tmp_path, capsys, corpus_dir):
+def test_bad_input_is_one_line(mc_checkpoint, tmp_path, capsys, corpus_dir):
     memory = tmp_path / "memory"
 
     def error(*args):
@@ -73,7 +65,7 @@ def test_bad_input_is_one_line(checkpoint, tmp_path, capsys, corpus_dir):
         assert "\n" not in err, err
         return err
 
-    base = ["--checkpoint", checkpoint, "--memory", memory]
+    base = ["--checkpoint", mc_checkpoint, "--memory", memory]
     assert error(*base, "--prompt", "") == "error: the prompt is empty"
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"ok \xff\xfe")
@@ -98,7 +90,7 @@ def test_bad_input_is_one_line(checkpoint, tmp_path, capsys, corpus_dir):
     assert re.fullmatch(
         r"error: tree at .*other was gisted by other weights .* open it with the checkpoint whose "
         r"GistNet built it\)?",
-        error("--checkpoint", checkpoint, "--memory", tmp_path / "other", "--prompt", "x"),
+        error("--checkpoint", mc_checkpoint, "--memory", tmp_path / "other", "--prompt", "x"),
     )
     plain = tmp_path / "plain"
     train(tiny_config(plain, corpus_dir, steps=1), progress=False)
@@ -116,7 +108,7 @@ def test_bad_input_is_one_line(checkpoint, tmp_path, capsys, corpus_dir):
         held.close()
 
 
-def test_interrupted_ingest_keeps_what_was_committed(checkpoint, tmp_path):
+def test_interrupted_ingest_keeps_what_was_committed(mc_checkpoint, tmp_path):
     memory = tmp_path / "memory"
     text = "".join(chr(97 + i % 26) for i in range(10 * APPEND_PIECE))
     big = tmp_path / "big.txt"
@@ -131,7 +123,7 @@ def test_interrupted_ingest_keeps_what_was_committed(checkpoint, tmp_path):
                 "decode.py",
                 "ingest",
                 "--checkpoint",
-                checkpoint,
+                mc_checkpoint,
                 "--memory",
                 memory,
                 "--file",

@@ -9,8 +9,18 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from megacontext_jax import data
-from megacontext_jax.evaluate import _paired, condition_arrays, evaluate, score_full, score_wc
+import megacontext_jax as mcj
+from megacontext_jax import data, evaluation
+from megacontext_jax.api import load
+from megacontext_jax.evaluation import (
+    _paired,
+    condition_arrays,
+    config_hash,
+    evaluate,
+    gap_recovered,
+    score_full,
+    score_wc,
+)
 from megacontext_jax.megacontext import MegaContext
 from megacontext_jax.trainer import train
 from megacontext_jax.variants import Layout
@@ -56,12 +66,7 @@ def test_evaluate_reports_every_condition(trained, corpus_dir):
     for c in ("full", "window", "mc_static", "mc_focus"):
         assert row[c]["bpb"] == pytest.approx(row[c]["nll"] / np.log(2))
         assert 0.0 <= results["passkey"]["4W"][c] <= 1.0
-    gap = row["window"]["nll"] - row["full"]["nll"]
-    recovered = row["gap_recovered"]["mc_static"]
-    if gap > 0:
-        assert recovered == pytest.approx((row["window"]["nll"] - row["mc_static"]["nll"]) / gap)
-    else:  # full context does not beat the window: nothing to recover
-        assert np.isnan(recovered)
+    np.testing.assert_equal(row["gap_recovered"], gap_recovered(row))  # NaN equals NaN here
     assert row["documents"] == 4
     assert set(row["differences"]) == {
         "mc_static - window",
@@ -87,6 +92,16 @@ def test_evaluate_reports_every_condition(trained, corpus_dir):
     assert all(np.isfinite(v) for v in sub.values())
 
 
+def test_gap_recovered_needs_a_gap_the_sample_resolves():
+    def row(gap, se):
+        nll = {"window": {"nll": 2.0}, "full": {"nll": 2.0 + gap}, "mc_static": {"nll": 1.99}}
+        return nll | {"differences": {"full - window": {"mean": gap, "se": se}}}
+
+    assert gap_recovered(row(-0.1, 0.01))["mc_static"] == pytest.approx(0.1)
+    for gap, se in ((-0.0003, 0.0002), (0.0, 0.01), (0.05, 0.01), (-0.1, float("nan"))):
+        assert np.isnan(gap_recovered(row(gap, se))["mc_static"]), (gap, se)
+
+
 def test_paired_difference_and_standard_error():
     d = _paired(np.array([1.0, 2.0, 6.0]), np.array([0.0, 0.0, 3.0]))  # differences 1, 2, 3
     assert d["mean"] == pytest.approx(2.0)
@@ -95,16 +110,27 @@ def test_paired_difference_and_standard_error():
 
 def test_evaluate_cli(trained, tmp_path):
     workdir, _ = trained
-    out = tmp_path / "eval.json"
-    cmd = [sys.executable, "-m", "megacontext_jax.evaluate", "--checkpoint", str(workdir)]
+    out = tmp_path / "does" / "not" / "exist" / "eval.json"  # the parents are created
+    cmd = [sys.executable, "-m", "megacontext_jax.evaluation", "--checkpoint", str(workdir)]
     args = ["--lengths", "4", "--docs", "2", "--probes", "2", "--batch", "2", "--out", str(out)]
     result = subprocess.run([*cmd, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "mc_focus" in result.stdout
-    assert json.loads(out.read_text())["conditions"]["4W"]["full"]["nll"] > 0
+    results = json.loads(out.read_text())
+    assert results["conditions"]["4W"]["full"]["nll"] > 0
+    run = results["run"]
+    assert run["step"] == 3 and run["checkpoint"] == str(workdir)
+    assert run["argv"] == ["--checkpoint", str(workdir), *args]
+    assert run["config_hash"] == config_hash(load(workdir).config)
     assert out.with_suffix(".png").stat().st_size > 0
     missing = subprocess.run(
-        [sys.executable, "-m", "megacontext_jax.evaluate", "--checkpoint", str(tmp_path / "nope")],
+        [
+            sys.executable,
+            "-m",
+            "megacontext_jax.evaluation",
+            "--checkpoint",
+            str(tmp_path / "nope"),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -114,3 +140,60 @@ def test_evaluate_cli(trained, tmp_path):
     assert missing.stderr.strip().splitlines() == [
         f"error: no checkpoint at {tmp_path / 'nope'}: config.json not found"
     ]
+
+
+def test_evaluate_cli_checks_its_output_before_computing(trained, tmp_path):
+    """An output that cannot be written is one line before any compute, not a traceback after."""
+    workdir, _ = trained
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    taken = tmp_path / "taken.json"
+    taken.mkdir()
+    for out, message in (
+        (blocker / "x.json", f"error: cannot create the output directory {blocker}"),
+        (taken, f"error: the output {taken} is a directory"),
+    ):
+        cmd = [sys.executable, "-m", "megacontext_jax.evaluation", "--checkpoint", str(workdir)]
+        result = subprocess.run(
+            [*cmd, "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600
+        )
+        assert result.returncode == 1
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(message), result.stderr[-2000:]
+
+
+def test_python_evaluate_returns_what_the_cli_writes(trained, monkeypatch):
+    """``mcj.evaluate`` (what the CLI calls, above) passes its arguments on and records the run;
+    the evaluation itself is stubbed here, the CLI test runs it."""
+    workdir, _ = trained
+    model = load(workdir)
+    seen = {}
+
+    def fake(module, cfg, docs, lengths, num_docs, batch, refocus_steps, num_probes, seed, **kw):
+        seen.update(lengths=lengths, docs=num_docs, batch=batch, probes=num_probes, seed=seed)
+        return {"conditions": {}}
+
+    monkeypatch.setattr(evaluation, "evaluate", fake)
+    results = mcj.evaluate(model, lengths=(4, 8), docs=2, probes=3, batch=2, seed=5)
+    assert seen == {"lengths": [4, 8], "docs": 2, "batch": 2, "probes": 3, "seed": 5}
+    assert results == {
+        "run": {
+            "checkpoint": str(workdir),
+            "step": 3,
+            "config_hash": config_hash(model.config),
+            "arguments": {
+                "data": None,
+                "lengths": [4, 8],
+                "docs": 2,
+                "probes": 3,
+                "batch": 2,
+                "refocus_steps": 4,
+                "seed": 5,
+            },
+        },
+        "conditions": {},
+    }
+    other = model.config.copy_and_resolve_references()
+    other.unlock()
+    other.mc.wc_size += 1
+    assert config_hash(other) != config_hash(model.config)

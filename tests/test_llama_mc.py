@@ -8,7 +8,7 @@ from flax import nnx
 
 import decode
 from megacontext_jax import data
-from megacontext_jax.evaluate import evaluate
+from megacontext_jax.evaluation import evaluate
 from megacontext_jax.llama import (
     Llama,
     load_pretrained,
@@ -19,23 +19,7 @@ from megacontext_jax.llama import (
 from megacontext_jax.restore import load_model
 from megacontext_jax.tokenizer import tokenizer_for
 from megacontext_jax.trainer import train
-from tests.conftest import tiny_mc_config
-
-HF_CONFIG = {
-    "model_type": "llama",
-    "architectures": ["LlamaForCausalLM"],
-    "vocab_size": 320,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 1,
-    "rms_norm_eps": 1e-6,
-    "rope_theta": 10000.0,
-    "tie_word_embeddings": True,
-    "bos_token_id": 0,
-    "eos_token_id": 1,
-}
+from tests.conftest import HF_CONFIG, tiny_mc_config
 
 
 @pytest.fixture(scope="module")

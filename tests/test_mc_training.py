@@ -384,7 +384,7 @@ def test_span_kl_is_zero_over_tokens_alone_and_trains_gistnet():
 def test_checkpoint_restores_all_three_parts(tmp_path, corpus_dir):
     config = tiny_mc_config(tmp_path, corpus_dir, steps=2)
     summary = train(config, progress=False)
-    assert np.isfinite(summary["train/lens"]) and "train/loss/mc_focus" in summary
+    assert np.isfinite(summary["mc/lens"]) and "mc/loss/mc_focus" in summary
     model, restored_config = load_model(tmp_path)
     assert isinstance(model, MegaContext) and restored_config.mc.enabled
     trainable = make_trainable(config, make_mesh())
@@ -414,7 +414,7 @@ def test_mc_resume_is_exact(tmp_path, corpus_dir):
     straight = train(tiny_mc_config(tmp_path / "a", corpus_dir, steps=4), progress=False)
     train(tiny_mc_config(tmp_path / "b", corpus_dir, steps=4), stop_at=2, progress=False)
     resumed = train(tiny_mc_config(tmp_path / "b", corpus_dir, steps=4), progress=False)
-    for key in ("train/loss", "train/lens", "train/loss/mc_focus", "val/loss"):
+    for key in ("mc/objective", "mc/lens", "mc/loss/mc_focus", "val/loss"):
         assert resumed[key] == straight[key], key
 
 
@@ -447,12 +447,16 @@ def test_curriculum_trains_the_base_alone_then_every_part(tmp_path, corpus_dir):
         assert any(not np.array_equal(a, b) for a, b in pairs) == moved, part
     summary = train(config, progress=False)
     assert summary["step"] == 4
-    for key in ("train/loss", "train/lens", "train/loss/mc_focus", "val/loss"):
+    for key in ("curriculum/loss", "mc/objective", "mc/lens", "mc/loss/mc_focus", "val/loss"):
         assert summary[key] == straight[key], key
+    # Each objective is its own series: the curriculum's plain LM loss, then the MC objective.
     records = read_metrics(resumed / "metrics.jsonl")
-    lens_steps = sorted(r["step"] for r in records if "train/lens" in r)
-    loss_steps = sorted(r["step"] for r in records if "train/loss" in r)
-    assert lens_steps == [3, 4] and loss_steps == [1, 2, 3, 4]
+
+    def steps(key):
+        return sorted(r["step"] for r in records if key in r)
+
+    assert steps("curriculum/loss") == [1, 2] and steps("mc/objective") == [3, 4]
+    assert steps("mc/lens") == [3, 4] and steps("train/loss") == []
 
 
 def test_frozen_base_trains_only_gistnet_and_lensnet(tmp_path, corpus_dir):

@@ -1,7 +1,13 @@
 import csv
+import importlib
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from megacontext_jax import sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,3 +65,140 @@ def test_sweep_runs_grid_and_tabulates(tmp_path, corpus_dir):
         [*cmd[:-1], "--config.mc.gist.pooling=max"], cwd=ROOT, capture_output=True, text=True
     )
     assert bad.returncode == 2 and "config.mc.gist.pooling: must be one of" in bad.stderr
+
+
+# -- fast tests: training, restoring and evaluation replaced by instant fakes -------------------
+
+
+class FakeStack:
+    """Stands in for ``train``, ``load_model`` and ``evaluate``: records the workdirs trained and
+    raises ``raises[(stage, config.train.lr)]`` where one is set."""
+
+    def __init__(self):
+        self.trained: list[str] = []
+        self.raises: dict[tuple[str, float], BaseException] = {}
+
+    def _maybe_raise(self, stage: str, config) -> None:
+        if (stage, config.train.lr) in self.raises:
+            raise self.raises[stage, config.train.lr]
+
+    def train(self, config, **_):
+        self.trained.append(Path(config.workdir).name)
+        Path(config.workdir).mkdir(parents=True, exist_ok=True)
+        self._maybe_raise("train", config)
+        return {"val/bpb": 10.0 * config.mc.gist.depth + config.mc.lens.depth}
+
+    def load_model(self, workdir):
+        return "model", None
+
+    def evaluate(self, model, config, docs, lengths, *_):
+        self._maybe_raise("evaluate", config)
+        conditions = {"mc_static": {"nll": config.train.lr}, "gap_recovered": {}}
+        return {"conditions": {f"{lengths[0]}W": conditions}, "passkey": {}}
+
+
+@pytest.fixture
+def stack(monkeypatch):
+    fake = FakeStack()
+    # The modules sweep.run_one imports from.
+    for module, name in (
+        ("trainer", "train"),
+        ("restore", "load_model"),
+        ("evaluation", "evaluate"),
+    ):
+        monkeypatch.setattr(
+            importlib.import_module(f"megacontext_jax.{module}"), name, getattr(fake, name)
+        )
+    monkeypatch.chdir(ROOT)
+    return fake
+
+
+def run_sweep(tmp_path, corpus_dir, runs: list[dict], *extra: str) -> int:
+    sweep_file = tmp_path / "grid.py"
+    sweep_file.write_text(f"def sweep():\n    return {runs!r}\n")
+    return sweep.main(
+        [
+            *("--config", "configs/tiny.py", "--sweep", str(sweep_file)),
+            *("--root", str(tmp_path / "runs"), "--lengths", "4"),
+            f"--config.data.source={corpus_dir}",
+            "--config.data.val_fraction=0.2",
+            *extra,
+        ]
+    )
+
+
+def table(tmp_path) -> list[dict]:
+    return list(csv.DictReader((tmp_path / "runs" / "results.csv").open()))
+
+
+def test_run_names_are_unique_per_override_set():
+    assert sweep.run_name({"mc.gist.depth": 2}) == "mc.gist.depth=2"
+    assert sweep.run_name({"mc.lens.depth": 2}) == "mc.lens.depth=2"
+    assert sweep.run_name({"train.lr": 3e-3}) != sweep.run_name({"train.lr": 0.0030001})
+    assert sweep.run_name({"a.x": 1, "b.y": 2}) == sweep.run_name({"b.y": 2, "a.x": 1})
+    unsafe = sweep.run_name({"data.source": "/data/my corpus", "mc.gist.depth": 2})
+    assert unsafe == "data.source=_data_my_corpus,mc.gist.depth=2-761e3aba"  # stable across runs
+    long = {f"mc.gist.option_{i}": "value" for i in range(8)}
+    name = sweep.run_name(long)
+    assert len(name) <= sweep.NAME_MAX and re.fullmatch(r"[A-Za-z0-9._+=,-]+-[0-9a-f]{8}", name)
+    assert name != sweep.run_name({**long, "mc.gist.option_7": "other"})
+
+
+def test_runs_differing_in_a_parent_key_get_their_own_workdirs(tmp_path, corpus_dir, stack):
+    assert run_sweep(tmp_path, corpus_dir, [{"mc.gist.depth": 3}, {"mc.lens.depth": 3}]) == 0
+    assert stack.trained == ["mc.gist.depth=3", "mc.lens.depth=3"]
+    assert [float(r["val/bpb"]) for r in table(tmp_path)] == [32.0, 23.0]
+
+
+@pytest.mark.parametrize(
+    "runs",
+    [
+        [{"mc.gist.depth": 3}, {"train.lr": 0.01}, {"mc.gist.depth": 3}],
+        [{"train.lr": 0.01, "mc.gist.depth": 3}, {"mc.gist.depth": "3", "train.lr": 0.01}],
+    ],
+)
+def test_an_override_set_listed_twice_is_refused(tmp_path, corpus_dir, stack, capsys, runs):
+    assert run_sweep(tmp_path, corpus_dir, runs) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"error: sweep\(\) in .* lists the same overrides twice .*\n", err), err
+    assert stack.trained == []
+
+
+def test_a_failed_run_is_tabulated_and_the_sweep_goes_on(tmp_path, corpus_dir, stack, capsys):
+    from megacontext_jax.data import DataError
+
+    runs = [{"train.lr": lr} for lr in (0.001, 0.002, 0.003, 0.004)]
+    stack.raises[("train", 0.002)] = RuntimeError("boom\nsecond line")
+    stack.raises[("evaluate", 0.003)] = DataError("no held-out documents")
+    assert run_sweep(tmp_path, corpus_dir, runs) == 1
+    err = capsys.readouterr().err
+    errors = ["", "RuntimeError: boom", "DataError: no held-out documents", ""]
+    assert [r["error"] for r in table(tmp_path)] == errors
+    assert [r["4W mc_static nll"] for r in table(tmp_path)] == ["0.001", "", "", "0.004"]
+    assert "| RuntimeError: boom |" in (tmp_path / "runs" / "results.md").read_text()
+    assert "2 of 4 runs failed" in err and "  train.lr=0.003: DataError" in err
+    assert err.count("Traceback") == 1  # only the unexpected error's
+    # Failed runs are not marked finished: the same command retries them, and only them.
+    stack.raises.clear()
+    stack.trained.clear()
+    assert run_sweep(tmp_path, corpus_dir, runs) == 0
+    assert stack.trained == ["train.lr=0.002", "train.lr=0.003"]
+    assert [r.get("error", "") for r in table(tmp_path)] == [""] * 4
+
+
+def test_an_interrupt_stops_the_sweep(tmp_path, corpus_dir, stack, capsys):
+    stack.raises[("train", 0.001)] = KeyboardInterrupt()
+    assert run_sweep(tmp_path, corpus_dir, [{"train.lr": 0.001}, {"train.lr": 0.002}]) == 130
+    assert stack.trained == ["train.lr=0.001"]
+    assert "interrupted" in capsys.readouterr().err
+
+
+def test_help_shows_the_config_flags_and_defaults(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        sweep.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert exit_.value.code == 0
+    assert "--config PATH[:ARG]" in out and "--config.FIELD=VALUE" in out
+    assert "multiples of W (default: 8)" in out and "per length (default: 16)" in out
+    assert "per task and length (default: 16)" in out
+    assert "(default: runs/sweep_<sweep file stem>)" in out

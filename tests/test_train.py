@@ -13,7 +13,7 @@ from megacontext_jax.checkpoint import Checkpointer, CheckpointError
 from megacontext_jax.metrics import read_metrics
 from megacontext_jax.restore import load_model
 from megacontext_jax.trainer import train
-from tests.conftest import signal_when, tiny_config, train_cli
+from tests.conftest import signal_when, tiny_config, tiny_mc_config, train_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -183,5 +183,34 @@ def test_sigterm_checkpoints_between_steps_and_resumes(tmp_path, corpus_dir):
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"resumed {workdir} from step {step}" in result.stdout
+    assert f"workdir   {workdir} (resuming from step {step};" in result.stdout
     assert f"done: step {step + 2}" in result.stdout
+
+
+def test_resume_with_a_changed_shape_fails_before_writing(tmp_path, corpus_dir):
+    """A resume whose config changes what the checkpoints hold stops with one line naming the
+    field and both values, and leaves config.json as it was (decode still opens the run)."""
+    train(tiny_mc_config(tmp_path, corpus_dir, steps=1), progress=False)
+    before = (tmp_path / "config.json").read_text()
+    for field, value in (("mc.gist.depth", 3), ("mc.block_size", 8), ("model.width", 64)):
+        other = tiny_mc_config(tmp_path, corpus_dir, steps=2)
+        other.unlock()
+        group, _, leaf = field.rpartition(".")
+        node = other
+        for part in group.split("."):
+            node = node[part]
+        old = node[leaf]
+        node[leaf] = value
+        with pytest.raises(CheckpointError, match=rf"holds a run with {field}={old}, not {value}"):
+            train(other, progress=False)
+        assert (tmp_path / "config.json").read_text() == before
+    load_model(tmp_path)  # the intact checkpoint still opens
+
+
+def test_resuming_a_finished_run_says_so(tmp_path, corpus_dir, capsys):
+    train(tiny_config(tmp_path, corpus_dir, steps=3), progress=False)
+    capsys.readouterr()
+    summary = train(tiny_config(tmp_path, corpus_dir, steps=3), progress=False)
+    assert summary["finished"] and summary["step"] == 3
+    assert np.isfinite(summary["val/bpb"])
+    assert "is a finished run (step 3 of train.steps=3)" in capsys.readouterr().out
