@@ -1,7 +1,8 @@
 """Orbax checkpoints of a run: train state (params, optimizer, step) and the Grain iterator state.
 
 Layout of a workdir: ``config.json`` (the run's config, written once) and ``checkpoints/<step>/``
-with items ``state`` and ``data``.
+with items ``state``, ``data`` and ``pending`` (the metrics of the steps since the last log
+record, so that a resumed run logs the same rows as one that never stopped).
 """
 
 from pathlib import Path
@@ -96,13 +97,30 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: Any, data_iter: grain.DatasetIterator) -> None:
+    def save(
+        self,
+        step: int,
+        state: Any,
+        data_iter: grain.DatasetIterator,
+        pending: list[dict[str, float]] = (),
+    ) -> None:
         self.manager.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
                 data=grain.checkpoint.CheckpointSave(data_iter),
+                pending=ocp.args.JsonSave(list(pending)),
             ),
+        )
+
+    def pending(self, step: int) -> list[dict[str, float]]:
+        """The unlogged metrics saved with ``step`` (none for a checkpoint saved without them)."""
+        if not (Path(self.manager.directory) / str(step) / "pending").is_dir():
+            return []
+        return list(
+            self.manager.restore(step, args=ocp.args.Composite(pending=ocp.args.JsonRestore()))[
+                "pending"
+            ]
         )
 
     def restore(

@@ -16,6 +16,7 @@ no curve mixes two of them:
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -24,18 +25,32 @@ import jax
 class MetricsWriter:
     """Writes ``{step, **metrics}`` to ``workdir/metrics.jsonl`` and ``workdir/tb``.
 
-    Only process 0 writes; other processes get a writer that does nothing.
+    One run, one file: resuming at step ``start`` drops the rows (and TensorBoard events) of
+    steps after it, which the resumed run logs again; a run that starts at step 0 where an
+    earlier run left metrics (its checkpoints gone) moves them aside, to ``metrics.previous.jsonl``
+    and ``tb.previous`` (numbered if those exist), and says so through ``log``. Only process 0
+    writes; other processes get a writer that does nothing.
     """
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, start: int = 0, log: Callable[[str], None] = print):
         self.enabled = jax.process_index() == 0
         self.path = Path(workdir) / "metrics.jsonl"
         if self.enabled:
             from tensorboardX import SummaryWriter
 
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if start == 0 and self.path.exists() and self.path.stat().st_size:
+                kept = _move_aside(self.path, Path(workdir) / "tb")
+                log(f"note: {workdir} has metrics but no checkpoint; they are kept as {kept}")
+            elif start and self.path.exists():
+                rows = [r for r in read_metrics(self.path) if r["step"] <= start]
+                tmp = self.path.with_suffix(".jsonl.tmp")
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+                tmp.replace(self.path)
             self._file = self.path.open("a")
-            self._tb = SummaryWriter(str(Path(workdir) / "tb"))
+            self._tb = SummaryWriter(
+                str(Path(workdir) / "tb"), purge_step=start + 1 if start else None
+            )
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -56,6 +71,19 @@ class MetricsWriter:
         if self.enabled:
             self._file.close()
             self._tb.close()
+
+
+def _move_aside(metrics: Path, tb: Path) -> str:
+    """Renames an earlier run's ``metrics.jsonl`` and ``tb/`` out of the way; returns the new
+    metrics file's name."""
+    n = 0
+    while (metrics.with_name(f"metrics.previous{n or ''}.jsonl")).exists():
+        n += 1
+    target = metrics.with_name(f"metrics.previous{n or ''}.jsonl")
+    metrics.rename(target)
+    if tb.exists():
+        tb.rename(tb.with_name(f"tb.previous{n or ''}"))
+    return target.name
 
 
 def read_metrics(path: Path) -> list[dict]:

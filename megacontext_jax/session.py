@@ -111,7 +111,8 @@ class Session:
         if tree.gister is None:
             raise SessionError("the session's tree must be opened for writing (with a Gister)")
         self.config, self.tree, self.use_lens, self.telemetry = config, tree, use_lens, telemetry
-        self.allowed = jnp.asarray(sampleable(config.model))
+        self._sampleable = sampleable(config.model)
+        self.allowed = jnp.asarray(self._sampleable)
         self.k, self.max_level, self.tail = mc.block_size, mc.max_level, mc.recent_tail
         self.pyramid = mc.pyramid
         self.capacity = mc.wc_size
@@ -199,6 +200,11 @@ class Session:
                 key, sub = jax.random.split(key)
                 logits = self.logits()
                 token = int(_sample(logits[None], sub, self.allowed, temperature, top_k, top_p)[0])
+                if not self._sampleable[token]:  # never commit PAD, BOS or a padding row
+                    raise SessionError(
+                        f"decoding drew id {token}, which is not a token it may draw: not "
+                        "added to the memory"
+                    )
                 self._push(token)
                 yield token
                 if token in stop:

@@ -128,13 +128,20 @@ def _record(prefix: str, fetched: list[dict]) -> dict[str, float]:
     (the MegaContext phase's summed ``loss`` becomes ``mc/objective``), the latest ``lr``."""
     record = {}
     for key in fetched[0]:
-        values = [m[key] for m in fetched]
+        # float64 whatever the source (fresh float32 scalars or floats restored from JSON), so a
+        # resumed run's means equal an uninterrupted run's bit for bit.
+        values = np.asarray([m[key] for m in fetched], np.float64)
         name = "objective" if prefix == "mc" and key == "loss" else key
         if key == "lr":
             record[f"{prefix}/lr"] = float(values[-1])
         elif not np.isnan(values).all():
             record[f"{prefix}/{name}"] = float(np.nanmean(values))
     return record
+
+
+def _floats(metrics: list[dict]) -> list[dict[str, float]]:
+    """Step metrics as JSON-able floats (the checkpoint's ``pending`` item)."""
+    return [{k: float(v) for k, v in m.items()} for m in jax.device_get(metrics)]
 
 
 def _postfix(prefix: str, record: dict[str, float], rate: float | None) -> dict[str, str]:
@@ -234,8 +241,10 @@ def train(
     per_token = data.bytes_per_token(val_batches, token_bytes)
 
     trainable = make_trainable(config, mesh)
+    restored_pending: list[dict[str, float]] = []
     if start:
         state, _ = checkpointer.restore(checkpointed(trainable.abstract_state(), config), data_iter)
+        restored_pending = checkpointer.pending(start)
     else:
         state = trainable.init()
     if frozen_base(config):
@@ -257,14 +266,14 @@ def train(
                 diff=config_diff(config, defaults) if defaults is not None else {},
             )
         )
-    writer = MetricsWriter(workdir)
+    writer = MetricsWriter(workdir, start, log=tqdm.write)
     if start == 0:
         writer.write(0, {"params": sum(counts.values()), "val/unigram_bpb": unigram_bpb})
         writer.text("config", to_json(config))
 
     end = config.train.steps if stop_at is None else min(stop_at, config.train.steps)
     summary: dict[str, float] = {**latest_metrics(workdir), "val/unigram_bpb": unigram_bpb}
-    step, bar = start, None
+    step, bar, pending = start, None, []
     with _stop_requests() as stop:
         try:
             for phase in run_phases:
@@ -273,7 +282,8 @@ def train(
                     continue
                 bar = PhaseBar(phase, enabled=progress and process0)
                 run_step = base_step if phase.name == "curriculum" else train_step
-                pending, first = [], step + 1
+                pending, first = restored_pending, step + 1
+                restored_pending = []
                 for step in range(first, last + 1):
                     if stop.is_set():
                         raise KeyboardInterrupt
@@ -293,7 +303,7 @@ def train(
                         bar.step()
                     if step == curriculum:
                         data_iter = stage_batches(step)
-                    if step % config.train.log_every == 0 or step == last:
+                    if step % config.train.log_every == 0 or step == phase.last:
                         record = _record(phase.name, jax.device_get(pending))
                         rate = bar.tokens_per_s()
                         if rate is not None:
@@ -315,7 +325,9 @@ def train(
                         )
                     if step % config.train.checkpoint_every == 0 or step in (end, curriculum):
                         with bar.paused():
-                            checkpointer.save(step, checkpointed(state, config), data_iter)
+                            checkpointer.save(
+                                step, checkpointed(state, config), data_iter, _floats(pending)
+                            )
                 bar.close()
                 if step == curriculum and end > curriculum:
                     tqdm.write(
@@ -328,7 +340,7 @@ def train(
             done = None if deleted else int(state.step)
             if done is not None and checkpointer.latest_step() != done:
                 tqdm.write(f"interrupted: saving a checkpoint at step {done}")
-                checkpointer.save(done, checkpointed(state, config), data_iter)
+                checkpointer.save(done, checkpointed(state, config), data_iter, _floats(pending))
             raise
         finally:
             if bar is not None:

@@ -19,6 +19,7 @@ import numpy as np
 
 from megacontext_jax.gister import Gister
 from megacontext_jax.tree_storage import (
+    MANIFEST,
     DiskStorage,
     MemoryStorage,
     TreeCorruptError,
@@ -78,7 +79,9 @@ class Tree:
     def open_or_create(
         cls, path: str | Path, gister: Gister, max_level: int, vocab_size: int
     ) -> "Tree":
-        if (Path(path) / "manifest.json").exists():
+        """Opens the tree at ``path`` for writing, or creates one there if the directory holds
+        no tree data at all (data without a manifest is an error, never overwritten)."""
+        if (Path(path) / MANIFEST).exists():
             return cls.open(path, gister)
         return cls.create(path, gister, max_level, vocab_size)
 
@@ -213,7 +216,8 @@ class Tree:
     def verify(self, deep: bool = False) -> None:
         """Raises ``TreeCorruptError`` unless every invariant holds.
 
-        Lengths are consistent (``len(l) == len(0) // K^l``), tokens are in the vocabulary and
+        Lengths are consistent (``len(l) == len(0) // K^l``), on disk every committed chunk
+        reads back with its recorded digest, tokens are in the vocabulary and
         gists are finite. ``deep=True`` (needs the Gister) also recomputes every gist from its
         children and requires bit equality.
         """
@@ -225,6 +229,8 @@ class Tree:
                     f"level {level} holds {self.length(level)} gists; {n} tokens need "
                     f"{n // k**level}"
                 )
+        if isinstance(self.storage, DiskStorage):
+            self.storage.check_all()
         for start in range(0, n, APPEND_PIECE):
             chunk = self.tokens(start, min(n, start + APPEND_PIECE))
             if ((chunk < 0) | (chunk >= meta.vocab_size)).any():

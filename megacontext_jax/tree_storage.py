@@ -4,13 +4,25 @@ Both hold one growable array per level (level 0: int32 token ids ``[n]``; level 
 ``[n, D]``) and a list of *committed* lengths. Rows are written first and committed after, in one
 atomic step; readers trust only committed lengths. On disk (DESIGN section 3): ``level_<l>/`` zarr3
 arrays with a resizable first axis and ``manifest.json``, replaced atomically (temp file, fsync,
-rename) on every commit; ``writer.lock`` admits one writer at a time.
+rename) on every commit.
+
+Nothing committed is ever lost to another writer or a lost file: one writer at a time holds an
+``flock`` on the tree's directory itself (which cannot be unlinked while the tree exists;
+``writer.lock`` only names the holder's pid); every commit checks that the manifest on disk is
+the one this writer last read or wrote (its ``generation`` counter), so a commit never lands on a
+manifest another writer replaced; and a tree is never created over a directory that holds tree
+data (a lost manifest is an error, not an empty tree).
+
+Nothing is silently wrong either: the manifest records a CRC-32 of the committed rows of every
+chunk, each chunk is checked the first time it is read (``verify`` checks them all), and new
+arrays carry zstd's checksum, so a flipped, truncated or deleted chunk is an error, never data.
 """
 
 import dataclasses
 import fcntl
 import json
 import os
+import zlib
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -108,12 +120,28 @@ def _fsync_dir(path: Path) -> None:
 class DiskStorage:
     """TensorStore ``zarr3`` arrays, one per level, plus an atomically replaced manifest."""
 
-    def __init__(self, path: Path, meta: TreeMeta, lengths: list[int], writable: bool):
+    def __init__(
+        self,
+        path: Path,
+        meta: TreeMeta,
+        lengths: list[int],
+        writable: bool,
+        generation: int = 0,
+        lock_fd: int | None = None,
+        digests: list[list[int]] | None = None,
+    ):
         self.path, self.meta, self.lengths, self.writable = path, meta, list(lengths), writable
+        self.generation = generation  # of the manifest this storage last read or wrote
+        # CRC-32 of the committed rows of each chunk, per level (None: a tree written before
+        # digests existed; its next commit records them); chunks checked since opening.
+        self.digests = digests
+        self._verified: set[tuple[int, int]] = set()
         # Decoded chunks of recent reads and writes stay in memory (bounded): a decode refocus
         # touches the same few chunks again and again.
         self._context = ts.Context({"cache_pool": {"total_bytes_limit": CACHE_BYTES}})
-        self._lock_fd = self._acquire_lock() if writable else None
+        if writable and lock_fd is None:
+            lock_fd = lock_directory(path)
+        self._lock_fd = lock_fd
         try:
             self._arrays = [self._open_array(l) for l in range(meta.max_level + 1)]
         except ValueError as e:
@@ -126,11 +154,29 @@ class DiskStorage:
         path = Path(path)
         if (path / MANIFEST).exists():
             raise TreeError(f"a tree already exists at {path}")
+        refuse_orphaned_data(path)
         path.mkdir(parents=True, exist_ok=True)
-        for level in range(meta.max_level + 1):
-            spec = cls._spec(path, meta, level)
-            ts.open(spec, create=True, delete_existing=True, dtype=spec["dtype"]).result()
-        storage = cls(path, meta, [0] * (meta.max_level + 1), writable=True)
+        lock = lock_directory(path)  # first: two creators must not both write arrays
+        try:
+            refuse_orphaned_data(path)  # another creator may have finished while we waited
+            for level in range(meta.max_level + 1):
+                spec = cls._spec(path, meta, level)
+                # Never delete_existing: an array that exists here is someone's data.
+                ts.open(spec, create=True, dtype=spec["dtype"]).result()
+        except ValueError as e:
+            _unlock(lock)
+            raise TreeCorruptError(f"tree at {path}: cannot create its arrays ({e})") from None
+        except BaseException:
+            _unlock(lock)
+            raise
+        storage = cls(
+            path,
+            meta,
+            [0] * (meta.max_level + 1),
+            writable=True,
+            lock_fd=lock,
+            digests=[[] for _ in range(meta.max_level + 1)],
+        )
         storage.commit(storage.lengths)
         return storage
 
@@ -144,11 +190,26 @@ class DiskStorage:
             not isinstance(n, int) or n < 0 for n in lengths
         ):
             raise TreeCorruptError(f"tree at {path}: manifest lengths {lengths} are malformed")
-        return cls(path, meta, lengths, writable)
+        digests = manifest.get("digests")
+        storage = cls(path, meta, lengths, writable, manifest.get("generation", 0), digests=digests)
+        chunks = [-(-n // _chunk_rows(meta, level)) for level, n in enumerate(lengths)]
+        if digests is not None and (
+            not isinstance(digests, list)
+            or [len(d) if isinstance(d, list) else -1 for d in digests] != chunks
+        ):
+            storage.close()
+            raise TreeCorruptError(f"tree at {path}: manifest digests do not match its lengths")
+        if writable:  # read again under the lock: the manifest may have changed while we waited
+            try:
+                storage._check_generation()
+            except TreeError:
+                storage.close()
+                raise
+        return storage
 
     @staticmethod
     def _spec(path: Path, meta: TreeMeta, level: int) -> dict:
-        rows = 1 << 14 if level == 0 else max(1, (1 << 17) // (meta.dim * 2))
+        rows = _chunk_rows(meta, level)
         return {
             "driver": "zarr3",
             "kvstore": {"driver": "file", "path": str(path / f"level_{level}")},
@@ -162,7 +223,8 @@ class DiskStorage:
                 # Byte ids in int32 and the zero tail of a partly filled chunk compress well.
                 "codecs": [
                     {"name": "bytes", "configuration": {"endian": "little"}},
-                    {"name": "zstd", "configuration": {"level": 1, "checksum": False}},
+                    # zstd's own checksum: a flipped byte is a read error, not wrong data.
+                    {"name": "zstd", "configuration": {"level": 1, "checksum": True}},
                 ],
             },
         }
@@ -179,19 +241,14 @@ class DiskStorage:
             )
         return array
 
-    def _acquire_lock(self) -> int:
-        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
+    def _check_generation(self) -> None:
+        """Raises unless the manifest on disk is the one this writer last read or wrote."""
+        on_disk = read_manifest(self.path).get("generation", 0)
+        if on_disk != self.generation:
             raise TreeLockedError(
-                f"tree at {self.path} is locked by another writer (pid {holder})"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        return fd
+                f"tree at {self.path} was changed by another writer (manifest generation "
+                f"{on_disk}, this writer's {self.generation}): nothing committed; reopen it"
+            )
 
     # -- the storage interface -----------------------------------------------------------------
     def write(self, level: int, start: int, rows: np.ndarray) -> None:
@@ -205,13 +262,71 @@ class DiskStorage:
         array[start:stop].write(rows).result()
 
     def read(self, level: int, start: int, stop: int) -> np.ndarray:
-        return np.asarray(self._arrays[level][start:stop].read().result())
+        """Committed rows ``[start, stop)``; every chunk they touch is checked against its digest
+        the first time it is read (``TreeCorruptError`` if it reads back altered or missing)."""
+        self._check_chunks(level, start, stop)
+        return self._read_raw(level, start, stop)
+
+    def check_all(self) -> None:
+        """Reads every committed row back and checks every chunk's digest."""
+        self._verified.clear()
+        for level, n in enumerate(self.lengths):
+            self._check_chunks(level, 0, n)
+
+    def _read_raw(self, level: int, start: int, stop: int) -> np.ndarray:
+        try:
+            return np.asarray(self._arrays[level][start:stop].read().result())
+        except ValueError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise TreeCorruptError(
+                f"tree at {self.path}: level {level} rows [{start}, {stop}) cannot be read ({first})"
+            ) from None
+
+    def _check_chunks(self, level: int, start: int, stop: int) -> None:
+        if self.digests is None or start >= stop:
+            return
+        rows = _chunk_rows(self.meta, level)
+        for chunk in range(start // rows, (stop - 1) // rows + 1):
+            a, b = chunk * rows, min((chunk + 1) * rows, self.lengths[level])
+            if (level, chunk) in self._verified or a >= b:
+                continue
+            if _crc(self._read_raw(level, a, b)) != self.digests[level][chunk]:
+                raise TreeCorruptError(
+                    f"tree at {self.path}: level {level} rows [{a}, {b}) read back altered or "
+                    f"missing (chunk {chunk} fails its checksum)"
+                )
+            self._verified.add((level, chunk))
+
+    def _digests_after(self, lengths: list[int]) -> list[list[int]]:
+        """The digests once ``lengths`` are committed (the rows are written already): the chunks
+        that gained rows are read back, after checking the rows they held before."""
+        out = []
+        for level, (old, new) in enumerate(zip(self.lengths, lengths, strict=True)):
+            rows = _chunk_rows(self.meta, level)
+            known = self.digests[level] if self.digests is not None else []
+            if new == old and self.digests is not None:
+                out.append(list(known))
+                continue
+            first = old // rows if self.digests is not None else 0
+            self._check_chunks(level, first * rows, old)  # never bless rows that went bad
+            fresh = [
+                _crc(self._read_raw(level, c * rows, min((c + 1) * rows, new)))
+                for c in range(first, -(-new // rows))
+            ]
+            out.append(known[:first] + fresh)
+            self._verified |= {(level, c) for c in range(first, -(-new // rows))}
+        return out
 
     def commit(self, lengths: list[int]) -> None:
+        if (self.path / MANIFEST).exists():
+            self._check_generation()
+        digests = self._digests_after(lengths)
         manifest = {
             "format_version": FORMAT_VERSION,
             **dataclasses.asdict(self.meta),
             "lengths": list(lengths),
+            "generation": self.generation + 1,
+            "digests": digests,
         }
         tmp = self.path / (MANIFEST + ".tmp")
         with tmp.open("w") as f:
@@ -221,15 +336,72 @@ class DiskStorage:
         os.replace(tmp, self.path / MANIFEST)
         _fsync_dir(self.path)
         self.lengths = list(lengths)
+        self.digests = digests
+        self.generation += 1
 
     def disk_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
 
     def close(self) -> None:
         if self._lock_fd is not None:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            os.close(self._lock_fd)
+            _unlock(self._lock_fd)
             self._lock_fd = None
+
+
+def _chunk_rows(meta: TreeMeta, level: int) -> int:
+    """Rows per storage chunk (and per digest): 64 KiB of token ids, 128 KiB of gists (bf16)."""
+    return 1 << 14 if level == 0 else max(1, (1 << 17) // (meta.dim * 2))
+
+
+def _crc(rows: np.ndarray) -> int:
+    return zlib.crc32(np.ascontiguousarray(rows).tobytes())
+
+
+def lock_directory(path: Path) -> int:
+    """An exclusive ``flock`` on the tree's directory (a file lock would be lost with its file,
+    and a second writer would lock a new file of the same name); ``writer.lock`` records the
+    holder's pid for the error message of the next writer. Returns the descriptor to unlock."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        try:
+            holder = (Path(path) / LOCK).read_text(errors="replace").strip() or "?"
+        except OSError:
+            holder = "?"
+        raise TreeLockedError(
+            f"tree at {path} is locked by another writer (pid {holder})"
+        ) from None
+    try:
+        (Path(path) / LOCK).write_text(str(os.getpid()))
+    except OSError as e:
+        _unlock(fd)
+        raise TreeError(f"tree at {path}: cannot write {LOCK} ({e.strerror})") from None
+    return fd
+
+
+def _unlock(fd: int) -> None:
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+
+
+def tree_data(path: Path) -> list[str]:
+    """The names of what ``path`` holds of a tree's data (level arrays, a manifest's temp file)."""
+    if not Path(path).is_dir():
+        return []
+    names = sorted(p.name for p in Path(path).iterdir())
+    return [n for n in names if n.startswith("level_") or n == MANIFEST + ".tmp"]
+
+
+def refuse_orphaned_data(path: Path) -> None:
+    """Raises if ``path`` holds tree data but no manifest: creating a tree there would lose it."""
+    found = tree_data(path)
+    if found and not (Path(path) / MANIFEST).exists():
+        raise TreeCorruptError(
+            f"tree at {path} holds tree data ({', '.join(found)}) but no {MANIFEST}: not "
+            "creating a tree over it (restore the manifest, or move the directory aside)"
+        )
 
 
 def read_manifest(path: Path) -> dict:
@@ -237,6 +409,7 @@ def read_manifest(path: Path) -> dict:
     if not Path(path).is_dir():
         raise TreeNotFoundError(f"no tree at {path}: directory not found")
     if not file.is_file():
+        refuse_orphaned_data(path)  # say what is there: data without its manifest
         raise TreeNotFoundError(f"no tree at {path}: {MANIFEST} not found")
     try:
         manifest = json.loads(file.read_text())

@@ -134,3 +134,20 @@ def test_hf_streaming_decode_equals_a_whole_decode(hf_dir):
 def test_load_errors_are_one_line(tmp_path):
     with pytest.raises(mcj.CheckpointError, match=f"^no checkpoint at {tmp_path}: config.json"):
         mcj.load(tmp_path)
+
+
+def test_a_token_decoding_may_not_draw_is_never_committed(mc_checkpoint, tmp_path, monkeypatch):
+    from megacontext_jax import session as session_module
+
+    model = mcj.load(mc_checkpoint)
+    with model.session(tmp_path / "memory") as s:
+        s.ingest_text("the quick")
+        before = s.num_tokens
+        pad = model.config.model.pad_id
+        monkeypatch.setattr(session_module, "_sample", lambda *a: jnp.array([pad]))
+        with pytest.raises(mcj.SessionError, match=f"drew id {pad}, which is not a token"):
+            s.generate(max_new_tokens=3)
+        assert s.num_tokens == before
+    tree = Tree.open(tmp_path / "memory")
+    assert tree.num_tokens == before and pad not in tree.tokens(0, before)
+    tree.close()

@@ -146,3 +146,33 @@ def test_interrupted_ingest_keeps_what_was_committed(mc_checkpoint, tmp_path):
     tree.close()
     assert 0 < n < 1 + len(text) and n % APPEND_PIECE == 0
     np.testing.assert_array_equal(stored, ByteTokenizer().encode(text, bos=True)[:n])
+
+
+def test_non_finite_sampling_parameters_are_refused_before_the_memory_is_touched(
+    mc_checkpoint, tmp_path, capsys
+):
+    memory = tmp_path / "memory"
+    base = ["--checkpoint", mc_checkpoint, "--memory", memory, "--prompt", "x"]
+    for flag, value, message in (
+        ("--temperature", "inf", "error: --temperature must be a finite number >= 0, got inf"),
+        ("--temperature", "nan", "error: --temperature must be a finite number >= 0, got nan"),
+        ("--top-p", "0", "error: --top-p must be in (0, 1] (1 keeps all), got 0.0"),
+    ):
+        assert decode.main([*map(str, base), flag, value]) == 2
+        assert capsys.readouterr().err.strip() == message
+        assert not memory.exists()
+
+
+def test_ingest_refuses_a_memory_that_lost_its_manifest(mc_checkpoint, tmp_path, capsys):
+    memory = tmp_path / "memory"
+    text = tmp_path / "a.txt"
+    text.write_text("the quick brown fox " * 10)
+    args = ["ingest", "--checkpoint", mc_checkpoint, "--memory", memory, "--file", text]
+    assert decode.main([*map(str, args)]) == 0
+    (memory / "manifest.json").unlink()
+    before = sorted((p.name, p.stat().st_size) for p in (memory / "level_0").rglob("*"))
+    capsys.readouterr()
+    assert decode.main([*map(str, args)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "holds tree data (level_0, level_1, level_2) but no" in err
+    assert sorted((p.name, p.stat().st_size) for p in (memory / "level_0").rglob("*")) == before

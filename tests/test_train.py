@@ -1,5 +1,6 @@
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -214,3 +215,51 @@ def test_resuming_a_finished_run_says_so(tmp_path, corpus_dir, capsys):
     assert summary["finished"] and summary["step"] == 3
     assert np.isfinite(summary["val/bpb"])
     assert "is a finished run (step 3 of train.steps=3)" in capsys.readouterr().out
+
+
+def _rows(workdir):
+    """metrics.jsonl without the timing series (tokens/s differ from run to run)."""
+    return [
+        {k: v for k, v in r.items() if not k.endswith("tokens_per_s")}
+        for r in read_metrics(workdir / "metrics.jsonl")
+    ]
+
+
+def test_a_resumed_run_logs_the_rows_of_one_that_never_stopped(tmp_path, corpus_dir):
+    """Stopped between log records (the steps since the last record travel in the checkpoint),
+    or killed after logging past its last checkpoint (those rows are dropped and logged again):
+    either way metrics.jsonl ends up row for row that of an uninterrupted run."""
+
+    def config(workdir):
+        return tiny_config(workdir, corpus_dir, steps=9, log_every=3, checkpoint_every=4)
+
+    train(config(tmp_path / "straight"), progress=False)
+    stopped = tmp_path / "stopped"
+    train(config(stopped), stop_at=5, progress=False)  # steps 4-5 unlogged at the stop
+    train(config(stopped), progress=False)
+    assert _rows(stopped) == _rows(tmp_path / "straight")
+
+    killed = tmp_path / "killed"
+    train(config(killed), stop_at=7, progress=False)  # logs step 6, checkpoints 4 and 7
+    shutil.rmtree(killed / "checkpoints" / "7")  # as if killed before step 7's save landed
+    train(config(killed), progress=False)
+    assert _rows(killed) == _rows(tmp_path / "straight")
+
+
+def test_a_fresh_start_never_appends_to_an_earlier_runs_metrics(tmp_path, corpus_dir, capsys):
+    train(tiny_config(tmp_path, corpus_dir, steps=2), progress=False)
+    first = _rows(tmp_path)
+    shutil.rmtree(tmp_path / "checkpoints")
+    (tmp_path / "checkpoints").mkdir()  # an empty checkpoints/ folder
+    capsys.readouterr()
+    train(tiny_config(tmp_path, corpus_dir, steps=2), progress=False)
+    assert "has metrics but no checkpoint; they are kept as metrics.previous.jsonl" in (
+        capsys.readouterr().out
+    )
+    previous = [
+        {k: v for k, v in r.items() if not k.endswith("tokens_per_s")}
+        for r in read_metrics(tmp_path / "metrics.previous.jsonl")
+    ]
+    assert previous == first and (tmp_path / "tb.previous").is_dir()
+    steps = [r["step"] for r in _rows(tmp_path)]
+    assert steps == sorted(steps) and steps.count(0) == 1  # one run in the file

@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from megacontext_jax.tree import Tree
 from megacontext_jax.tree_storage import (
     TreeCorruptError,
     TreeError,
+    TreeLockedError,
     TreeMismatchError,
     TreeNotFoundError,
 )
@@ -158,10 +160,21 @@ def test_corrupt_trees(tmp_path):
     with pytest.raises(TreeCorruptError, match="level 0 holds .* rows but 1000000 are committed"):
         Tree.open(path)
     (path / "manifest.json").write_text(json.dumps(manifest))
-    # Flip one stored gist: structure is fine, deep verification finds it.
+    # Rewrite one stored gist through TensorStore (a valid chunk, other values): its chunk's
+    # digest no longer matches, on verify and on the first read alike.
     spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path / "level_2")}}
     array = ts.open(spec, open=True).result()
     array[3].write(np.ones(32, array.dtype.numpy_dtype)).result()
+    altered = r"level 2 rows \[0, 6\) read back altered or missing \(chunk 0 fails its checksum\)"
+    with Tree.open(path, GISTER) as t:
+        with pytest.raises(TreeCorruptError, match=altered):
+            t.verify()
+        with pytest.raises(TreeCorruptError, match=altered):
+            t.gists(2, 3, 4)
+    # Deep verification still recomputes every gist (a tree without digests: written before).
+    (path / "manifest.json").write_text(
+        json.dumps({k: v for k, v in manifest.items() if k != "digests"})
+    )
     with Tree.open(path, GISTER) as t:
         t.verify()
         with pytest.raises(TreeCorruptError, match=r"gist \(2, 3\) differs"):
@@ -208,3 +221,103 @@ def test_cli(tmp_path):
     assert bad.stderr.strip().splitlines() == [
         f"error: no tree at {tmp_path / 'nope'}: directory not found"
     ]
+
+
+def _files(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+
+
+def test_a_lost_manifest_is_refused_and_the_data_kept(tmp_path):
+    """A directory with tree data but no manifest is never taken for an empty place to create a
+    tree in: every way in says what it found, and no byte of the data changes."""
+    path = tmp_path / "t"
+    with Tree.create(path, GISTER, 3, VOCAB) as t:
+        t.append(np.arange(100) % 256)
+    manifest = (path / "manifest.json").read_bytes()
+    (path / "manifest.json").unlink()
+    data = _files(path)
+    found = "holds tree data (level_0, level_1, level_2, level_3) but no manifest.json"
+    for attempt in (
+        lambda: Tree.open_or_create(path, GISTER, 3, VOCAB),
+        lambda: Tree.create(path, GISTER, 3, VOCAB),
+        lambda: Tree.open(path),
+    ):
+        with pytest.raises(TreeCorruptError, match=re.escape(found)):
+            attempt()
+        assert _files(path) == data
+    cli = [sys.executable, "-m", "megacontext_jax.tree", "verify", str(path)]
+    verify = subprocess.run(cli, capture_output=True, text=True, cwd=ROOT)
+    assert verify.returncode == 1 and len(verify.stderr.strip().splitlines()) == 1
+    assert found in verify.stderr
+    (path / "manifest.json").write_bytes(manifest)
+    with Tree.open(path, GISTER) as t:
+        assert t.num_tokens == 100
+        t.verify(deep=True)
+
+
+def test_an_unlinked_lock_file_keeps_the_second_writer_out(tmp_path):
+    path = tmp_path / "t"
+    with Tree.create(path, GISTER, 3, VOCAB) as t:
+        t.append(np.arange(8))
+        (path / "writer.lock").unlink()
+        with pytest.raises(TreeLockedError, match="locked by another writer"):
+            Tree.open(path, GISTER)
+        t.append(np.arange(8))  # the first writer goes on
+    with Tree.open(path) as t:
+        assert t.num_tokens == 16
+
+
+def test_a_commit_never_lands_on_a_manifest_it_did_not_write(tmp_path):
+    """Another writer's commit (here one that got past the lock) is never overwritten: the
+    manifest's generation tells this writer its view is stale."""
+    path = tmp_path / "t"
+    with Tree.create(path, GISTER, 3, VOCAB) as t:
+        t.append(np.arange(40) % 256)
+        theirs = json.loads((path / "manifest.json").read_text())
+        theirs["generation"] += 1
+        (path / "manifest.json").write_text(json.dumps(theirs))
+        with pytest.raises(TreeLockedError, match="changed by another writer"):
+            t.append(np.arange(8))
+    assert json.loads((path / "manifest.json").read_text()) == theirs
+
+
+@pytest.mark.parametrize("fault", ["flip", "truncate", "delete"])
+@pytest.mark.parametrize("level", [0, 1, 3])
+def test_a_damaged_chunk_is_detected_by_verify_and_by_reads(tmp_path, fault, level):
+    path = tmp_path / "t"
+    with Tree.create(path, GISTER, 3, VOCAB) as t:
+        t.append(np.arange(300) % 256)
+    (chunk,) = [p for p in (path / f"level_{level}").rglob("*") if p.is_file() and "c" in p.parts]
+    data = bytearray(chunk.read_bytes())
+    if fault == "flip":
+        data[len(data) // 2] ^= 0x10
+        chunk.write_bytes(bytes(data))
+    elif fault == "truncate":
+        chunk.write_bytes(bytes(data[: len(data) // 2]))
+    else:
+        chunk.unlink()
+    damaged = rf"tree at .*: level {level} rows \[0, \d+\) (cannot be read|read back altered)"
+    with Tree.open(path) as t, pytest.raises(TreeCorruptError, match=damaged):
+        t.verify()
+    with Tree.open(path) as t, pytest.raises(TreeCorruptError, match=damaged):
+        t.tokens(0, 10) if level == 0 else t.gists(level, 0, 1)
+    cli = [sys.executable, "-m", "megacontext_jax.tree", "verify", str(path)]
+    verify = subprocess.run(cli, capture_output=True, text=True, cwd=ROOT)
+    assert verify.returncode == 1 and len(verify.stderr.strip().splitlines()) == 1, verify.stderr
+    assert re.search(damaged, verify.stderr)
+
+
+def test_a_tree_written_before_digests_gets_them_at_its_next_commit(tmp_path):
+    path = tmp_path / "t"
+    with Tree.create(path, GISTER, 3, VOCAB) as t:
+        t.append(np.arange(100) % 256)
+    manifest = json.loads((path / "manifest.json").read_text())
+    old = {k: v for k, v in manifest.items() if k not in ("digests", "generation")}
+    (path / "manifest.json").write_text(json.dumps(old))
+    with Tree.open(path, GISTER) as t:
+        t.verify()  # nothing to check against yet
+        t.append(np.arange(8))
+    assert len(json.loads((path / "manifest.json").read_text())["digests"]) == 4
+    with Tree.open(path) as t:
+        t.verify()
+        assert t.num_tokens == 108
