@@ -6,7 +6,8 @@
         print(s.generate("def main():", max_new_tokens=64))
 
 See ``megacontext_jax.api`` for the whole front door. The names below are imported on first use,
-so ``import megacontext_jax.config`` (what ``train.py --help`` needs) does not load JAX.
+so importing one submodule (``megacontext_jax.config`` for ``train.py --help``) does not load the
+model, the tree and the runtime too.
 """
 
 import importlib

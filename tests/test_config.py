@@ -10,16 +10,8 @@ import jax
 import pytest
 from flax import nnx
 
-from megacontext_jax.config import (
-    FIELDS,
-    ConfigError,
-    base_config,
-    format_config,
-    leaves,
-    load_config,
-    markdown_table,
-    parse_args,
-)
+from megacontext_jax.config import ConfigError, base_config, leaves, load_config, parse_args
+from megacontext_jax.config_reference import FIELDS, format_config, markdown_table
 from megacontext_jax.model import GPT, count_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,9 +132,9 @@ def test_readme_table_is_the_generated_one():
     readme = (ROOT / "README.md").read_text()
     section = readme.split("### `train.py`", 1)[1].split("\n### ", 1)[0]
     table = "\n".join(line for line in section.splitlines() if line.startswith("|"))
-    regenerate = "python -m megacontext_jax.config --markdown configs/tiny.py"
+    regenerate = "python -m megacontext_jax.config_reference --markdown configs/tiny.py"
     assert table == markdown_table(load_config(TINY)), f"README.md is stale: paste {regenerate}"
-    result = cli("-m", "megacontext_jax.config", "--markdown", "configs/tiny.py")
+    result = cli("-m", "megacontext_jax.config_reference", "--markdown", "configs/tiny.py")
     assert (result.returncode, result.stdout.strip()) == (0, table)
 
 

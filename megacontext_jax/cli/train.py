@@ -17,15 +17,8 @@ import sys
 import ml_collections
 
 from megacontext_jax.checkpoint import CheckpointError
-from megacontext_jax.config import (
-    ConfigError,
-    base_config,
-    describe_fields,
-    format_config,
-    load_config,
-    parse_args,
-    split_args,
-)
+from megacontext_jax.config import ConfigError, base_config, load_config, parse_args, split_args
+from megacontext_jax.config_reference import describe_fields, format_config
 from megacontext_jax.data import DataError
 
 USAGE = """\
