@@ -3,9 +3,7 @@
 python train.py --config configs/tiny.py
 """
 
-import sys
-
-from megacontext_jax.cli.train import main
+from megacontext_jax.cli.train import run
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    run()

@@ -253,21 +253,21 @@ class MemorySession:
 
 
 def load(path: str | Path) -> Model:
-    """The model of a training workdir (its latest checkpoint) or of a local Hugging Face
+    """The model of a training workdir (its newest intact checkpoint) or of a local Hugging Face
     directory (``config.json`` + safetensors + ``tokenizer.json``: a plain decoder).
 
     Raises ``CheckpointError`` / ``PretrainedError`` (one line) for a missing or broken one.
     """
     from megacontext_jax.checkpoint import CONFIG_FILE, CheckpointError
-    from megacontext_jax.restore import latest_step, load_model
+    from megacontext_jax.restore import load as load_checkpoint
 
     path = Path(path)
     if _is_hf_directory(path):
         return _load_hf(path)
     if not (path / CONFIG_FILE).is_file():
         raise CheckpointError(f"no checkpoint at {path}: {CONFIG_FILE} not found")
-    module, config = load_model(path)
-    return Model(module, config, path, latest_step(path))
+    module, config, step = load_checkpoint(path)
+    return Model(module, config, path, step)
 
 
 def _is_hf_directory(path: Path) -> bool:

@@ -3,14 +3,28 @@
 Layout of a workdir: ``config.json`` (the run's config, written once) and ``checkpoints/<step>/``
 with items ``state``, ``data`` and ``pending`` (the metrics of the steps since the last log
 record, so that a resumed run logs the same rows as one that never stopped).
+
+Nothing damaged is restored: Orbax checks no checksum of its data files (a flipped byte restores
+as a wrong weight), so once a step is finalized its files' sizes and CRC-32s are recorded in
+``checkpoints/<step>/digests.json`` (in Orbax's background thread, right after the commit), and a
+restore checks them first. A step that is damaged, or that fails to restore without a digest to
+vouch for it, is skipped with one line saying so, and the newest intact step is restored.
 """
 
+import contextlib
+import json
+import logging
+import os
+import sys
+import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import grain
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from megacontext_jax.config import from_json, leaves, normalized, to_json
@@ -18,6 +32,10 @@ from megacontext_jax.config import from_json, leaves, normalized, to_json
 
 class CheckpointError(RuntimeError):
     """A missing, incomplete or incompatible checkpoint, reported as one line."""
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason or message
 
 
 CONFIG_FILE = "config.json"
@@ -82,6 +100,74 @@ def read_config(workdir: Path) -> ml_collections.ConfigDict:
         raise CheckpointError(f"{path} is not a valid config ({e})") from None
 
 
+DIGESTS = "digests.json"
+# Orbax rewrites a step's metadata file after it is in place (its commit time); it holds no data.
+UNDIGESTED = (DIGESTS, "_CHECKPOINT_METADATA")
+
+
+class Restored(NamedTuple):
+    state: Any
+    step: int
+    data_iter: grain.DatasetIterator | None  # the iterator restored into, if one was asked for
+    pending: list[dict[str, float]]  # the metrics not yet logged at ``step``
+
+
+def _crc_file(path: Path) -> int:
+    crc = 0
+    with path.open("rb") as f:
+        while block := f.read(1 << 22):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def write_digests(step_dir: Path) -> None:
+    """Records the size and CRC-32 of every file of a finalized step (atomically)."""
+    files = sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name not in UNDIGESTED)
+    record = {str(p.relative_to(step_dir)): [p.stat().st_size, _crc_file(p)] for p in files}
+    tmp = step_dir / f"{DIGESTS}.tmp"
+    tmp.write_text(json.dumps({"files": record}, indent=0))
+    os.replace(tmp, step_dir / DIGESTS)
+
+
+def damage(step_dir: Path) -> str | None:
+    """What is wrong with a step's files against its digests (None: intact, or no digests)."""
+    try:
+        record = json.loads((step_dir / DIGESTS).read_text())["files"]
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return f"its {DIGESTS} is unreadable"
+    for name, expected in record.items():
+        path = step_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if [size, _crc_file(path)] != expected:
+            return f"{name} is truncated" if size < expected[0] else f"{name} is altered"
+    return None
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _arrays(tree: Any) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``{dotted path: (dtype, shape)}`` of a tree of arrays, abstract arrays or Orbax metadata."""
+    tree = getattr(tree, "item_metadata", tree)  # StepMetadata -> the tree
+
+    def name(key) -> str:
+        return str(getattr(key, "key", getattr(key, "idx", getattr(key, "name", key))))
+
+    return {
+        ".".join(map(name, path)).removesuffix(".value"): (
+            str(np.dtype(leaf.dtype)),
+            tuple(leaf.shape),
+        )
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    }
+
+
 class Checkpointer:
     """Saves and restores ``(state, data iterator)`` under ``workdir/checkpoints``."""
 
@@ -89,13 +175,41 @@ class Checkpointer:
         directory = Path(workdir).absolute() / "checkpoints"
         if not create and not directory.is_dir():
             raise CheckpointError(f"no checkpoint at {workdir}: {directory} not found")
+        self.directory = directory
+        self._writer = writer = create and jax.process_index() == 0
         self.manager = ocp.CheckpointManager(
             directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep,
+                create=create,
+                async_options=ocp.AsyncOptions(
+                    post_finalization_callback=self._digest_finalized if writer else None
+                ),
+            ),
         )
+
+    def _digest_finalized(self, staged: bool = True) -> None:
+        """Digests every finalized step that has none yet. As Orbax's post-finalization callback
+        (``staged``) it digests the staged step too, before Orbax renames it into place, so the
+        digests land with the step; otherwise only steps in place (after a wait)."""
+        for step_dir in self.directory.iterdir():
+            step, _, suffix = step_dir.name.partition(".")
+            if (
+                step.isdigit()
+                and (staged or not suffix)
+                and step_dir.is_dir()
+                and not (step_dir / DIGESTS).exists()
+            ):
+                # A step deleted meanwhile (max_to_keep) has nothing to vouch for.
+                with contextlib.suppress(FileNotFoundError):
+                    write_digests(step_dir)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def damage(self, step: int) -> str | None:
+        """What is wrong with ``step``'s files (None: they match their digests)."""
+        return damage(self.directory / str(step))
 
     def save(
         self,
@@ -104,6 +218,9 @@ class Checkpointer:
         data_iter: grain.DatasetIterator,
         pending: list[dict[str, float]] = (),
     ) -> None:
+        if self._writer:  # the previous save has finished; digest it if the callback did not
+            self.manager.wait_until_finished()
+            self._digest_finalized(staged=False)
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -113,37 +230,116 @@ class Checkpointer:
             ),
         )
 
-    def pending(self, step: int) -> list[dict[str, float]]:
-        """The unlogged metrics saved with ``step`` (none for a checkpoint saved without them)."""
-        if not (Path(self.manager.directory) / str(step) / "pending").is_dir():
-            return []
-        return list(
-            self.manager.restore(step, args=ocp.args.Composite(pending=ocp.args.JsonRestore()))[
-                "pending"
-            ]
-        )
-
     def restore(
-        self, abstract_state: Any, data_iter: grain.DatasetIterator | None = None
-    ) -> tuple[Any, int]:
-        """Restores the latest step into ``abstract_state`` (and ``data_iter``, if given)."""
-        step = self.latest_step()
-        if step is None:
-            raise CheckpointError(f"no checkpoint saved under {self.manager.directory}")
+        self,
+        abstract_state: Any,
+        data_iter_at: Callable[[int], grain.DatasetIterator] | None = None,
+        warn: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
+    ) -> Restored:
+        """Restores the newest intact step into ``abstract_state`` and, with ``data_iter_at``
+        (the data iterator to resume a step with), into that step's iterator. Damaged steps are
+        skipped with one line to ``warn``; a step whose digests hold but that fails to restore
+        does not match this model (``CheckpointError``)."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        if not steps:
+            raise CheckpointError(f"no checkpoint saved under {self.directory}")
+        skipped, damaged = [], []  # "step N (why)" and N of each damaged step, newest first
+        for step in steps:
+            problem = self.damage(step)
+            if problem is None:
+                data_iter = data_iter_at(step) if data_iter_at is not None else None
+                try:
+                    state, pending = self._restore(step, abstract_state, data_iter)
+                except CheckpointError as e:
+                    if (self.directory / str(step) / DIGESTS).exists():
+                        raise  # intact files that do not restore: a different model
+                    problem = f"cannot be restored: {e.reason}"
+                else:
+                    if skipped:
+                        warn(
+                            f"checkpoint {self.directory}: {', '.join(skipped)} damaged"
+                            f"{self._set_aside(damaged)}; restored step {step}, the newest "
+                            "intact one"
+                        )
+                    return Restored(state, step, data_iter, pending)
+            skipped.append(f"step {step} ({problem})")
+            damaged.append(step)
+        raise CheckpointError(f"no intact checkpoint under {self.directory}: {', '.join(skipped)}")
+
+    def _check_shapes(self, step: int, abstract_state: Any) -> None:
+        """Compares the saved arrays' names, shapes and dtypes with ``abstract_state`` before any
+        read: a restore that fails midway leaves TensorStore reads whose callbacks print dozens
+        of "Event loop is closed" tracebacks."""
+        where = f"checkpoint {self.directory}/{step}"
+        reader = ocp.StandardCheckpointer()
+        absl_logger = logging.getLogger("absl")
+        level = absl_logger.level
+        absl_logger.setLevel(logging.ERROR)  # "Metadata file does not exist": Orbax's, not ours
+        try:
+            saved = _arrays(reader.metadata(self.directory / str(step) / "state"))
+        except Exception as e:  # unreadable metadata: a damaged step
+            first = _first_line(e)
+            raise CheckpointError(f"{where} has unreadable metadata: {first}", first) from None
+        finally:
+            absl_logger.setLevel(level)
+            reader.close()
+        wanted = _arrays(abstract_state)
+        # Parameters before optimizer state: the same mismatch reads best at its source.
+        for name in sorted(wanted.keys() | saved.keys(), key=lambda n: (n.startswith("opt"), n)):
+            here, there = wanted.get(name), saved.get(name)
+            if here == there:
+                continue
+            if here is None:
+                reason = f"it holds {name}, which this model lacks"
+            elif there is None:
+                reason = f"it lacks {name}"
+            else:
+                reason = (
+                    f"{name} is {there[0]}{list(there[1])} there, {here[0]}{list(here[1])} here"
+                )
+            raise CheckpointError(f"{where} does not match this model: {reason}", reason)
+
+    def _set_aside(self, steps: list[int]) -> str:
+        """Moves damaged steps out of Orbax's sight (a writer would never save over them), kept
+        for inspection; returns what to add to the warning."""
+        if not self._writer:
+            return ""
+        aside = self.directory.with_name(f"{self.directory.name}.damaged")
+        aside.mkdir(exist_ok=True)
+        for step in steps:
+            target = aside / str(step)
+            if target.exists():  # an earlier damaged copy of the same step
+                target = aside / f"{step}.{len(list(aside.iterdir()))}"
+            os.replace(self.directory / str(step), target)
+        self.manager.reload()
+        return f" (moved to {aside})"
+
+    def _restore(self, step: int, abstract_state: Any, data_iter) -> tuple[Any, list[dict]]:
+        self._check_shapes(step, abstract_state)
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+        if (self.directory / str(step) / "pending").is_dir():  # none before pending existed
+            items["pending"] = ocp.args.JsonRestore()
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        except Exception as e:  # Orbax and TensorStore raise many kinds; each means "not this"
+            first = _first_line(e)
             raise CheckpointError(
-                f"checkpoint {self.manager.directory}/{step} does not match this model: {first_line}"
+                f"checkpoint {self.directory}/{step} cannot be restored: {first}", first
             ) from None
-        return restored["state"], step
+        return restored["state"], list(restored["pending"]) if "pending" in items else []
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
+        if self._writer:
+            self._digest_finalized(staged=False)
 
     def close(self) -> None:
         self.manager.close()

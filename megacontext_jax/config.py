@@ -541,18 +541,30 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 
 
 def from_json(text: str) -> ml_collections.ConfigDict:
-    """A saved config, over today's defaults: fields added since it was written get defaults."""
+    """A saved config, over today's defaults: fields added since it was written get defaults.
+    Raises ``ConfigError`` naming the first field of the wrong type or out of range."""
     config = base_config()
 
-    def merge(node: ml_collections.ConfigDict, saved: dict) -> None:
+    def merge(node: ml_collections.ConfigDict, saved, prefix: str) -> None:
+        if not isinstance(saved, dict):
+            where = f"config.{prefix[:-1]}" if prefix else "the config"
+            raise ConfigError(f"{where} must be a JSON object, got {saved!r}")
         for key, value in saved.items():
             if key not in node:
                 continue  # a field this version no longer has
-            if isinstance(node[key], ml_collections.ConfigDict) and isinstance(value, dict):
-                merge(node[key], value)
-            else:
+            if isinstance(node[key], ml_collections.ConfigDict):
+                merge(node[key], value, f"{prefix}{key}.")
+                continue
+            try:
+                if value is None and node[key] is not None:
+                    raise TypeError  # ConfigDict takes None for any field
                 node[key] = value
+            except TypeError:
+                raise ConfigError(
+                    f"config.{prefix}{key}: expected {type(node[key]).__name__}, got {value!r}"
+                ) from None
 
-    merge(config, json.loads(text))
+    merge(config, json.loads(text), "")
     config.lock()
+    validate(config)
     return config

@@ -39,7 +39,7 @@ FIELDS: dict[str, str] = {
     "model.dtype": "activation and matmul-input dtype (bfloat16 on GPU)",
     "model.param_dtype": "parameter dtype",
     "model.attention_impl": "attention implementation: reference, pallas or cudnn",
-    "data.source": "stdlib (embedded corpus), a directory of text files, or a .jsonl file",
+    "data.source": "stdlib (embedded corpus), a directory of text files, a .jsonl file or one text file",
     "data.jsonl_field": "the text field of JSONL records",
     "data.seq_len": "T: training sequence length in tokens (bytes for the byte tokenizer)",
     "data.val_fraction": "fraction of documents held out for validation (by name)",

@@ -1,7 +1,8 @@
 """Documents, the train/validation split and the Grain pipelines that turn them into batches.
 
 The embedded default corpus is the running interpreter's own standard library (``.py`` files): long,
-real documents on every machine, no download. A directory of text files or a JSONL file works too.
+real documents on every machine, no download. A directory of text files, a ``.jsonl`` file (one
+document per record) or any other text file (one document) works too.
 Each document is ``[BOS] + its tokens`` (UTF-8 bytes for the byte tokenizer; ``tokenize`` turns
 text into another tokenizer's ids). Documents longer than a training sequence are sampled as
 random windows (one example per ``seq_len + 1`` tokens); shorter ones are packed whole into
@@ -49,7 +50,9 @@ def _read_text_file(path: Path, name: str) -> Document | None:
 
 
 def load_documents(source: str, jsonl_field: str = "text") -> list[Document]:
-    """Reads every document of ``source`` ("stdlib", a directory, or a ``.jsonl`` file).
+    """Reads every document of ``source``: "stdlib", a directory, a ``.jsonl`` file, or another
+    file, which is one document of plain text (by its name, never its content: a ``.txt`` that
+    happens to start with ``{`` is text).
 
     Files that are not UTF-8 text and empty documents are skipped; no document at all is an error.
     """
@@ -73,8 +76,10 @@ def load_documents(source: str, jsonl_field: str = "text") -> list[Document]:
                 and not any(part.startswith(".") for part in p.relative_to(path).parts)
             )
             docs = [_read_text_file(p, str(p.relative_to(path))) for p in files]
-        else:
+        elif path.suffix.lower() == ".jsonl":
             docs = _read_jsonl(path, jsonl_field)
+        else:
+            docs = [_read_text_file(path, path.name)]
     docs = [d for d in docs if d is not None]
     if not docs:
         raise DataError(f"data.source: no non-empty UTF-8 text documents in {source}")
@@ -93,7 +98,13 @@ def _read_jsonl(path: Path, field: str) -> list[Document]:
                 raise DataError(f"{path}:{lineno}: not a JSON line ({e})") from None
             if not isinstance(record, dict) or not isinstance(record.get(field), str):
                 raise DataError(f"{path}:{lineno}: no string field '{field}' (data.jsonl_field)")
-            data = record[field].encode("utf-8")
+            try:
+                data = record[field].encode("utf-8")
+            except UnicodeEncodeError as e:  # JSON can spell a lone surrogate, UTF-8 cannot
+                raise DataError(
+                    f"{path}:{lineno}: field '{field}' holds {record[field][e.start]!r}, a lone "
+                    "surrogate, not text"
+                ) from None
             if data:
                 docs.append(Document(f"{path.name}:{lineno}", np.frombuffer(data, dtype=np.uint8)))
     return docs

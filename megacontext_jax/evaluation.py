@@ -441,8 +441,45 @@ def prepare_output(path: Path) -> None:
         raise ValueError(f"cannot write to {path.parent}: {e.strerror}") from None
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Refuses a bad argument with one line, ``error: ...`` (exit status 2); ``--help`` has the
+    usage that argparse would print above it."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}\n")
+
+
+def at_least(least: int):
+    """An argparse type: an integer >= ``least``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < least:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {least}, got {text!r}")
+        return value
+
+    return parse
+
+
+def history_lengths(text: str) -> list[int]:
+    """An argparse type: distinct multiples of W >= 1, separated by commas (a repeated one
+    would overwrite its own results)."""
+    try:
+        lengths = [at_least(1)(m) for m in text.split(",")]
+    except argparse.ArgumentTypeError:
+        lengths = []
+    if not lengths or len(set(lengths)) < len(lengths):
+        raise argparse.ArgumentTypeError(
+            f"must be distinct integers >= 1 separated by commas, got {text!r}"
+        )
+    return lengths
+
+
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m megacontext_jax.evaluation",
         description=__doc__.splitlines()[0],
         formatter_class=HelpFormatter,
@@ -452,21 +489,32 @@ def main(argv: list[str]) -> int:
         "--data", help="directory of text files or .jsonl (default: the run's held-out split)"
     )
     p.add_argument("--out", default=None, help="JSON results (default: CHECKPOINT/eval.json)")
-    p.add_argument("--lengths", default="4,8,16", help="history lengths in multiples of W")
+    p.add_argument(
+        "--lengths",
+        type=history_lengths,
+        default="4,8,16",
+        help="history lengths in multiples of W",
+    )
     # 32 documents leave a standard error of ~0.03 nats on a paired difference at 8W; the
     # default split of the standard library has ~80 held-out documents that long.
     p.add_argument(
-        "--docs", type=int, default=96, help="documents per length (at most; those long enough)"
+        "--docs",
+        type=at_least(1),
+        default=96,
+        help="documents per length (at most; those long enough)",
     )
-    p.add_argument("--probes", type=int, default=32, help="retrieval probes per task and length")
-    p.add_argument("--batch", type=int, default=8, help="sequences per forward pass")
-    p.add_argument("--refocus-steps", type=int, default=4, help="LensNet + allocator rounds")
-    p.add_argument("--seed", type=int, default=0, help="retrieval probes and their positions")
+    # At least one batch of probes runs whatever the count: 0 would not mean none.
+    p.add_argument(
+        "--probes", type=at_least(1), default=32, help="retrieval probes per task and length"
+    )
+    p.add_argument("--batch", type=at_least(1), default=8, help="sequences per forward pass")
+    p.add_argument(
+        "--refocus-steps", type=at_least(0), default=4, help="LensNet + allocator rounds"
+    )
+    p.add_argument(
+        "--seed", type=at_least(0), default=0, help="retrieval probes and their positions"
+    )
     args = p.parse_args(argv)
-    try:
-        lengths = [int(x) for x in args.lengths.split(",")]
-    except ValueError:
-        p.error(f"--lengths must be integers separated by commas, got {args.lengths!r}")
     out = Path(args.out) if args.out else Path(args.checkpoint) / "eval.json"
     try:
         from megacontext_jax.api import evaluate, load
@@ -476,7 +524,7 @@ def main(argv: list[str]) -> int:
         results = evaluate(
             model,
             data=args.data,
-            lengths=lengths,
+            lengths=args.lengths,
             docs=args.docs,
             probes=args.probes,
             batch=args.batch,

@@ -20,25 +20,42 @@ from megacontext_jax.train_step import (
 
 
 def load_model(workdir: str | Path) -> tuple[GPT | MegaContext, ml_collections.ConfigDict]:
-    """The model (GPT, or MegaContext with ``mc.enabled``) of the latest checkpoint in ``workdir``
-    and the config it was trained with. A frozen base comes back from its reference.
+    """The model (GPT, or MegaContext with ``mc.enabled``) of the newest intact checkpoint in
+    ``workdir`` and the config it was trained with. A frozen base comes back from its reference.
 
-    Raises ``CheckpointError`` (one line) for a missing or mismatched checkpoint.
+    Raises ``CheckpointError`` (one line) for a missing, damaged or mismatched checkpoint.
     """
+    model, config, _ = load(workdir)
+    return model, config
+
+
+def load(
+    workdir: str | Path, bases: tuple[Path, ...] = ()
+) -> tuple[GPT | MegaContext, ml_collections.ConfigDict, int]:
+    """``load_model``'s model and config, and the step restored. ``bases``: the workdirs whose
+    frozen base this one is (a chain of ``mc.base_checkpoint``), to refuse a cycle."""
     workdir = Path(workdir)
+    if workdir.resolve() in bases:
+        chain = " -> ".join(map(str, (*bases, workdir.resolve())))
+        raise CheckpointError(f"config.mc.base_checkpoint makes a cycle: {chain}")
     config = read_config(workdir)
     trainable = make_trainable(config, sharding.make_mesh())
     checkpointer = Checkpointer(workdir, create=False)
     try:
-        state, _ = checkpointer.restore(checkpointed(trainable.abstract_state(), config))
+        state, step, _, _ = checkpointer.restore(checkpointed(trainable.abstract_state(), config))
     finally:
         checkpointer.close()
     if frozen_base(config):
-        state = attach_base(state, trainable, config)
-    return nnx.merge(trainable.graphdef, state.params), config
+        state = attach_base(state, trainable, config, (*bases, workdir.resolve()))
+    return nnx.merge(trainable.graphdef, state.params), config, step
 
 
-def attach_base(state: TrainState, trainable: Trainable, config: ml_collections.ConfigDict):
+def attach_base(
+    state: TrainState,
+    trainable: Trainable,
+    config: ml_collections.ConfigDict,
+    bases: tuple[Path, ...] = (),
+):
     """``state`` with the base model's parameters from the reference of a frozen-base run:
     ``model.hf_path`` (an imported checkpoint) or ``mc.base_checkpoint`` (a workdir)."""
     if config.model.family == "llama":
@@ -46,16 +63,16 @@ def attach_base(state: TrainState, trainable: Trainable, config: ml_collections.
 
         base = load_weights(base_config(config.model), config.model.hf_path)
     else:
-        base = _trained_base(config)
+        base = _trained_base(config, bases)
     params = jax.device_put(nnx.state(base), trainable.state_shardings.params["base"])
     parts = {**state.params.raw_mapping, "base": params.raw_mapping}
     return state.replace(params=nnx.State(parts))
 
 
-def _trained_base(config: ml_collections.ConfigDict) -> GPT:
+def _trained_base(config: ml_collections.ConfigDict, bases: tuple[Path, ...]) -> GPT:
     if not config.mc.base_checkpoint:
         raise ValueError("config.mc.mode=frozen_base needs config.mc.base_checkpoint (a workdir)")
-    model, base_config = load_model(config.mc.base_checkpoint)
+    model, base_config, _ = load(config.mc.base_checkpoint, bases)
     for key, value in config.model.items():
         if base_config.model[key] != value:
             raise ValueError(
@@ -63,15 +80,3 @@ def _trained_base(config: ml_collections.ConfigDict) -> GPT:
                 f"this run model.{key}={value!r}"
             )
     return model.base if isinstance(model, MegaContext) else model
-
-
-def latest_step(workdir: str | Path) -> int:
-    """The training step of the latest checkpoint in ``workdir``."""
-    checkpointer = Checkpointer(Path(workdir), create=False)
-    try:
-        step = checkpointer.latest_step()
-    finally:
-        checkpointer.close()
-    if step is None:
-        raise CheckpointError(f"no checkpoint saved under {workdir}")
-    return step

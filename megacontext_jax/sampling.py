@@ -45,7 +45,9 @@ def sample_logits(
     return jax.random.categorical(key, logits, axis=-1)
 
 
-def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+def check_sampling(
+    max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int = 0
+) -> None:
     """Raises ``ValueError`` (one line) for sampling parameters that are not numbers in range:
     a non-finite temperature would sample PAD or print NUL bytes."""
     if not (isinstance(max_new_tokens, int) and max_new_tokens >= 0):
@@ -56,6 +58,9 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: f
         raise ValueError(f"top_k must be an integer >= 0 (0 keeps all), got {top_k!r}")
     if not (math.isfinite(top_p) and 0 < top_p <= 1):
         raise ValueError(f"top_p must be in (0, 1] (1 keeps all), got {top_p!r}")
+    # JAX keeps a seed's low 32 bits: 2**32 would draw what 0 draws, 2**64 cannot be converted.
+    if not (isinstance(seed, int) and 0 <= seed < 1 << 32):
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
 
 
 _STATIC = ("temperature", "top_k", "top_p")
@@ -92,7 +97,7 @@ def generate(
     """
     if capacity < 2:
         raise ValueError(f"capacity must be at least 2, got {capacity}")
-    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
     key = jax.random.key(seed)
     context = [int(t) for t in prompt]
 

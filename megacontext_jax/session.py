@@ -193,7 +193,7 @@ class Session:
     ) -> Iterator[int]:
         """Yields up to ``max_new_tokens`` decoded ids (each joins the memory); ends after a
         ``stop`` id. Commits when done."""
-        check_sampling(max_new_tokens, temperature, top_k, top_p)
+        check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
         key = jax.random.key(seed)
         try:
             for _ in range(max_new_tokens):

@@ -4,12 +4,15 @@ import contextlib
 import math
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import jax
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from megacontext_jax import data, sharding, variants
@@ -27,6 +30,14 @@ from megacontext_jax.train_step import (
     make_train_step,
     make_trainable,
 )
+
+T = TypeVar("T")
+STARTUP_THREAD = "train-start-up"
+
+
+def startup_running() -> bool:
+    """Whether an interrupted start-up's work (a compilation, say) still runs in its thread."""
+    return any(t.name == STARTUP_THREAD and t.is_alive() for t in threading.enumerate())
 
 
 def _local_rows(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
@@ -73,26 +84,73 @@ def mc_batch(
     return out
 
 
-@contextlib.contextmanager
-def _stop_requests():
-    """SIGINT and SIGTERM (a scheduler's preemption notice) ask the loop to stop between steps,
-    where the state and the data iterator agree; a second SIGINT interrupts at once."""
-    requested = threading.Event()
-    if threading.current_thread() is not threading.main_thread():  # signals reach main only
-        yield requested
-        return
+class _Stop:
+    """Stop requests: SIGINT and SIGTERM (a scheduler's preemption notice) ask the run to stop.
 
-    def handler(signum, frame):
-        if requested.is_set() and signum == signal.SIGINT:
+    During start-up nothing new is at stake, so a request stops it at once (``check``), even in
+    the middle of a compilation (``wait_for``). Once training, the run stops between steps, where
+    the state and the data iterator agree, and saves (``before``); a second SIGINT interrupts at
+    once. Across processes JAX's preemption service owns SIGTERM: a notice to any host makes all
+    of them stop before the same step (its sync point), so all save the same step; SIGINT there
+    interrupts at once, as a lone host cannot stop the others.
+    """
+
+    def __init__(self):
+        self.requested = threading.Event()
+        self.agreed = False  # every process stops before this step: save before leaving
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():  # signals reach main only
+            yield self
+            return
+        single = jax.process_count() == 1
+
+        def handler(signum, frame):
+            if not single or (self.requested.is_set() and signum == signal.SIGINT):
+                raise KeyboardInterrupt
+            self.requested.set()
+
+        signals = (signal.SIGINT, signal.SIGTERM) if single else (signal.SIGINT,)
+        previous = {s: signal.signal(s, handler) for s in signals}
+        try:
+            yield self
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def check(self) -> None:
+        if self.requested.is_set():
             raise KeyboardInterrupt
-        requested.set()
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield requested
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
+    def before(self, step: int) -> None:
+        """Raises ``KeyboardInterrupt`` if the run is to stop before ``step``."""
+        if jax.process_count() > 1:
+            self.agreed = multihost_utils.reached_preemption_sync_point(step)
+        else:
+            self.agreed = self.requested.is_set()
+        if self.agreed:
+            raise KeyboardInterrupt
+
+    def wait_for(self, fn: Callable[[], T]) -> T:
+        """``fn()``, run in a worker thread so that the main thread takes a stop request while
+        it runs (XLA compiles, TensorStore and tokenizers read without holding the GIL)."""
+        out = {}
+
+        def work():
+            try:
+                out["value"] = fn()
+            except BaseException as e:  # re-raised in the caller's thread
+                out["error"] = e
+
+        worker = threading.Thread(target=work, name=STARTUP_THREAD, daemon=True)
+        worker.start()
+        while worker.is_alive():
+            worker.join(0.05)
+            self.check()
+        if "error" in out:
+            raise out["error"]
+        return out["value"]
 
 
 def evaluate(eval_step, params, batches, mesh, rows: int, per_token: float) -> dict[str, float]:
@@ -187,30 +245,50 @@ def train(
         validate(config)  # the checkpoint's sizes against the MegaContext settings
     check_resume(workdir, config)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-    run_phases = phases(config)
-    for p in run_phases:
+    for p in phases(config):
         if p.batch_size % mesh.size or p.batch_size % jax.process_count():
             field = "curriculum.batch_size" if p.name == "curriculum" else "train.batch_size"
             raise ValueError(
                 f"config.{field}={p.batch_size} must be divisible by the {mesh.size} devices "
                 f"and {jax.process_count()} processes"
             )
-    checkpointer = Checkpointer(workdir, keep=config.train.keep_checkpoints)
-    start = checkpointer.latest_step() or 0
-    if start >= config.train.steps and start:
-        checkpointer.close()
-        tqdm.write(
-            f"{workdir} is a finished run (step {start} of train.steps={config.train.steps}): "
-            "nothing to train; raise --config.train.steps to go on"
-        )
-        return {**latest_metrics(workdir), "step": start, "finished": True}
+    with Checkpointer(workdir, keep=config.train.keep_checkpoints) as checkpointer:
+        start = checkpointer.latest_step() or 0
+        # (A damaged last step is no finished run: the restore below falls back from it.)
+        if start >= config.train.steps and start and checkpointer.damage(start) is None:
+            tqdm.write(
+                f"{workdir} is a finished run (step {start} of train.steps={config.train.steps}): "
+                "nothing to train; raise --config.train.steps to go on"
+            )
+            return {**latest_metrics(workdir), "step": start, "finished": True}
+        diff = config_diff(config, defaults) if defaults is not None else {}
+        with _Stop().installed() as stop:
+            return _run(config, mesh, checkpointer, start, stop, stop_at, progress, source, diff)
+
+
+def _run(
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+    checkpointer: Checkpointer,
+    start: int,
+    stop: _Stop,
+    stop_at: int | None,
+    progress: bool,
+    source: str,
+    diff: dict,
+) -> dict[str, float]:
+    """Start-up (data, state, compilation: a stop request ends it at once) and the loop."""
+    workdir = Path(config.workdir)
+    run_phases = phases(config)
     global_bs, seq_len = config.train.batch_size, config.data.seq_len
     rows = global_bs // jax.process_count()
     curriculum = config.curriculum.steps
 
     tokenizer = tokenizer_for(config.model)
-    docs = data.tokenize(
-        data.load_documents(config.data.source, config.data.jsonl_field), tokenizer
+    docs = stop.wait_for(
+        lambda: data.tokenize(
+            data.load_documents(config.data.source, config.data.jsonl_field), tokenizer
+        )
     )
     train_docs, val_docs = data.split_documents(docs, config.data.val_fraction)
 
@@ -232,7 +310,6 @@ def train(
         )
         return iter(dataset)
 
-    data_iter = stage_batches(start)
     val_batches = data.validation_batches(
         val_docs, seq_len, global_bs, config.train.eval_batches, tokenizer
     )
@@ -240,15 +317,19 @@ def train(
     unigram_bpb = data.unigram_bits_per_byte(train_docs, val_batches, token_bytes)
     per_token = data.bytes_per_token(val_batches, token_bytes)
 
+    stop.check()
     trainable = make_trainable(config, mesh)
     restored_pending: list[dict[str, float]] = []
     if start:
-        state, _ = checkpointer.restore(checkpointed(trainable.abstract_state(), config), data_iter)
-        restored_pending = checkpointer.pending(start)
+        # The newest intact step: a damaged latest one is skipped with a line saying so.
+        abstract = checkpointed(trainable.abstract_state(), config)
+        restored = stop.wait_for(lambda: checkpointer.restore(abstract, stage_batches, tqdm.write))
+        state, start, data_iter, restored_pending = restored
     else:
-        state = trainable.init()
-    if frozen_base(config):
-        state = attach_base(state, trainable, config)
+        state, data_iter = stop.wait_for(trainable.init), stage_batches(0)
+    if frozen_base(config):  # (a base_checkpoint of this very workdir is a cycle)
+        state = stop.wait_for(lambda: attach_base(state, trainable, config, (workdir.resolve(),)))
+    stop.check()
     write_config(workdir, config)  # only now: a resume that failed above changed nothing
     train_step, eval_step = make_train_step(trainable), make_eval_step(trainable)
     base_step = make_train_step(trainable, base_only=True) if curriculum else None
@@ -263,7 +344,7 @@ def train(
                 params=counts,
                 phases=run_phases,
                 config_source=source,
-                diff=config_diff(config, defaults) if defaults is not None else {},
+                diff=diff,
             )
         )
     writer = MetricsWriter(workdir, start, log=tqdm.write)
@@ -274,80 +355,80 @@ def train(
     end = config.train.steps if stop_at is None else min(stop_at, config.train.steps)
     summary: dict[str, float] = {**latest_metrics(workdir), "val/unigram_bpb": unigram_bpb}
     step, bar, pending = start, None, []
-    with _stop_requests() as stop:
-        try:
-            for phase in run_phases:
-                last = min(phase.last, end)
-                if step >= last:
-                    continue
-                bar = PhaseBar(phase, enabled=progress and process0)
-                run_step = base_step if phase.name == "curriculum" else train_step
-                pending, first = restored_pending, step + 1
-                restored_pending = []
-                for step in range(first, last + 1):
-                    if stop.is_set():
-                        raise KeyboardInterrupt
-                    batch = next(data_iter)
-                    if phase.name == "mc":
-                        batch = mc_batch(batch, step, config)
-                    state, metrics = run_step(state, sharding.global_batch(batch, mesh))
-                    pending.append(metrics)
-                    if bar.bar is None:  # the phase's first step has compiled: start the clock
-                        jax.block_until_ready(metrics)
-                        bar.started(step)
-                    else:
-                        # The bar counts finished steps: it waits for the previous one only, so
-                        # the host prepares the next batch while the device runs this step.
-                        if len(pending) > 1:
-                            jax.block_until_ready(pending[-2])
-                        bar.step()
-                    if step == curriculum:
-                        data_iter = stage_batches(step)
-                    if step % config.train.log_every == 0 or step == phase.last:
-                        record = _record(phase.name, jax.device_get(pending))
-                        rate = bar.tokens_per_s()
-                        if rate is not None:
-                            record[f"{phase.name}/tokens_per_s"] = rate
-                        writer.write(step, record)
-                        summary.update(record)
-                        bar.show(**_postfix(phase.name, record, rate))
-                        pending = []
-                    if step % config.train.eval_every == 0 or step == config.train.steps:
-                        with bar.paused():
-                            val = evaluate(
-                                eval_step, state.params, val_batches, mesh, rows, per_token
-                            )
-                        writer.write(step, val)
-                        summary.update(val)
-                        bar.write(
-                            f"step {step}: validation loss {val['val/loss']:.4f} nats/token, "
-                            f"{val['val/bpb']:.4f} bits/byte (unigram {unigram_bpb:.4f})"
-                        )
-                    if step % config.train.checkpoint_every == 0 or step in (end, curriculum):
-                        with bar.paused():
-                            checkpointer.save(
-                                step, checkpointed(state, config), data_iter, _floats(pending)
-                            )
-                bar.close()
-                if step == curriculum and end > curriculum:
-                    tqdm.write(
-                        f"step {step}: curriculum done, training on {seq_len}-token sequences"
+    try:
+        for phase in run_phases:
+            last = min(phase.last, end)
+            if step >= last:
+                continue
+            bar = PhaseBar(phase, enabled=progress and process0)
+            run_step = base_step if phase.name == "curriculum" else train_step
+            pending, first = restored_pending, step + 1
+            restored_pending = []
+            for step in range(first, last + 1):
+                stop.before(step)
+                batch = next(data_iter)
+                if phase.name == "mc":
+                    batch = mc_batch(batch, step, config)
+                batch = sharding.global_batch(batch, mesh)
+                if bar.bar is None:  # compile where a stop request is taken at once
+                    run_step = stop.wait_for(
+                        lambda: run_step.lower(state, batch).compile()  # noqa: B023
                     )
-        except KeyboardInterrupt:
-            # A second SIGINT can land while a step holds the donated state: nothing to save then.
-            leaves = jax.tree.leaves(state)
-            deleted = any(isinstance(x, jax.Array) and x.is_deleted() for x in leaves)
-            done = None if deleted else int(state.step)
-            if done is not None and checkpointer.latest_step() != done:
-                tqdm.write(f"interrupted: saving a checkpoint at step {done}")
-                checkpointer.save(done, checkpointed(state, config), data_iter, _floats(pending))
-            raise
-        finally:
-            if bar is not None:
-                bar.close()
-            checkpointer.wait()
-            checkpointer.close()
-            writer.close()
+                state, metrics = run_step(state, batch)
+                pending.append(metrics)
+                if bar.bar is None:  # the phase's first step has compiled: start the clock
+                    jax.block_until_ready(metrics)
+                    bar.started(step)
+                else:
+                    # The bar counts finished steps: it waits for the previous one only, so
+                    # the host prepares the next batch while the device runs this step.
+                    if len(pending) > 1:
+                        jax.block_until_ready(pending[-2])
+                    bar.step()
+                if step == curriculum:
+                    data_iter = stage_batches(step)
+                if step % config.train.log_every == 0 or step == phase.last:
+                    record = _record(phase.name, jax.device_get(pending))
+                    rate = bar.tokens_per_s()
+                    if rate is not None:
+                        record[f"{phase.name}/tokens_per_s"] = rate
+                    writer.write(step, record)
+                    summary.update(record)
+                    bar.show(**_postfix(phase.name, record, rate))
+                    pending = []
+                if step % config.train.eval_every == 0 or step == config.train.steps:
+                    with bar.paused():
+                        val = evaluate(eval_step, state.params, val_batches, mesh, rows, per_token)
+                    writer.write(step, val)
+                    summary.update(val)
+                    bar.write(
+                        f"step {step}: validation loss {val['val/loss']:.4f} nats/token, "
+                        f"{val['val/bpb']:.4f} bits/byte (unigram {unigram_bpb:.4f})"
+                    )
+                if step % config.train.checkpoint_every == 0 or step in (end, curriculum):
+                    with bar.paused():
+                        checkpointer.save(
+                            step, checkpointed(state, config), data_iter, _floats(pending)
+                        )
+            bar.close()
+            if step == curriculum and end > curriculum:
+                tqdm.write(f"step {step}: curriculum done, training on {seq_len}-token sequences")
+    except KeyboardInterrupt:
+        # A second SIGINT can land while a step holds the donated state: nothing to save then;
+        # nor for a lone process of many (only an agreed stop saves there) or before step 1.
+        leaves = jax.tree.leaves(state)
+        deleted = any(isinstance(x, jax.Array) and x.is_deleted() for x in leaves)
+        lone = jax.process_count() > 1 and not stop.agreed
+        done = None if deleted or lone else int(state.step)
+        if done and checkpointer.latest_step() != done:
+            tqdm.write(f"interrupted: saving a checkpoint at step {done}")
+            checkpointer.save(done, checkpointed(state, config), data_iter, _floats(pending))
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        checkpointer.wait()
+        writer.close()
     if writer.enabled and writer.path.exists():
         plot_loss_curve(writer.path, workdir / "loss.png")
     summary["step"] = step

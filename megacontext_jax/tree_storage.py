@@ -22,6 +22,7 @@ import dataclasses
 import fcntl
 import json
 import os
+import stat
 import zlib
 from pathlib import Path
 
@@ -33,6 +34,8 @@ FORMAT_VERSION = 1
 CACHE_BYTES = 32 << 20  # per open tree
 MANIFEST = "manifest.json"
 LOCK = "writer.lock"
+# The least value of each integer field of the tree's metadata in the manifest.
+META_MINIMUM = {"block_size": 2, "dim": 1, "max_level": 1, "vocab_size": 1}
 
 
 class TreeError(RuntimeError):
@@ -146,7 +149,12 @@ class DiskStorage:
             self._arrays = [self._open_array(l) for l in range(meta.max_level + 1)]
         except ValueError as e:
             self.close()
-            raise TreeCorruptError(f"tree at {path}: cannot open its arrays ({e})") from None
+            raise TreeCorruptError(
+                f"tree at {path}: cannot open its arrays ({_first_line(e)})"
+            ) from None
+        except TreeError:  # an array shorter than its committed rows: the lock is released too
+            self.close()
+            raise
 
     # -- creation and opening ------------------------------------------------------------------
     @classmethod
@@ -165,7 +173,9 @@ class DiskStorage:
                 ts.open(spec, create=True, dtype=spec["dtype"]).result()
         except ValueError as e:
             _unlock(lock)
-            raise TreeCorruptError(f"tree at {path}: cannot create its arrays ({e})") from None
+            raise TreeCorruptError(
+                f"tree at {path}: cannot create its arrays ({_first_line(e)})"
+            ) from None
         except BaseException:
             _unlock(lock)
             raise
@@ -185,26 +195,25 @@ class DiskStorage:
         path = Path(path)
         manifest = read_manifest(path)
         meta = TreeMeta(**{f.name: manifest[f.name] for f in dataclasses.fields(TreeMeta)})
-        lengths = manifest["lengths"]
-        if len(lengths) != meta.max_level + 1 or any(
-            not isinstance(n, int) or n < 0 for n in lengths
-        ):
-            raise TreeCorruptError(f"tree at {path}: manifest lengths {lengths} are malformed")
-        digests = manifest.get("digests")
+        lengths, digests = manifest["lengths"], manifest.get("digests")
         storage = cls(path, meta, lengths, writable, manifest.get("generation", 0), digests=digests)
-        chunks = [-(-n // _chunk_rows(meta, level)) for level, n in enumerate(lengths)]
-        if digests is not None and (
-            not isinstance(digests, list)
-            or [len(d) if isinstance(d, list) else -1 for d in digests] != chunks
-        ):
-            storage.close()
-            raise TreeCorruptError(f"tree at {path}: manifest digests do not match its lengths")
-        if writable:  # read again under the lock: the manifest may have changed while we waited
-            try:
+        try:
+            # After the arrays: rows missing from them is the likelier story of wrong lengths.
+            k, n = meta.block_size, lengths[0]
+            for level in range(1, meta.max_level + 1):
+                if lengths[level] != n // k**level:
+                    raise TreeCorruptError(
+                        f"tree at {path}: manifest lengths {lengths} are inconsistent: level "
+                        f"{level} holds {lengths[level]} gists; {n} tokens need {n // k**level}"
+                    )
+            chunks = [-(-n // _chunk_rows(meta, level)) for level, n in enumerate(lengths)]
+            if digests is not None and [len(d) for d in digests] != chunks:
+                raise TreeCorruptError(f"tree at {path}: manifest digests do not match its lengths")
+            if writable:  # read again under the lock: the manifest may have changed as we waited
                 storage._check_generation()
-            except TreeError:
-                storage.close()
-                raise
+        except TreeError:
+            storage.close()
+            raise
         return storage
 
     @staticmethod
@@ -254,12 +263,23 @@ class DiskStorage:
     def write(self, level: int, start: int, rows: np.ndarray) -> None:
         array = self._arrays[level]
         stop = start + len(rows)
-        if stop > array.shape[0]:
-            # Grow geometrically: spare rows past the committed length are ignored by readers.
-            size = max(stop, 2 * array.shape[0])
-            array = array.resize(exclusive_max=[size, *array.shape[1:]], expand_only=True).result()
-            self._arrays[level] = array
-        array[start:stop].write(rows).result()
+        # TensorStore rewrites a partly filled chunk whole: committed rows of it that went bad
+        # are an error here, never carried into the new chunk.
+        self._check_chunks(level, start, stop)
+        try:
+            if stop > array.shape[0]:
+                # Grow geometrically: spare rows past the committed length are ignored by readers.
+                size = max(stop, 2 * array.shape[0])
+                array = array.resize(
+                    exclusive_max=[size, *array.shape[1:]], expand_only=True
+                ).result()
+                self._arrays[level] = array
+            array[start:stop].write(rows).result()
+        except ValueError as e:
+            raise TreeError(
+                f"tree at {self.path}: level {level} rows [{start}, {stop}) cannot be written "
+                f"({_first_line(e)})"
+            ) from None
 
     def read(self, level: int, start: int, stop: int) -> np.ndarray:
         """Committed rows ``[start, stop)``; every chunk they touch is checked against its digest
@@ -277,9 +297,9 @@ class DiskStorage:
         try:
             return np.asarray(self._arrays[level][start:stop].read().result())
         except ValueError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise TreeCorruptError(
-                f"tree at {self.path}: level {level} rows [{start}, {stop}) cannot be read ({first})"
+                f"tree at {self.path}: level {level} rows [{start}, {stop}) cannot be read "
+                f"({_first_line(e)})"
             ) from None
 
     def _check_chunks(self, level: int, start: int, stop: int) -> None:
@@ -357,28 +377,45 @@ def _crc(rows: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(rows).tobytes())
 
 
+def _first_line(e: Exception) -> str:
+    """A TensorStore error's first line, without the spec it may append (a page of JSON)."""
+    text = str(e).strip()
+    return text.splitlines()[0].split(" [tensorstore_spec=")[0] if text else type(e).__name__
+
+
 def lock_directory(path: Path) -> int:
     """An exclusive ``flock`` on the tree's directory (a file lock would be lost with its file,
     and a second writer would lock a new file of the same name); ``writer.lock`` records the
     holder's pid for the error message of the next writer. Returns the descriptor to unlock."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    fd, note = os.open(path, os.O_RDONLY | os.O_DIRECTORY), Path(path) / LOCK
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         try:
-            holder = (Path(path) / LOCK).read_text(errors="replace").strip() or "?"
+            holder = note.read_text(errors="replace").strip() if _plain_or_absent(note) else ""
         except OSError:
-            holder = "?"
+            holder = ""
         raise TreeLockedError(
-            f"tree at {path} is locked by another writer (pid {holder})"
+            f"tree at {path} is locked by another writer (pid {holder if holder.isdecimal() else '?'})"
         ) from None
-    try:
-        (Path(path) / LOCK).write_text(str(os.getpid()))
-    except OSError as e:
-        _unlock(fd)
-        raise TreeError(f"tree at {path}: cannot write {LOCK} ({e.strerror})") from None
+    # The note is only a note: a writer.lock that is not a plain file (a directory someone made,
+    # a link) is left as it is and the writer goes on, still the only one. Writing through a
+    # link would overwrite what it points to, and removing a directory could lose its contents.
+    if _plain_or_absent(note):
+        try:
+            note.write_text(str(os.getpid()))
+        except OSError as e:
+            _unlock(fd)
+            raise TreeError(f"tree at {path}: cannot write {LOCK} ({e.strerror})") from None
     return fd
+
+
+def _plain_or_absent(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return True
 
 
 def _unlock(fd: int) -> None:
@@ -415,13 +452,74 @@ def read_manifest(path: Path) -> dict:
         manifest = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise TreeCorruptError(f"tree at {path}: {MANIFEST} is not valid JSON ({e})") from None
+    _check_manifest(path, manifest)
+    return manifest
+
+
+def _check_manifest(path: Path, manifest) -> None:
+    """Raises ``TreeCorruptError`` naming the first field of ``manifest`` that is missing or not
+    of its type and range: past this, code reading the manifest meets no value it cannot use."""
+    if not isinstance(manifest, dict):
+        raise TreeCorruptError(
+            f"tree at {path}: {MANIFEST} holds {_shown(manifest)}, not an object"
+        )
     required = {f.name for f in dataclasses.fields(TreeMeta)} | {"format_version", "lengths"}
     missing = sorted(required - set(manifest))
     if missing:
         raise TreeCorruptError(f"tree at {path}: {MANIFEST} lacks {', '.join(missing)}")
-    if manifest["format_version"] != FORMAT_VERSION:
+    if not _is_int(manifest["format_version"]) or manifest["format_version"] != FORMAT_VERSION:
         raise TreeCorruptError(
-            f"tree at {path}: format version {manifest['format_version']}, "
+            f"tree at {path}: format version {_shown(manifest['format_version'])}, "
             f"this code reads {FORMAT_VERSION}"
         )
-    return manifest
+
+    def refuse(field: str, expected: str) -> None:
+        raise TreeCorruptError(
+            f"tree at {path}: {MANIFEST} field {field} is {_shown(manifest[field])}, "
+            f"expected {expected}"
+        )
+
+    for field, least in META_MINIMUM.items():
+        if not (_is_int(manifest[field]) and manifest[field] >= least):
+            refuse(field, f"an integer >= {least}")
+    name = manifest["gist_dtype"]
+    try:
+        dtype = jnp.dtype(name) if isinstance(name, str) else None
+    except TypeError:  # not a dtype's name at all
+        dtype = None
+    if dtype is None or dtype.name != name or not jnp.issubdtype(dtype, jnp.floating):
+        refuse("gist_dtype", "the name of a floating-point dtype (bfloat16, float16, float32)")
+    if not (isinstance(manifest["fingerprint"], str) and manifest["fingerprint"]):
+        refuse("fingerprint", "a non-empty string")
+    levels = manifest["max_level"] + 1
+    lengths = manifest["lengths"]
+    if not (
+        isinstance(lengths, list)
+        and len(lengths) == levels
+        and all(_is_int(n) and n >= 0 for n in lengths)
+    ):
+        refuse("lengths", f"a list of {levels} integers >= 0 (rows of levels 0 to {levels - 1})")
+    # Both absent from a tree written before they existed.
+    if "generation" in manifest and not (
+        _is_int(manifest["generation"]) and manifest["generation"] >= 0
+    ):
+        refuse("generation", "an integer >= 0")
+    digests = manifest.get("digests")
+    if "digests" in manifest and not (
+        isinstance(digests, list)
+        and len(digests) == levels
+        and all(
+            isinstance(d, list) and all(_is_int(c) and 0 <= c < 1 << 32 for c in d) for d in digests
+        )
+    ):
+        refuse("digests", f"a list of {levels} lists of CRC-32s (integers in [0, 2**32))")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON's true is not 1
+
+
+def _shown(value) -> str:
+    """``value`` as the manifest spells it, cut short: one line of a message."""
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 from pathlib import Path
@@ -18,12 +20,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(workdir: Path, corpus: Path, steps: int) -> list[subprocess.CompletedProcess]:
+def _start(workdir: Path, corpus: Path, steps: int, *extra: str) -> list[subprocess.Popen]:
     port = _free_port()
     cmd = [
         *train_cli(workdir, corpus, steps),
         "--config.distributed=true",
         "--config.train.log_every=1",
+        *extra,
     ]
     procs = []
     for rank in range(2):
@@ -40,28 +43,48 @@ def _launch(workdir: Path, corpus: Path, steps: int) -> list[subprocess.Complete
                 cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
             )
         )
+    return procs
+
+
+def _results(procs: list[subprocess.Popen]) -> list[subprocess.CompletedProcess]:
     results = []
     for p in procs:
         out, err = p.communicate(timeout=300)
-        results.append(subprocess.CompletedProcess(cmd, p.returncode, out, err))
+        results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
     return results
 
 
-def test_two_process_training_and_resume(tmp_path, corpus_dir):
+def test_two_process_training_stops_together_on_sigterm_and_resumes(tmp_path, corpus_dir):
+    """A preemption notice to one host: both stop before the same step (JAX's preemption sync
+    point) and save it together; the resumed run picks up each process's own data shard."""
     workdir = tmp_path / "run"
-    for result in _launch(workdir, corpus_dir, steps=3):
-        assert result.returncode == 0, result.stderr[-3000:]
-    resumed = _launch(workdir, corpus_dir, steps=5)
+    procs = _start(workdir, corpus_dir, 1000, "--config.train.checkpoint_every=100000")
+    seen = ""
+    while not re.search(r"\b([3-9]|\d\d+)/1000\b", seen):  # process 0's bar: a few steps
+        char = procs[0].stderr.read(1)
+        assert char, seen[-3000:]
+        seen += char
+    procs[1].send_signal(signal.SIGTERM)
+    stopped = _results(procs)
+    saved = []
+    for result in stopped:
+        assert result.returncode == 130, result.stderr[-3000:]
+        saved += re.findall(r"interrupted: saving a checkpoint at step (\d+)", result.stdout)
+    assert len(saved) == 2 and saved[0] == saved[1], [r.stdout[-500:] for r in stopped]
+    step = int(saved[0])
+    resumed = _results(_start(workdir, corpus_dir, step + 2))
     for result in resumed:
         assert result.returncode == 0, result.stderr[-3000:]
-    assert "from step 3" in resumed[0].stdout and "done: step 5" in resumed[0].stdout
+    assert (
+        f"from step {step}" in resumed[0].stdout and f"done: step {step + 2}" in resumed[0].stdout
+    )
     losses = {
         r["step"]: r["train/loss"]
         for r in read_metrics(workdir / "metrics.jsonl")
         if "train/loss" in r
     }
-    assert sorted(losses) == [1, 2, 3, 4, 5]
+    assert sorted(losses) == list(range(1, step + 3))
     # Each process saved (and resumed) the iterator state of its own data shard.
-    data_dir = workdir / "checkpoints" / "5" / "data"
+    data_dir = workdir / "checkpoints" / str(step + 2) / "data"
     states = [json.loads((data_dir / f"process_{i}-of-2.json").read_text()) for i in range(2)]
-    assert states[0] == states[1] == {"next_index": 5}  # one local batch per step
+    assert states[0] == states[1] == {"next_index": step + 2}  # one local batch per step

@@ -389,7 +389,7 @@ def test_checkpoint_restores_all_three_parts(tmp_path, corpus_dir):
     assert isinstance(model, MegaContext) and restored_config.mc.enabled
     trainable = make_trainable(config, make_mesh())
     checkpointer = Checkpointer(tmp_path, create=False)
-    state, step = checkpointer.restore(trainable.abstract_state())
+    state, step, _, _ = checkpointer.restore(trainable.abstract_state())
     checkpointer.close()
     assert step == 2
     fresh = trainable.init()
@@ -436,7 +436,7 @@ def test_curriculum_trains_the_base_alone_then_every_part(tmp_path, corpus_dir):
     config = _curriculum_config(resumed, corpus_dir)
     trainable = make_trainable(config, make_mesh())
     checkpointer = Checkpointer(resumed, create=False)
-    state, step = checkpointer.restore(trainable.abstract_state())
+    state, step, _, _ = checkpointer.restore(trainable.abstract_state())
     checkpointer.close()
     fresh = trainable.init()
     assert step == 2

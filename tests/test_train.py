@@ -188,6 +188,34 @@ def test_sigterm_checkpoints_between_steps_and_resumes(tmp_path, corpus_dir):
     assert f"done: step {step + 2}" in result.stdout
 
 
+@pytest.mark.slow
+def test_sigterm_during_start_up_stops_before_any_step(tmp_path, corpus_dir):
+    """A preemption notice during start-up (here: once the start-up block is out, while the
+    step compiles) ends the run at once: no step runs, nothing is saved, one line. Before, the
+    run compiled and ran a step and saved it first (67-72 s with the default config)."""
+    workdir = tmp_path / "run"
+    process = subprocess.Popen(
+        train_cli(workdir, corpus_dir, steps=1000),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    seen = ""
+    while "\nconfig " not in seen:  # the start-up block's last line, on stdout
+        char = process.stdout.read(1)
+        assert char, seen[-2000:]
+        seen += char
+    process.send_signal(signal.SIGTERM)
+    seen += process.stdout.read()
+    status = process.wait(timeout=120)
+    assert status == 130, seen[-2000:]
+    assert seen.rstrip().endswith("interrupted; rerun the same command to resume"), seen[-2000:]
+    assert "Traceback" not in seen and "FATAL" not in seen, seen[-2000:]
+    assert not any((workdir / "checkpoints").iterdir())
+    assert [r["step"] for r in read_metrics(workdir / "metrics.jsonl")] == [0]
+
+
 def test_resume_with_a_changed_shape_fails_before_writing(tmp_path, corpus_dir):
     """A resume whose config changes what the checkpoints hold stops with one line naming the
     field and both values, and leaves config.json as it was (decode still opens the run)."""

@@ -35,7 +35,9 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--top-p", type=float, default=1.0, help="nucleus: the most likely ids of this mass; 1: all"
     )
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (turn i uses seed + i)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="sampling seed in [0, 2**32) (turn i uses seed + i)"
+    )
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -149,8 +151,12 @@ def _with_memory(model, args: argparse.Namespace, prompt: str | None) -> None:
                     sys.stdout.write(prompt)
                     _ingest(session, prompt)
                 _write(session.stream(seed=args.seed, **_sampling(args)))
-        finally:
+        except KeyboardInterrupt:
             _log(f"memory {args.memory}: {session.num_tokens} tokens")
+            raise
+        # Not after an error: its one line says what happened, and the count could include
+        # tokens that a failed commit left out of the memory.
+        _log(f"memory {args.memory}: {session.num_tokens} tokens")
 
 
 def _lines():
@@ -167,15 +173,21 @@ def _ingest_file(model, args: argparse.Namespace) -> None:
     text = read_text(args.file, "file")
     with model.session(args.memory, telemetry=False, log=_log) as session:
         start, before = time.perf_counter(), session.num_tokens
-        try:
-            _ingest(session, text, new_document=True)
-        finally:
+
+        def tally() -> None:
             seconds = time.perf_counter() - start
             added = session.num_tokens - before
             _log(
                 f"memory {args.memory}: {session.num_tokens} tokens (+{added} in {seconds:.1f} s, "
                 f"{added / max(seconds, 1e-9):,.0f} tokens/s)"
             )
+
+        try:
+            _ingest(session, text, new_document=True)
+        except KeyboardInterrupt:
+            tally()
+            raise
+        tally()  # not after an error, as in _with_memory
 
 
 def main(argv: list[str]) -> int:
@@ -184,7 +196,7 @@ def main(argv: list[str]) -> int:
 
     if args.command == "decode":
         try:
-            check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+            check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
         except ValueError as e:
             print(f"error: --{str(e).replace('_', '-')}", file=sys.stderr)
             return 2
