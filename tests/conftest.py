@@ -1,11 +1,27 @@
 """Shared fixtures: a small text corpus and a tiny config that trains in seconds."""
 
+import atexit
 import os
 import random
 import re
+import shutil
 import sys
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the whole run, fresh each run: the tests build the same tiny
+# programs again and again (every train() call jits a new step of the same shapes), in the xdist
+# workers and in the CLIs they start, which inherit it from here (the controller imports this file
+# before it starts the workers). It only skips recompiling identical XLA programs: what runs is the
+# same. A size limit turns on the cache's file lock, so no process reads an entry half written;
+# as every write then scans the whole directory, programs compiled in under 0.25 s (the thousands
+# of single eager ops) are left out of it.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache_dir = tempfile.mkdtemp(prefix="megacontext-jax-cache-")
+    atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.25")
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 
 import ml_collections
 import pytest

@@ -12,7 +12,7 @@ from megacontext_jax import sweep
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_sweep_runs_grid_and_tabulates(tmp_path, corpus_dir):
+def test_sweep_runs_grid_and_tabulates(tmp_path, corpus_dir, capsys, monkeypatch):
     sweep_file = tmp_path / "two.py"
     sweep_file.write_text(
         'def sweep():\n    return [{"mc.gist.pooling": "mean"}, {"mc.gist.pooling": "cls"}]\n'
@@ -57,14 +57,19 @@ def test_sweep_runs_grid_and_tabulates(tmp_path, corpus_dir):
     assert [r["mc.gist.pooling"] for r in rows] == ["mean", "cls"]
     assert all(float(r["4W mc_static nll"]) > 0 for r in rows)
     assert (tmp_path / "runs" / "results.md").read_text().startswith("| mc.gist.pooling |")
-    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert (
-        again.returncode == 0 and "val loss" not in again.stdout
-    )  # finished runs are not repeated
-    bad = subprocess.run(
-        [*cmd[:-1], "--config.mc.gist.pooling=max"], cwd=ROOT, capture_output=True, text=True
-    )
-    assert bad.returncode == 2 and "config.mc.gist.pooling: must be one of" in bad.stderr
+    # The CLI ran above; the same command line again, and a bad one, through its main() here
+    # (what ``python -m megacontext_jax.sweep`` exits with), without starting two more Pythons.
+    monkeypatch.chdir(ROOT)
+    capsys.readouterr()
+
+    def train_again(config, **_):
+        raise AssertionError(f"{config.workdir} was finished and is trained again")
+
+    monkeypatch.setattr(importlib.import_module("megacontext_jax.trainer"), "train", train_again)
+    assert sweep.main(cmd[3:]) == 0
+    assert "val loss" not in capsys.readouterr().out  # finished runs are not repeated
+    assert sweep.main([*cmd[3:-1], "--config.mc.gist.pooling=max"]) == 2
+    assert "config.mc.gist.pooling: must be one of" in capsys.readouterr().err
 
 
 # -- fast tests: training, restoring and evaluation replaced by instant fakes -------------------
