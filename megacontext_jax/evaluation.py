@@ -21,7 +21,6 @@ them), and ``passkey_oracle``: the accuracy of the pyramid with those digits bro
 upper bound for focus that tells LensNet's misses from the base model's. Writes JSON and a PNG.
 """
 
-import argparse
 import hashlib
 import json
 import math
@@ -41,7 +40,7 @@ from tqdm import tqdm
 from megacontext_jax import data, tasks, variants
 from megacontext_jax.allocator import AllocatorConfig
 from megacontext_jax.checkpoint import CheckpointError
-from megacontext_jax.cli import HelpFormatter
+from megacontext_jax.cli import HelpFormatter, OneLineParser, at_least, history_lengths
 from megacontext_jax.config import to_json
 from megacontext_jax.mc_losses import ignored
 from megacontext_jax.megacontext import (
@@ -439,43 +438,6 @@ def prepare_output(path: Path) -> None:
             pass
     except OSError as e:
         raise ValueError(f"cannot write to {path.parent}: {e.strerror}") from None
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """Refuses a bad argument with one line, ``error: ...`` (exit status 2); ``--help`` has the
-    usage that argparse would print above it."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message}\n")
-
-
-def at_least(least: int):
-    """An argparse type: an integer >= ``least``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < least:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {least}, got {text!r}")
-        return value
-
-    return parse
-
-
-def history_lengths(text: str) -> list[int]:
-    """An argparse type: distinct multiples of W >= 1, separated by commas (a repeated one
-    would overwrite its own results)."""
-    try:
-        lengths = [at_least(1)(m) for m in text.split(",")]
-    except argparse.ArgumentTypeError:
-        lengths = []
-    if not lengths or len(set(lengths)) < len(lengths):
-        raise argparse.ArgumentTypeError(
-            f"must be distinct integers >= 1 separated by commas, got {text!r}"
-        )
-    return lengths
 
 
 def main(argv: list[str]) -> int:

@@ -29,16 +29,11 @@ def load_model(workdir: str | Path) -> tuple[GPT | MegaContext, ml_collections.C
     return model, config
 
 
-def load(
-    workdir: str | Path, bases: tuple[Path, ...] = ()
-) -> tuple[GPT | MegaContext, ml_collections.ConfigDict, int]:
-    """``load_model``'s model and config, and the step restored. ``bases``: the workdirs whose
-    frozen base this one is (a chain of ``mc.base_checkpoint``), to refuse a cycle."""
+def load(workdir: str | Path) -> tuple[GPT | MegaContext, ml_collections.ConfigDict, int]:
+    """``load_model``'s model and config, and the step restored."""
     workdir = Path(workdir)
-    if workdir.resolve() in bases:
-        chain = " -> ".join(map(str, (*bases, workdir.resolve())))
-        raise CheckpointError(f"config.mc.base_checkpoint makes a cycle: {chain}")
     config = read_config(workdir)
+    check_base_chain(workdir, config)
     trainable = make_trainable(config, sharding.make_mesh())
     checkpointer = Checkpointer(workdir, create=False)
     try:
@@ -46,16 +41,25 @@ def load(
     finally:
         checkpointer.close()
     if frozen_base(config):
-        state = attach_base(state, trainable, config, (*bases, workdir.resolve()))
+        state = attach_base(state, trainable, config)
     return nnx.merge(trainable.graphdef, state.params), config, step
 
 
-def attach_base(
-    state: TrainState,
-    trainable: Trainable,
-    config: ml_collections.ConfigDict,
-    bases: tuple[Path, ...] = (),
-):
+def check_base_chain(workdir: Path, config: ml_collections.ConfigDict) -> None:
+    """Follows ``mc.base_checkpoint`` from the run in ``workdir`` (with ``config``) through the
+    configs of its bases, before anything is restored; a chain that comes back to a workdir it
+    has passed is a ``CheckpointError`` (loading it would recurse without end)."""
+    chain = [Path(workdir).resolve()]
+    while frozen_base(config) and config.model.family != "llama" and config.mc.base_checkpoint:
+        base = Path(config.mc.base_checkpoint).resolve()
+        if base in chain:
+            path = " -> ".join(map(str, [*chain, base]))
+            raise CheckpointError(f"config.mc.base_checkpoint makes a cycle: {path}")
+        chain.append(base)
+        config = read_config(base)
+
+
+def attach_base(state: TrainState, trainable: Trainable, config: ml_collections.ConfigDict):
     """``state`` with the base model's parameters from the reference of a frozen-base run:
     ``model.hf_path`` (an imported checkpoint) or ``mc.base_checkpoint`` (a workdir)."""
     if config.model.family == "llama":
@@ -63,16 +67,16 @@ def attach_base(
 
         base = load_weights(base_config(config.model), config.model.hf_path)
     else:
-        base = _trained_base(config, bases)
+        base = _trained_base(config)
     params = jax.device_put(nnx.state(base), trainable.state_shardings.params["base"])
     parts = {**state.params.raw_mapping, "base": params.raw_mapping}
     return state.replace(params=nnx.State(parts))
 
 
-def _trained_base(config: ml_collections.ConfigDict, bases: tuple[Path, ...]) -> GPT:
+def _trained_base(config: ml_collections.ConfigDict) -> GPT:
     if not config.mc.base_checkpoint:
         raise ValueError("config.mc.mode=frozen_base needs config.mc.base_checkpoint (a workdir)")
-    model, base_config, _ = load(config.mc.base_checkpoint, bases)
+    model, base_config, _ = load(config.mc.base_checkpoint)
     for key, value in config.model.items():
         if base_config.model[key] != value:
             raise ValueError(

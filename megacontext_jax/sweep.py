@@ -24,6 +24,7 @@ import traceback
 from pathlib import Path
 
 from megacontext_jax.checkpoint import CheckpointError
+from megacontext_jax.cli import OneLineParser, at_least, history_lengths
 from megacontext_jax.config import ConfigError, apply_override, parse_args, validate
 
 NAME_MAX = 80  # characters of a run's directory name
@@ -99,7 +100,7 @@ def error_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {message[0]}" if message else type(e).__name__
 
 
-def run_one(config, overrides: dict, lengths: list[int], num_docs: int, num_probes: int) -> dict:
+def run_one(config, overrides: dict, args: argparse.Namespace) -> dict:
     """Trains (or resumes) the run in ``config.workdir``, evaluates its latest checkpoint on the
     run's own held-out data, and returns its row of the results."""
     # Imported here so that --help and config errors answer without loading the training stack.
@@ -112,7 +113,9 @@ def run_one(config, overrides: dict, lengths: list[int], num_docs: int, num_prob
     summary = train(config)
     model, _ = load_model(config.workdir)
     docs = data.evaluation_documents(config, tokenizer_for(config.model))
-    evaluation = evaluate(model, config, docs, lengths, num_docs, 8, 4, num_probes)
+    evaluation = evaluate(
+        model, config, docs, args.lengths, args.docs, args.batch, args.refocus_steps, args.probes
+    )
     return results_row(overrides, summary, evaluation)
 
 
@@ -131,18 +134,8 @@ def write_tables(root: Path, rows: list[dict]) -> None:
     (root / "results.md").write_text("\n".join(lines) + "\n")
 
 
-def _lengths(text: str) -> list[int]:
-    try:
-        lengths = [int(x) for x in text.split(",")]
-    except ValueError:
-        lengths = []
-    if not lengths or min(lengths) <= 0:
-        raise argparse.ArgumentTypeError(f"expected positive integers like 4,8, got {text!r}")
-    return lengths
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m megacontext_jax.sweep",
         usage="%(prog)s --config PATH[:ARG] --sweep FILE\n"
         "       [--config.FIELD=VALUE ...] [options]",
@@ -174,24 +167,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--lengths",
-        type=_lengths,
+        type=history_lengths,
         default="8",
         metavar="L,...",
         help="evaluation history lengths in multiples of W (default: %(default)s)",
     )
     p.add_argument(
         "--docs",
-        type=int,
+        type=at_least(1),
         default=16,
         metavar="N",
         help="evaluation documents per length (default: %(default)s)",
     )
     p.add_argument(
         "--probes",
-        type=int,
+        type=at_least(1),
         default=16,
         metavar="N",
         help="retrieval probes per task and length (default: %(default)s)",
+    )
+    p.add_argument(
+        "--batch",
+        type=at_least(1),
+        default=8,
+        metavar="N",
+        help="evaluation sequences per forward pass (default: %(default)s)",
+    )
+    p.add_argument(
+        "--refocus-steps",
+        type=at_least(0),
+        default=4,
+        metavar="N",
+        help="evaluation LensNet + allocator rounds (default: %(default)s)",
     )
     return p
 
@@ -229,7 +236,7 @@ def main(argv: list[str]) -> int:
         config.workdir = str(workdir)
         config.lock()
         try:
-            row = run_one(config, overrides, args.lengths, args.docs, args.probes)
+            row = run_one(config, overrides, args)
         except KeyboardInterrupt:
             print("interrupted; rerun the same command to resume", file=sys.stderr)
             return 130

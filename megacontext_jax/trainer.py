@@ -21,7 +21,7 @@ from megacontext_jax.config import config_diff, to_json, validate
 from megacontext_jax.metrics import MetricsWriter, latest_metrics, plot_loss_curve
 from megacontext_jax.model import count_params
 from megacontext_jax.progress import Phase, PhaseBar, startup_block
-from megacontext_jax.restore import attach_base
+from megacontext_jax.restore import attach_base, check_base_chain
 from megacontext_jax.tokenizer import tokenizer_for
 from megacontext_jax.train_step import (
     checkpointed,
@@ -244,6 +244,7 @@ def train(
         sync_config(config)
         validate(config)  # the checkpoint's sizes against the MegaContext settings
     check_resume(workdir, config)
+    check_base_chain(workdir, config)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     for p in phases(config):
         if p.batch_size % mesh.size or p.batch_size % jax.process_count():
@@ -327,8 +328,8 @@ def _run(
         state, start, data_iter, restored_pending = restored
     else:
         state, data_iter = stop.wait_for(trainable.init), stage_batches(0)
-    if frozen_base(config):  # (a base_checkpoint of this very workdir is a cycle)
-        state = stop.wait_for(lambda: attach_base(state, trainable, config, (workdir.resolve(),)))
+    if frozen_base(config):
+        state = stop.wait_for(lambda: attach_base(state, trainable, config))
     stop.check()
     write_config(workdir, config)  # only now: a resume that failed above changed nothing
     train_step, eval_step = make_train_step(trainable), make_eval_step(trainable)

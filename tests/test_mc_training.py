@@ -228,7 +228,11 @@ def test_gradients_reach_every_part(lens_start, lens_grads):
     config.mc.lens_start = lens_start
     model = MegaContext(config, rngs=nnx.Rngs(0))
     batch = _batch(config)
-    grads = nnx.grad(lambda m: mc_loss(m, batch, jnp.int32(0), jax.random.key(0), config)[0])(model)
+    # Jitted: op by op, the eager gradient of the whole objective took over a minute on CPU.
+    grad = nnx.jit(
+        nnx.grad(lambda m: mc_loss(m, batch, jnp.int32(0), jax.random.key(0), config)[0])
+    )
+    grads = grad(model)
 
     def norm(part):
         return sum(float(jnp.sum(jnp.abs(g))) for g in jax.tree.leaves(part))
@@ -530,7 +534,11 @@ def test_pyramid_pass_trains_base_and_gistnet():
     loss, metrics = mc_loss(model, batch, jnp.int32(0), jax.random.key(0), config)
     assert float(loss) == pytest.approx(float(metrics["loss/pyramid"]))
     assert 0 < float(loss) < 10
-    grads = nnx.grad(lambda m: mc_loss(m, batch, jnp.int32(0), jax.random.key(0), config)[0])(model)
+    # Jitted: op by op, the eager gradient of the whole objective took over a minute on CPU.
+    grad = nnx.jit(
+        nnx.grad(lambda m: mc_loss(m, batch, jnp.int32(0), jax.random.key(0), config)[0])
+    )
+    grads = grad(model)
     for part in (grads.base, grads.gistnet):
         assert sum(float(jnp.sum(jnp.abs(g))) for g in jax.tree.leaves(part)) > 0
     # The pass reads every node: 64 tokens, 16 LOD1 and 4 LOD2 gists, each with its own label.

@@ -33,6 +33,10 @@ def test_sweep_runs_grid_and_tabulates(tmp_path, corpus_dir, capsys, monkeypatch
         "2",
         "--probes",
         "2",
+        "--batch",
+        "2",
+        "--refocus-steps",
+        "1",
         f"--config.data.source={corpus_dir}",
         "--config.data.val_fraction=0.2",
         "--config.data.passkey_fraction=0",
@@ -50,6 +54,7 @@ def test_sweep_runs_grid_and_tabulates(tmp_path, corpus_dir, capsys, monkeypatch
         "--config.mc.scored_tokens=4",
         "--config.mc.gist.num_heads=2",
         "--config.mc.lens.num_heads=2",
+        "--config.mc.loss.span_kl=0",  # a second objective: a bigger step to compile
     ]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
