@@ -25,6 +25,12 @@ def _embedder(table, asked=None):
     return embed
 
 
+@nnx.jit
+def _forward(model: GPT, embeddings, mu, sigma):
+    """The whole context from scratch (jitted: op by op it took most of the test's time)."""
+    return model(embeddings=embeddings, mu=mu, sigma=sigma)
+
+
 def test_cache_across_edits_matches_recomputing_from_scratch():
     config = mc_config(block_size=K, max_level=2)
     model = GPT(config.model, rngs=nnx.Rngs(0))
@@ -59,7 +65,7 @@ def test_cache_across_edits_matches_recomputing_from_scratch():
         recomputed.append(count)
         lod, start = (jnp.asarray(a) for a in np.array(ents).T)
         mu, sigma = entry_positions(lod, start, K, 12**-0.5)
-        full = model(embeddings=jnp.asarray(embed(ents))[None], mu=mu[None], sigma=sigma[None])
+        full = _forward(model, jnp.asarray(embed(ents))[None], mu[None], sigma[None])
         np.testing.assert_allclose(logits, full[0, -1], atol=2e-4, err_msg=f"step {step} ({kind})")
     # Appends recompute one entry; edits recompute only from the first changed entry on.
     assert min(recomputed) <= 1 and max(recomputed) < W

@@ -33,12 +33,18 @@ def _history(n, seed=0):
     return np.random.default_rng(seed).integers(0, 256, n).astype(np.int32)
 
 
+@nnx.jit
+def _forward(base, embeddings, mu, sigma):
+    return base(embeddings=embeddings, mu=mu, sigma=sigma)
+
+
 def _recompute(model, session):
-    """Next-token logits from scratch: the whole WC through the base model, no cache."""
+    """Next-token logits from scratch: the whole WC through the base model, no cache (jitted:
+    op by op it took most of the test's time)."""
     lod, start = (jnp.asarray(a)[None] for a in np.array(session.entries).T)
     mu, sigma = entry_positions(lod, start, K, session.sigma_scale)
     emb = jnp.asarray(session._embed(session.entries))[None]
-    return model.base(embeddings=emb, mu=mu, sigma=sigma)[0, -1]
+    return _forward(model.base, emb, mu, sigma)[0, -1]
 
 
 @pytest.mark.parametrize("use_lens", [True, False])
