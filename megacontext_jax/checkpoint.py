@@ -28,6 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from megacontext_jax.config import from_json, leaves, normalized, to_json
+from megacontext_jax.errors import first_line
 
 
 class CheckpointError(RuntimeError):
@@ -145,11 +146,6 @@ def damage(step_dir: Path) -> str | None:
         if [size, _crc_file(path)] != expected:
             return f"{name} is truncated" if size < expected[0] else f"{name} is altered"
     return None
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _arrays(tree: Any) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -278,7 +274,7 @@ class Checkpointer:
         try:
             saved = _arrays(reader.metadata(self.directory / str(step) / "state"))
         except Exception as e:  # unreadable metadata: a damaged step
-            first = _first_line(e)
+            first = first_line(e)
             raise CheckpointError(f"{where} has unreadable metadata: {first}", first) from None
         finally:
             absl_logger.setLevel(level)
@@ -324,7 +320,7 @@ class Checkpointer:
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # Orbax and TensorStore raise many kinds; each means "not this"
-            first = _first_line(e)
+            first = first_line(e)
             raise CheckpointError(
                 f"checkpoint {self.directory}/{step} cannot be restored: {first}", first
             ) from None

@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 import tensorstore as ts
 
+from megacontext_jax.errors import first_line
+
 FORMAT_VERSION = 1
 CACHE_BYTES = 32 << 20  # per open tree
 MANIFEST = "manifest.json"
@@ -150,7 +152,7 @@ class DiskStorage:
         except ValueError as e:
             self.close()
             raise TreeCorruptError(
-                f"tree at {path}: cannot open its arrays ({_first_line(e)})"
+                f"tree at {path}: cannot open its arrays ({first_line(e)})"
             ) from None
         except TreeError:  # an array shorter than its committed rows: the lock is released too
             self.close()
@@ -174,7 +176,7 @@ class DiskStorage:
         except ValueError as e:
             _unlock(lock)
             raise TreeCorruptError(
-                f"tree at {path}: cannot create its arrays ({_first_line(e)})"
+                f"tree at {path}: cannot create its arrays ({first_line(e)})"
             ) from None
         except BaseException:
             _unlock(lock)
@@ -278,7 +280,7 @@ class DiskStorage:
         except ValueError as e:
             raise TreeError(
                 f"tree at {self.path}: level {level} rows [{start}, {stop}) cannot be written "
-                f"({_first_line(e)})"
+                f"({first_line(e)})"
             ) from None
 
     def read(self, level: int, start: int, stop: int) -> np.ndarray:
@@ -299,7 +301,7 @@ class DiskStorage:
         except ValueError as e:
             raise TreeCorruptError(
                 f"tree at {self.path}: level {level} rows [{start}, {stop}) cannot be read "
-                f"({_first_line(e)})"
+                f"({first_line(e)})"
             ) from None
 
     def _check_chunks(self, level: int, start: int, stop: int) -> None:
@@ -375,12 +377,6 @@ def _chunk_rows(meta: TreeMeta, level: int) -> int:
 
 def _crc(rows: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(rows).tobytes())
-
-
-def _first_line(e: Exception) -> str:
-    """A TensorStore error's first line, without the spec it may append (a page of JSON)."""
-    text = str(e).strip()
-    return text.splitlines()[0].split(" [tensorstore_spec=")[0] if text else type(e).__name__
 
 
 def lock_directory(path: Path) -> int:
