@@ -1,7 +1,8 @@
 """Attention kernels and the rotary (Gaussian RoPE) math they fuse. Depends on jax alone."""
 
-from kernels.attention import attention, attention_reference, cudnn_applies
-from kernels.rope import apply_rotary, gaussian_rope, rope_frequencies, rope_tables
+from kernels.attention import attention, cudnn_applies
+from kernels.reference import attention_reference
+from kernels.rope import apply_rotary, gaussian_rope, rope_frequencies, rope_tables, span_positions
 
 __all__ = [
     "apply_rotary",
@@ -11,4 +12,5 @@ __all__ = [
     "gaussian_rope",
     "rope_frequencies",
     "rope_tables",
+    "span_positions",
 ]

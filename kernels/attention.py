@@ -1,10 +1,11 @@
 """The attention entry point every model calls.
 
-``attention`` dispatches on ``impl``: ``reference`` (pure jnp, below), ``pallas`` (the
-mixed-resolution kernels of ``kernels.mixed_attention`` with pre-rotated q/k; interpreted on CPU,
-compiled on GPU), or ``cudnn`` (``jax.nn.dot_product_attention``: cuDNN on a GPU, XLA elsewhere)
-where it applies (``cudnn_applies``: a full pass with valid keys packed at the front, and on a GPU
-fp16/bf16 inputs) and the Pallas kernels for the rest (decode, metadata masks, float32 on a GPU).
+``attention`` dispatches on ``impl``: ``reference`` (pure jnp, ``kernels.reference``),
+``pallas`` (the mixed-resolution kernels of ``kernels.mixed_attention`` with pre-rotated q/k;
+interpreted on CPU, compiled on GPU), or ``cudnn`` (``jax.nn.dot_product_attention``: cuDNN on a
+GPU, XLA elsewhere) where it applies (``cudnn_applies``: a full pass with valid keys packed at the
+front, and on a GPU fp16/bf16 inputs) and the Pallas kernels for the rest (decode, metadata masks,
+float32 on a GPU).
 
 Masks: ``causal=True`` is the WC-causal mask (query i sees key j iff j <= i + q_offset); with
 ``q_offset = kv_len - q_len`` it is the decode mask over a KV cache. ``causal=False`` is bidirectional
@@ -14,57 +15,11 @@ Masks: ``causal=True`` is the WC-causal mask (query i sees key j iff j <= i + q_
 import jax
 import jax.numpy as jnp
 
+from kernels.mask import Entries
+from kernels.mixed_attention import mixed_attention, mixed_attention_reference
+from kernels.reference import attention_reference
+
 IMPLS = ("reference", "pallas", "cudnn")
-
-
-def attention_reference(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
-    causal: bool = True,
-    kv_valid: jax.Array | None = None,
-    q_offset: jax.Array | int = 0,
-) -> jax.Array:
-    """Scaled dot-product attention with grouped-query heads.
-
-    Args:
-      q: ``[B, Tq, Hq, Dh]``; k, v: ``[B, Tk, Hkv, Dh]`` with ``Hq % Hkv == 0``.
-      causal: WC-causal mask (see module docstring).
-      kv_valid: ``[B, Tk]`` bool, False for padded keys.
-      q_offset: key index of query 0 (scalar, may be traced).
-    Returns:
-      ``[B, Tq, Hq, Dh]`` in q.dtype. Logits and softmax in float32. A query that sees no key
-      returns zeros.
-    """
-    b, tq, tk = q.shape[0], q.shape[1], k.shape[1]
-    mask = jnp.ones((b, tq, tk), dtype=bool)
-    if causal:
-        q_idx = jnp.arange(tq)[:, None] + q_offset
-        mask = mask & (jnp.arange(tk)[None, :] <= q_idx)[None]
-    if kv_valid is not None:
-        mask = mask & kv_valid[:, None, :]
-    return masked_attention(q, k, v, mask)
-
-
-def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Softmax attention of ``q [B, Tq, Hq, Dh]`` over ``k, v [B, Tk, Hkv, Dh]`` where ``mask
-    [B, Tq, Tk]`` allows; GQA, float32 logits and softmax, zeros for a query that sees nothing."""
-    b, tq, hq, dh = q.shape
-    hkv = k.shape[2]
-    if hq % hkv:
-        raise ValueError(f"query heads {hq} must be a multiple of key/value heads {hkv}")
-    qg = q.reshape(b, tq, hkv, hq // hkv, dh)
-    logits = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32)
-    logits = logits * (dh**-0.5)
-    mask = mask[:, None, None]  # [B, 1, 1, Tq, Tk]
-    # A finite fill keeps fully masked rows (and their gradients) free of NaN; they are zeroed after.
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    weights = jnp.where(mask, jax.nn.softmax(logits, axis=-1), 0.0)
-    out = jnp.einsum(
-        "bhgqk,bkhd->bqhgd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32
-    )
-    return out.reshape(b, tq, hq, dh).astype(q.dtype)
 
 
 def cudnn_applies(
@@ -99,7 +54,7 @@ def attention(
 ) -> jax.Array:
     """Dispatches to the implementation named by ``impl`` (see ``IMPLS``).
 
-    ``entries = (meta, spec)`` (``kernels.mixed_attention.Entries`` of the sequence and a
+    ``entries = (meta, spec)`` (``kernels.mask.Entries`` of the sequence and a
     ``MaskSpec``) replaces ``causal`` / ``kv_valid`` / ``q_offset`` by the metadata-driven mask
     of self-attention over entries, e.g. the pyramid mask.
     """
@@ -116,8 +71,6 @@ def attention(
     if impl == "cudnn":
         impl = "pallas"
     if entries is not None:
-        from kernels.mixed_attention import mixed_attention, mixed_attention_reference
-
         meta, spec = entries
         fn = mixed_attention if impl == "pallas" else mixed_attention_reference
         if impl not in IMPLS:
@@ -126,8 +79,6 @@ def attention(
     if impl == "reference":
         return attention_reference(q, k, v, causal=causal, kv_valid=kv_valid, q_offset=q_offset)
     if impl == "pallas":
-        from kernels.mixed_attention import Entries, mixed_attention
-
         b, tq, tk = q.shape[0], q.shape[1], k.shape[1]
         # Entries in order: key j ends at j + 1, query i at q_offset + i + 1 (or never, when
         # bidirectional), so the metadata rule "end_k <= end_q" is the causal mask.

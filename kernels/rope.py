@@ -5,11 +5,33 @@ An entry has a position ``mu`` and a width ``sigma``. Rotary pair j with frequen
 ``p ~ N(mu, sigma^2)``. With ``sigma = 0`` the scale is exactly 1, so a token entry gets ordinary RoPE
 bit for bit; a coarse gist keeps only the low frequencies.
 
+``span_positions`` is the one home of the absolute-position formula: a tree node of level l over
+``[s, s + K^l)`` sits at its span's centre. The model's entry positions
+(``megacontext_jax.positions``) and the kernels' entry metadata (``kernels.mask.Entries``) both call
+it, so the two agree bit for bit.
+
 Pairs use the "half split" layout: element i pairs with element i + head_dim // 2.
 """
 
 import jax
 import jax.numpy as jnp
+
+
+def span_positions(
+    lod: jax.Array, start: jax.Array, block_size: int, sigma_scale: float
+) -> tuple[jax.Array, jax.Array]:
+    """``(mu, sigma)`` of the tree nodes of level ``lod`` over ``[start, start + K^lod)``.
+
+    A token (lod 0) at t has ``mu = t, sigma = 0``; a gist ``mu = start + (K^lod - 1) / 2`` and
+    ``sigma = sigma_scale * K^lod``, with K = ``block_size``. Float32, the shape of ``lod`` and
+    ``start`` (any int dtypes).
+    """
+    # K^lod as a float power: exact for a power-of-two K, and unlike an int32 power it does not
+    # wrap past 2^31 (K = 64 at level 6).
+    span = jnp.power(float(block_size), lod.astype(jnp.float32))
+    mu = start.astype(jnp.float32) + (span - 1.0) / 2.0
+    sigma = jnp.where(lod > 0, sigma_scale * span, 0.0)
+    return mu, sigma
 
 
 def rope_frequencies(head_dim: int, theta: float = 10000.0) -> jax.Array:

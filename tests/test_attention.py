@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.attention import attention, attention_reference
+from kernels.attention import attention
+from kernels.reference import attention_reference
 
 
 def _naive(q, k, v, causal, kv_valid, q_offset):

@@ -13,19 +13,19 @@ import numpy as np
 import pytest
 
 import kernels
+from kernels.mask import visible
 from kernels.mixed_attention import (
     BlockSizes,
     Entries,
     MaskSpec,
     _pad_meta,
-    _query_summaries,
-    _tile_may_see,
-    _tile_summaries,
     mixed_attention,
     mixed_attention_reference,
-    visible,
 )
-from megacontext_jax.working_context import entries, recency_pyramid
+from kernels.tiles import KEY_FIELDS, key_tile_bounds, query_tile_bounds, tile_may_see
+from megacontext_jax.net_specs import ModelConfig
+from megacontext_jax.rules import recency_pyramid
+from megacontext_jax.working_context import entries
 
 K = 4
 COMPILED = jax.default_backend() != "cpu"
@@ -176,13 +176,13 @@ def test_tile_bounds_are_sound_and_skip_most_pyramid_tiles():
         visible(padded.end, padded.lod, padded.start, padded.end, padded.valid, spec)
     )[0]
     kt, qt = (
-        np.asarray(_tile_summaries(padded, block))[0],
-        np.asarray(_query_summaries(padded.end, block))[0],
+        np.asarray(key_tile_bounds(padded, block))[0],
+        np.asarray(query_tile_bounds(padded.end, block))[0],
     )
     tiles = kt.shape[-1]
     visited = needed = 0
     for i, j in itertools.product(range(tiles), range(tiles)):
-        may = bool(_tile_may_see(qt[0, i], qt[1, i], tuple(kt[:5, j]), spec))
+        may = bool(tile_may_see(qt[0, i], qt[1, i], tuple(kt[:KEY_FIELDS, j]), spec))
         any_visible = mask[i * block : (i + 1) * block, j * block : (j + 1) * block].any()
         assert may or not any_visible, (i, j)  # sound: a tile with a visible pair is visited
         visited += may
@@ -243,7 +243,7 @@ def test_model_with_pallas_attention_matches_reference():
     logits = {}
     for impl in ("reference", "pallas"):
         config.model.attention_impl = impl
-        model = GPT(config.model, rngs=nnx.Rngs(0))
+        model = GPT(ModelConfig.from_config(config.model), rngs=nnx.Rngs(0))
         cache = model.init_cache(2, 12)
         _, cache = model.decode(cache, 0, tokens[:, :6])
         step, _ = model.decode(cache, 6, tokens[:, 6:])  # the decode mask over a KV cache
