@@ -8,17 +8,14 @@ then timed over repeated calls. Also prints the host time of assembling the rece
 """
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from megacontext_jax.allocator import AllocatorConfig, refocus
-from megacontext_jax.working_context import check, recency_pyramid
+from megacontext_jax.allocator import refocus
+from megacontext_jax.rules import check, recency_pyramid
+from megacontext_jax.specs import AllocatorConfig
 
 
 def main() -> None:

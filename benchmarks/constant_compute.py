@@ -24,11 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from megacontext_jax.config import load_config
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from megacontext_jax.config import load_config  # noqa: E402
-
 BLOCK = 64  # tokens per timed block; blocks of the two modes alternate
 
 

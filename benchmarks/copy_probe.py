@@ -10,15 +10,11 @@ nothing for gists or LensNet to recover, so check this before reading an evaluat
 """
 
 import argparse
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megacontext_jax import data, tasks
 from megacontext_jax.restore import load_model

@@ -21,12 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from megacontext_jax.config import base_config
 from megacontext_jax.gister import Gister
+from megacontext_jax.testing import random_gister
 from megacontext_jax.tree import Tree
-from megacontext_jax.tree_storage import TreeError
+from megacontext_jax.tree_errors import TreeError
 
 STREAM_TOKENS = 2_000_000
 MAX_LEVEL = 3
@@ -47,7 +46,7 @@ def stream(seed: int) -> np.ndarray:
 
 def writer(directory: Path, seed: int) -> None:
     config = small_config()
-    gister = Gister.initialized(config, seed=0)
+    gister = random_gister(config, seed=0)
     tokens = stream(seed)
     rng = np.random.default_rng()
     for level in range(1, MAX_LEVEL + 1):  # compile before "ready", so kills land mid-ingest
@@ -87,7 +86,7 @@ def main() -> int:
 
     root = Path(args.dir or tempfile.mkdtemp(prefix="crash_ingest_"))
     directory = root / "tree"
-    gister = Gister.initialized(small_config(), seed=0)
+    gister = random_gister(small_config(), seed=0)
     rng = np.random.default_rng(args.seed)
     survived = 0
     for trial in range(1, args.trials + 1):

@@ -36,17 +36,17 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
+# The sibling benchmark: a script's own directory comes first on sys.path.
 import crash_ingest
+import numpy as np
 
 from megacontext_jax.checkpoint import CheckpointError
 from megacontext_jax.gister import Gister
+from megacontext_jax.testing import random_gister, write_corpus
 from megacontext_jax.tree import Tree
-from megacontext_jax.tree_storage import LOCK, MANIFEST, TreeError
+from megacontext_jax.tree_errors import TreeError
+from megacontext_jax.tree_lock import LOCK
+from megacontext_jax.tree_manifest import MANIFEST
 
 HISTORY = 40_000
 OUTCOMES = ("clean", "detected", "traceback", "lost")
@@ -245,7 +245,7 @@ def schedule(table: dict[str, Counter], trials: int, quick: bool):
 
 
 def tree_trials(root: Path, trials: int, rng, quick: bool) -> dict[str, Counter]:
-    gister = Gister.initialized(crash_ingest.small_config(), seed=0)
+    gister = random_gister(crash_ingest.small_config(), seed=0)
     pristine = root / "pristine"
     expected = build_tree(pristine, gister)
     kinds = [*FILE_FAULTS, "lock removed, two writers", "lock is a directory"]
@@ -272,19 +272,16 @@ def tree_trials(root: Path, trials: int, rng, quick: bool) -> dict[str, Counter]
 
 # -- checkpoints ---------------------------------------------------------------------------------
 RUN = """
-import sys
-sys.path.insert(0, {root!r})
+from megacontext_jax.testing import tiny_config
 from megacontext_jax.trainer import train
-from tests.conftest import tiny_config
 train(tiny_config({workdir!r}, {corpus!r}, steps={steps}, checkpoint_every={every},
                   keep_checkpoints={keep}, eval_every=1000), progress=False)
 """
 
 
 def run_training(workdir: Path, corpus: Path, steps: int, every: int, keep: int) -> list[str]:
-    root = str(Path(__file__).resolve().parents[1])
     script = RUN.format(
-        root=root, workdir=str(workdir), corpus=str(corpus), steps=steps, every=every, keep=keep
+        workdir=str(workdir), corpus=str(corpus), steps=steps, every=every, keep=keep
     )
     return [sys.executable, "-c", script]
 
@@ -300,9 +297,6 @@ def params(workdir: Path):
 
 
 def checkpoint_trials(root: Path, trials: int, rng, quick: bool) -> dict[str, Counter]:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.conftest import write_corpus
-
     corpus = root / "corpus"
     write_corpus(corpus)
     reference = root / "reference"  # every step kept: what each step's params must be

@@ -18,26 +18,23 @@ there mean the allocator found no room; a low rank means LensNet did not find th
 import argparse
 import sys
 from collections import Counter
-from pathlib import Path
 
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from megacontext_jax import data, tasks, variants
-from megacontext_jax.evaluation import answered, coarsest_over, condition_arrays, focus, score_wc
+from megacontext_jax import data, tasks
+from megacontext_jax.evaluation import answered, coarsest_over
 from megacontext_jax.megacontext import lens_scores, node_table
 from megacontext_jax.restore import load_model
+from megacontext_jax.scoring import Setting, condition_arrays, focus, score_wc
 from megacontext_jax.tokenizer import tokenizer_for
 
 
-def digits_state(arrays: dict, scores: np.ndarray, row: int, source: tuple[int, int], k: int):
-    """``"L0"``, or ``"L<lod> rank <r>"`` for the coarsest entry over the digits (ranks over 3
-    are pooled as ``">3"``)."""
-    lod, ctx = np.asarray(arrays["lod"][row]), np.asarray(arrays["context"][row])
-    top = coarsest_over(arrays, row, source, k)
+def digits_state(wc, scores: np.ndarray, row: int, source: tuple[int, int], k: int):
+    """``"L0"``, or ``"L<lod> rank <r>"`` for the coarsest entry over the digits of WC ``row``
+    (ranks over 3 are pooled as ``">3"``)."""
+    lod, ctx = np.asarray(wc.lod[row]), np.asarray(wc.context[row])
+    top = coarsest_over(wc, row, source, k)
     if lod[top] == 0:
         return "L0"
     gist_scores = np.where(ctx & (lod > 0), scores[row], -np.inf)
@@ -56,7 +53,8 @@ def main() -> None:
     model, config = load_model(args.checkpoint)
     if not hasattr(model, "lensnet"):
         sys.exit(f"{args.checkpoint} is a plain LM: it has no LensNet")
-    layout = variants.Layout.from_config(config)
+    setting = Setting.from_config(config)
+    layout = setting.layout
     k, n = layout.block_size, args.length * layout.capacity
     tokenizer = tokenizer_for(config.model)
     docs = data.evaluation_documents(config, tokenizer)
@@ -69,31 +67,17 @@ def main() -> None:
         probes.append(tasks.passkey(text, n + 1, rng, tokenizer=tokenizer))
     tokens = jnp.asarray(np.stack([p.tokens for p in probes]))
     cursor = n - layout.scored
-    frozen = ml_collections.FrozenConfigDict(config)
     table, offsets = node_table(
         model.gistnet, model.base.embed(tokens[:, :n]), k, config.mc.max_level
     )
     pyramid = condition_arrays("mc_static", cursor, layout, len(probes))
     print(f"{len(probes)} passkey probes of {n} tokens ({args.length}W), {args.checkpoint}")
     for r in range(args.rounds + 1):
-        arrays = focus(model, tokens, pyramid, frozen, r) if r else pyramid
-        scores = np.asarray(
-            lens_scores(
-                model,
-                table,
-                offsets,
-                arrays["lod"],
-                arrays["start"],
-                arrays["context"],
-                cursor,
-                frozen,
-            )
-        )
-        states = Counter(
-            digits_state(arrays, scores, row, p.source, k) for row, p in enumerate(probes)
-        )
+        wc = focus(model, tokens, pyramid, layout, setting.allocator, r) if r else pyramid
+        scores = np.asarray(lens_scores(model, table, offsets, wc, cursor, layout))
+        states = Counter(digits_state(wc, scores, row, p.source, k) for row, p in enumerate(probes))
         print(f"after {r} rounds: " + ", ".join(f"{s} {c}" for s, c in sorted(states.items())))
-    pred = np.asarray(score_wc(model, tokens, arrays, frozen)[1])
+    pred = np.asarray(score_wc(model, tokens, wc, layout, setting.ignore)[1])
     found = [answered(pred[row], p, cursor) for row, p in enumerate(probes)]
     print(f"passkey found after {args.rounds} rounds: {np.mean(found):.3f}")
 

@@ -25,17 +25,13 @@ What the window has beyond the tail (the *gap*, between the window's start and t
 import argparse
 import dataclasses
 import sys
-from pathlib import Path
 
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from megacontext_jax import data, variants
-from megacontext_jax.evaluation import score_full, score_wc
 from megacontext_jax.restore import load_model
+from megacontext_jax.scoring import Setting, contexts, score_full, score_wc
 from megacontext_jax.tokenizer import tokenizer_for
 
 
@@ -48,7 +44,8 @@ def main() -> None:
     model, config = load_model(args.checkpoint)
     if not hasattr(model, "gistnet"):
         sys.exit(f"{args.checkpoint} is a plain LM: it has no gists")
-    layout = variants.Layout.from_config(config)
+    setting = Setting.from_config(config)
+    layout = setting.layout
     n = args.length * layout.capacity
     docs = data.evaluation_documents(config, tokenizer_for(config.model))
     bos = config.model.bos_id
@@ -63,13 +60,13 @@ def main() -> None:
     other = tokens.copy()
     first_token = tail[0][1]
     other[:, 1:first_token] = np.roll(tokens, 1, axis=0)[:, 1:first_token]
-    frozen = ml_collections.FrozenConfigDict(config)
 
     def nll(ents, seq) -> float:
         room = dataclasses.replace(layout, capacity=max(layout.capacity, len(ents) + layout.scored))
-        arrays = variants.to_arrays([ents] * len(seq), cursor, room)
-        arrays = {k: jnp.asarray(v) for k, v in arrays.items()}
-        return float(np.asarray(score_wc(model, jnp.asarray(seq), arrays, frozen)[0]).mean())
+        wc = contexts([ents] * len(seq), cursor, room)
+        return float(
+            np.asarray(score_wc(model, jnp.asarray(seq), wc, room, setting.ignore)[0]).mean()
+        )
 
     full = float(np.asarray(score_full(model, jnp.asarray(tokens), layout.scored)[0]).mean())
     rows = [

@@ -17,9 +17,6 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 
 def worker(directory: str, dtype: str) -> dict:
     import jax
@@ -60,7 +57,7 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.worker, args.dtype)))
         return
-    from megacontext_jax.llama import random_checkpoint
+    from megacontext_jax.testing import random_checkpoint
 
     hf = {
         "model_type": "llama",

@@ -11,8 +11,6 @@ prints their losses side by side and the first step each went below half of chan
 
 import argparse
 import math
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -20,10 +18,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from megacontext_jax.config import base_config
 from megacontext_jax.model import GPT, cross_entropy
+from megacontext_jax.net_specs import ModelConfig
 
 
 def batches(rng: np.random.Generator, batch: int, length: int, vocab: int):
@@ -43,7 +40,7 @@ def make(args, smear: bool):
     cfg = base_config().model
     cfg.width, cfg.depth, cfg.num_heads, cfg.num_kv_heads = args.width, args.depth, 4, 2
     cfg.smear_keys = smear
-    model = GPT(cfg, rngs=nnx.Rngs(0))
+    model = GPT(ModelConfig.from_config(cfg), rngs=nnx.Rngs(0))
     tx = optax.chain(
         optax.clip_by_global_norm(1.0), optax.adamw(args.lr, b2=0.95, weight_decay=0.1)
     )

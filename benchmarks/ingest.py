@@ -9,7 +9,6 @@ GistNet compute alone), and bytes per token on disk against the format's ideal
 """
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -17,10 +16,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from megacontext_jax.config import load_config
-from megacontext_jax.gister import Gister
+from megacontext_jax.testing import random_gister
 from megacontext_jax.tree import Tree
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +39,7 @@ def main() -> None:
     p.add_argument("--append", type=int, default=4096, help="tokens per append call")
     args = p.parse_args()
     config = load_config(args.config)
-    gister = Gister.initialized(config)
+    gister = random_gister(config)
     tokens = np.random.default_rng(0).integers(0, 256, args.tokens).astype(np.int32)
     levels, vocab = config.mc.max_level, config.model.vocab_size
 

@@ -18,8 +18,6 @@ from pathlib import Path
 import jax
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from megacontext_jax import sharding
 from megacontext_jax.config import parse_args
 from megacontext_jax.model import count_params

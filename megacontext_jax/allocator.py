@@ -20,48 +20,24 @@ be expanded again (cooldown < 0) but may collapse further. A needle in a LOD3 gi
 in three refocus steps, one level per step.
 """
 
-import dataclasses
 from functools import partial
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-from megacontext_jax.working_context import (
-    WorkingContext,
+from megacontext_jax.rules import (
     collapse,
     expand,
+    legal_groups,
     shift_for_collapse,
     shift_for_expand,
+    window_mean,
 )
+from megacontext_jax.specs import AllocatorConfig
+from megacontext_jax.working_context import WorkingContext
 
 NEG = -jnp.inf
-
-
-@dataclasses.dataclass(frozen=True)
-class AllocatorConfig:
-    block_size: int
-    max_level: int
-    recent_tail: int
-    tau_expand: float = 0.2
-    tau_collapse: float = 0.2
-    max_edits: int = 8
-    cooldown: int = 2
-    temperature: float = 0.0
-
-    @classmethod
-    def from_config(cls, config) -> "AllocatorConfig":
-        a = config.mc.allocator
-        return cls(
-            block_size=config.mc.block_size,
-            max_level=config.mc.max_level,
-            recent_tail=config.mc.recent_tail,
-            tau_expand=a.tau_expand,
-            tau_collapse=a.tau_collapse,
-            max_edits=a.max_edits,
-            cooldown=a.cooldown,
-            temperature=a.temperature,
-        )
 
 
 @flax.struct.dataclass
@@ -74,31 +50,13 @@ class RefocusResult:
     collapses: jax.Array
 
 
-def _window_sum(x: jax.Array, k: int) -> jax.Array:
-    """``out[i] = x[i] + ... + x[i + k - 1]`` (0 where the window runs off the end)."""
-    c = jnp.concatenate([jnp.zeros((1,), x.dtype), jnp.cumsum(x)])
-    n = x.shape[0]
-    i = jnp.arange(n)
-    return jnp.where(i + k <= n, c[jnp.minimum(i + k, n)] - c[i], 0)
-
-
 def _candidates(wc, scores, expandable, collapsible, cfg: AllocatorConfig):
-    """Expand priority per entry; for a group starting at i, its legality and mean score.
-
-    A legal group is K collapsible entries of one level below ``max_level`` whose first entry is
-    aligned to the parent's span; since entries tile time in order, they are exactly the siblings.
-    """
+    """Expand priority per entry; for a group starting at i, its legality (``rules``) and mean
+    score."""
     k = cfg.block_size
     expand_priority = jnp.where(expandable & (wc.lod > 0), scores, NEG)
-    next_lod = jnp.roll(wc.lod, -1)
-    same_as_next = (wc.lod == next_lod) & jnp.roll(wc.valid, -1)
-    legal = (
-        (_window_sum(collapsible.astype(jnp.int32), k) == k)
-        & (_window_sum(same_as_next.astype(jnp.int32), k - 1) == k - 1)
-        & (wc.start % jnp.power(k, wc.lod + 1) == 0)
-        & (wc.lod < cfg.max_level)
-    )
-    return expand_priority, legal, _window_sum(scores, k) / k
+    legal = legal_groups(wc, collapsible, k, cfg.max_level)
+    return expand_priority, legal, window_mean(scores, k)
 
 
 @partial(jax.jit, static_argnames=("cfg",))

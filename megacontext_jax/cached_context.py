@@ -20,7 +20,7 @@ from megacontext_jax.positions import entry_positions
 Entry = tuple[int, int]  # (lod, start)
 
 
-@partial(nnx.jit, donate_argnums=(1,), static_argnums=(6, 7))
+@partial(nnx.jit, donate_argnames=("cache",), static_argnames=("block_size", "sigma_scale"))
 def _run_suffix(model: GPT, cache, index, embeddings, lod, start, block_size, sigma_scale):
     mu, sigma = entry_positions(lod, start, block_size, sigma_scale)
     return model.decode(cache, index, embeddings=embeddings, mu=mu, sigma=sigma)

@@ -22,21 +22,11 @@ from typing import Any
 
 import ml_collections
 
-from kernels.attention import IMPLS as ATTENTION_IMPLS
-from megacontext_jax.variants import span_counts
-from megacontext_jax.working_context import PYRAMIDS
+from megacontext_jax.errors import ConfigError, positive, require
+from megacontext_jax.net_specs import ModelConfig
+from megacontext_jax.specs import validate_mc
 
-DTYPES = ("float32", "bfloat16", "float16")
 OPTIMIZERS = ("adamw", "muon")
-MODEL_FAMILIES = ("gpt", "llama")
-POOLINGS = ("mean", "query", "cls")
-LENS_WEIGHTINGS = ("uniform", "gap")
-MC_MODES = ("e2e", "frozen_base")
-PROJECTIONS = ("linear", "mlp")
-
-
-class ConfigError(ValueError):
-    """A config problem, reported as one line that names the field."""
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -329,211 +319,69 @@ def parse_args(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, list[str
     return config, rest
 
 
-def _require(ok: bool, field: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"config.{field}: {message}")
-
-
-def _positive(config: ml_collections.ConfigDict, *fields: str) -> None:
-    for field in fields:
-        parent, leaf = _lookup_parent(config, field)
-        value = parent[leaf]
-        _require(value > 0, field, f"must be positive, got {value}")
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Checks every value the training and decode code relies on; raises ``ConfigError``."""
-    m, d, t = config.model, config.data, config.train
-    _require(m.family in MODEL_FAMILIES, "model.family", f"must be one of {MODEL_FAMILIES}")
-    _require(
-        m.family == "gpt" or not m.smear_keys,
-        "model.smear_keys",
-        "is a gpt option (an imported model keeps its own attention)",
-    )
-    _require(
-        m.family != "llama" or bool(m.hf_path),
-        "model.hf_path",
-        "model.family=llama needs a Hugging Face checkpoint directory",
-    )
-    _require(
-        m.attention_impl in ATTENTION_IMPLS,
-        "model.attention_impl",
-        f"must be one of {ATTENTION_IMPLS}, got {m.attention_impl!r}",
-    )
-    _positive(
-        config,
-        "model.vocab_size",
-        "model.width",
-        "model.depth",
-        "model.num_heads",
-        "model.num_kv_heads",
-        "model.mlp_ratio",
-        "model.rope_theta",
-        "data.seq_len",
-        "train.batch_size",
-        "train.lr",
-        "train.grad_clip",
-        "train.log_every",
-        "train.eval_every",
-        "train.eval_batches",
-        "train.checkpoint_every",
-        "train.keep_checkpoints",
-        "curriculum.seq_len",
-        "curriculum.batch_size",
-        "mc.block_size",
-        "mc.max_level",
-        "mc.ingest_chunk",
-        "mc.wc_size",
-        "mc.gist.depth",
-        "mc.gist.num_heads",
-        "mc.gist.mlp_ratio",
-        "mc.lens.depth",
-        "mc.lens.num_heads",
-        "mc.lens.mlp_ratio",
-        "mc.allocator.tau_expand",
-        "mc.allocator.tau_collapse",
-    )
-    _require(
-        m.width % m.num_heads == 0,
-        "model.num_heads",
-        f"{m.num_heads} heads do not divide model.width={m.width}",
-    )
-    _require((m.width // m.num_heads) % 2 == 0, "model.num_heads", "head dim must be even (RoPE)")
-    _require(
-        m.num_heads % m.num_kv_heads == 0,
-        "model.num_kv_heads",
-        f"{m.num_kv_heads} does not divide model.num_heads={m.num_heads}",
-    )
-    _require(m.logit_soft_cap >= 0, "model.logit_soft_cap", "must be >= 0 (0 disables it)")
-    for field in ("dtype", "param_dtype"):
-        _require(m[field] in DTYPES, f"model.{field}", f"must be one of {DTYPES}, got {m[field]!r}")
-    _require(
-        m.vocab_size >= m.num_tokens,
-        "model.vocab_size",
-        f"{m.vocab_size} is smaller than the tokenizer's {m.num_tokens} ids (model.num_tokens)",
-    )
-    _require(0.0 < d.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)")
-    _require(0.0 <= d.passkey_fraction <= 1.0, "data.passkey_fraction", "must be in [0, 1]")
-    _require(0.0 <= d.repeat_fraction <= 1.0, "data.repeat_fraction", "must be in [0, 1]")
-    _require(
+def _validate_data(d: ml_collections.ConfigDict) -> None:
+    positive(d, "data", "seq_len")
+    require(0.0 < d.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)")
+    require(0.0 <= d.passkey_fraction <= 1.0, "data.passkey_fraction", "must be in [0, 1]")
+    require(0.0 <= d.repeat_fraction <= 1.0, "data.repeat_fraction", "must be in [0, 1]")
+    require(
         d.passkey_fraction == 0 or d.seq_len >= 128,
         "data.passkey_fraction",
         f"passkey tasks need data.seq_len >= 128, got {d.seq_len}",
     )
-    _require(t.steps >= 0, "train.steps", f"must be >= 0, got {t.steps}")
-    cur = config.curriculum
-    _require(
-        0 <= cur.steps <= t.steps,
+
+
+def _validate_train(t: ml_collections.ConfigDict) -> None:
+    positive(t, "train", "batch_size", "lr", "grad_clip", "log_every", "eval_every")
+    positive(t, "train", "eval_batches", "checkpoint_every", "keep_checkpoints")
+    require(t.steps >= 0, "train.steps", f"must be >= 0, got {t.steps}")
+    require(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
+    require(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must be in [0, 1]")
+    require(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    require(t.optimizer in OPTIMIZERS, "train.optimizer", f"must be one of {OPTIMIZERS}")
+    require(math.isfinite(t.lr), "train.lr", "must be finite")
+
+
+def _validate_curriculum(config: ml_collections.ConfigDict) -> None:
+    cur, steps = config.curriculum, config.train.steps
+    positive(cur, "curriculum", "seq_len", "batch_size")
+    require(
+        0 <= cur.steps <= steps,
         "curriculum.steps",
-        f"must be in [0, train.steps={t.steps}], got {cur.steps} (0 turns the curriculum off)",
+        f"must be in [0, train.steps={steps}], got {cur.steps} (0 turns the curriculum off)",
     )
-    _require(
-        cur.steps == 0 or d.passkey_fraction == 0 or cur.seq_len >= 128,
+    require(
+        cur.steps == 0 or config.data.passkey_fraction == 0 or cur.seq_len >= 128,
         "curriculum.seq_len",
         f"passkey tasks need sequences of >= 128 tokens, got {cur.seq_len}",
     )
-    _require(
+    require(
         cur.steps == 0 or not (config.mc.enabled and config.mc.mode == "frozen_base"),
         "curriculum.steps",
         "trains the base model, which mc.mode=frozen_base keeps frozen",
     )
-    _require(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
-    _require(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must be in [0, 1]")
-    _require(t.weight_decay >= 0, "train.weight_decay", "must be >= 0")
-    _require(t.optimizer in OPTIMIZERS, "train.optimizer", f"must be one of {OPTIMIZERS}")
-    k = config.mc.block_size
-    _require(
-        k >= 2 and (k & (k - 1)) == 0, "mc.block_size", f"must be a power of two >= 2, got {k}"
-    )
-    mc = config.mc
-    _require(mc.sigma_scale >= 0, "mc.sigma_scale", f"must be >= 0, got {mc.sigma_scale}")
-    _require(mc.gist_dtype in DTYPES, "mc.gist_dtype", f"must be one of {DTYPES}")
-    _require(mc.gist.pooling in POOLINGS, "mc.gist.pooling", f"must be one of {POOLINGS}")
-    _require(
-        mc.gist.projection in PROJECTIONS, "mc.gist.projection", f"must be one of {PROJECTIONS}"
-    )
-    _require(
-        m.width % mc.gist.num_heads == 0 and (m.width // mc.gist.num_heads) % 2 == 0,
-        "mc.gist.num_heads",
-        f"{mc.gist.num_heads} heads must divide model.width={m.width} into even head dims",
-    )
-    _require(
-        m.width % mc.lens.num_heads == 0 and (m.width // mc.lens.num_heads) % 2 == 0,
-        "mc.lens.num_heads",
-        f"{mc.lens.num_heads} heads must divide model.width={m.width} into even head dims",
-    )
-    _require(
-        0 <= mc.recent_tail < mc.wc_size,
-        "mc.recent_tail",
-        f"must be in [0, mc.wc_size={mc.wc_size}), got {mc.recent_tail}",
-    )
-    _require(mc.pyramid in PYRAMIDS, "mc.pyramid", f"must be one of {PYRAMIDS}")
-    _require(
-        mc.wc_size >= mc.recent_tail + 2 * k,
-        "mc.wc_size",
-        f"{mc.wc_size} leaves no room for gists beside a tail of {mc.recent_tail} (needs >= tail + 2K)",
-    )
-    _require(mc.loss.lens_prior >= 0, "mc.loss.lens_prior", "must be >= 0")
-    _require(
-        mc.loss.lens_weighting in LENS_WEIGHTINGS,
-        "mc.loss.lens_weighting",
-        f"must be one of {LENS_WEIGHTINGS}",
-    )
-    _require(mc.loss.pyramid >= 0, "mc.loss.pyramid", "must be >= 0 (0 leaves the pass out)")
-    _require(mc.loss.span_kl >= 0, "mc.loss.span_kl", "must be >= 0 (0 leaves the pass out)")
-    if mc.loss.span_kl > 0:
-        fractions = tuple(mc.span_kl.fractions)
-        _require(
-            0 < len(fractions) <= mc.max_level and all(0 <= f <= 1 for f in fractions),
-            "mc.span_kl.fractions",
-            f"needs 1 to mc.max_level={mc.max_level} fractions in [0, 1] (levels 1, 2, ...), "
-            f"got {fractions}",
-        )
-        try:
-            counts = span_counts(d.seq_len, fractions, k)
-        except ValueError as e:
-            raise ConfigError(f"config.mc.span_kl.fractions: {e}") from None
-        _require(
-            sum(counts) > 0,
-            "mc.span_kl.fractions",
-            f"{fractions} make no gist in a sequence of data.seq_len={d.seq_len} tokens",
-        )
-        _require(mc.span_kl.horizon >= 1, "mc.span_kl.horizon", "must be >= 1")
-    _require(mc.pyramid_window >= 0, "mc.pyramid_window", "must be >= 0 (0: W / (levels + 1))")
-    _require(mc.refocus_every >= 0, "mc.refocus_every", "must be >= 0 (0: every K tokens)")
-    every = mc.refocus_every or k
-    _require(
-        mc.wc_size - every >= mc.recent_tail + 2 * k,
-        "mc.refocus_every",
-        f"{every} tokens between refocus steps leave W={mc.wc_size} too little room for a tail "
-        f"of {mc.recent_tail} and gists (needs W - refocus_every >= tail + 2K)",
-    )
-    if mc.enabled:
-        _require(mc.mode in MC_MODES, "mc.mode", f"must be one of {MC_MODES}")
-        _require(
-            mc.wc_size >= mc.scored_tokens + mc.recent_tail + 2 * k,
-            "mc.scored_tokens",
-            f"{mc.scored_tokens} scored + {mc.recent_tail} tail tokens leave W={mc.wc_size} "
-            f"no room for gists (needs W >= S + R + 2K)",
-        )
-        _require(
-            d.seq_len > mc.scored_tokens + mc.recent_tail,
-            "data.seq_len",
-            f"{d.seq_len} must exceed mc.scored_tokens + mc.recent_tail",
-        )
-        _require(mc.scored_tokens >= 1, "mc.scored_tokens", "must be >= 1")
-    _require(0 <= mc.deep_fraction <= 1, "mc.deep_fraction", "must be in [0, 1]")
-    _require(mc.train_refocus_steps >= 1, "mc.train_refocus_steps", "must be >= 1")
-    _require(mc.allocator.max_edits >= 0, "mc.allocator.max_edits", "must be >= 0")
-    _require(mc.allocator.cooldown >= 0, "mc.allocator.cooldown", "must be >= 0")
-    _require(mc.allocator.temperature >= 0, "mc.allocator.temperature", "must be >= 0")
-    _require(config.mesh.fsdp >= 1, "mesh.fsdp", f"must be >= 1, got {config.mesh.fsdp}")
-    _require(
-        config.mesh.data == -1 or config.mesh.data >= 1,
+
+
+def _validate_mesh(mesh: ml_collections.ConfigDict) -> None:
+    require(mesh.fsdp >= 1, "mesh.fsdp", f"must be >= 1, got {mesh.fsdp}")
+    require(
+        mesh.data == -1 or mesh.data >= 1,
         "mesh.data",
-        f"must be -1 (all remaining devices) or >= 1, got {config.mesh.data}",
+        f"must be -1 (all remaining devices) or >= 1, got {mesh.data}",
     )
-    _require(math.isfinite(t.lr), "train.lr", "must be finite")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks every value the training and decode code relies on; raises ``ConfigError``.
+
+    One validator per group; the parts' own groups are checked by their typed configs
+    (``specs``)."""
+    ModelConfig.validate(config.model)
+    _validate_data(config.data)
+    _validate_train(config.train)
+    _validate_curriculum(config)
+    validate_mc(config)
+    _validate_mesh(config.mesh)
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

@@ -14,17 +14,15 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from megacontext_jax.config import to_json
 from megacontext_jax.gistnet import GistNet
+from megacontext_jax.net_specs import GistConfig
 
 
-def fingerprint(
-    embed_table: np.ndarray, gistnet: GistNet, config: ml_collections.ConfigDict
-) -> str:
+def fingerprint(embed_table: np.ndarray, gistnet: GistNet, gist: GistConfig) -> str:
     """Identifies the weights that produce gists: GistNet, the token embeddings and their config."""
     h = hashlib.sha256()
-    h.update(to_json(config.mc.gist).encode())
-    h.update(f"K={config.mc.block_size} D={config.model.width}".encode())
+    h.update(gist.settings_json().encode())
+    h.update(f"K={gist.block_size} D={gist.net.width}".encode())
     h.update(np.ascontiguousarray(embed_table, np.float32).tobytes())
     for path, leaf in jax.tree_util.tree_flatten_with_path(nnx.state(gistnet, nnx.Param))[0]:
         h.update(jax.tree_util.keystr(path).encode())
@@ -32,7 +30,7 @@ def fingerprint(
     return h.hexdigest()[:16]
 
 
-@partial(jax.jit, static_argnums=(0, 3))
+@partial(jax.jit, static_argnames=("graphdef", "level"))
 def _gist_chunk(graphdef, state, children, level):
     return nnx.merge(graphdef, state)(children, level)
 
@@ -40,21 +38,27 @@ def _gist_chunk(graphdef, state, children, level):
 class Gister:
     """Embeds tokens and gists blocks for a tree (host numpy in, host numpy out)."""
 
-    def __init__(self, embed_table: jax.Array, gistnet: GistNet, config: ml_collections.ConfigDict):
+    def __init__(
+        self, embed_table: jax.Array, gistnet: GistNet, gist: GistConfig, chunk: int, dtype: str
+    ):
+        """``chunk``: blocks per GistNet call (``mc.ingest_chunk``); ``dtype``: of the stored
+        gists (``mc.gist_dtype``)."""
         self.table = np.asarray(embed_table, np.float32)
-        self.block_size = config.mc.block_size
-        self.chunk = config.mc.ingest_chunk
-        self.dtype = jnp.dtype(config.mc.gist_dtype)
+        self.block_size = gist.block_size
+        self.chunk = chunk
+        self.dtype = jnp.dtype(dtype)
         self.dim = self.table.shape[1]
         self.graphdef, self.state = nnx.split(gistnet)
-        self.fingerprint = fingerprint(self.table, gistnet, config)
+        self.fingerprint = fingerprint(self.table, gistnet, gist)
 
     @classmethod
-    def initialized(cls, config: ml_collections.ConfigDict, seed: int = 0) -> "Gister":
-        """Freshly initialized weights (same seed, same weights): for tests and benchmarks."""
-        m = config.model
-        table = jax.random.normal(jax.random.key(seed), (m.vocab_size, m.width))
-        return cls(table, GistNet(config, rngs=nnx.Rngs(seed)), config)
+    def from_config(
+        cls, embed_table: jax.Array, gistnet: GistNet, config: ml_collections.ConfigDict
+    ) -> "Gister":
+        mc = config.mc
+        return cls(
+            embed_table, gistnet, GistConfig.from_config(config), mc.ingest_chunk, mc.gist_dtype
+        )
 
     def embed(self, tokens: np.ndarray) -> np.ndarray:
         """Token ids ``[n]`` -> input embeddings ``[n, D]`` float32."""

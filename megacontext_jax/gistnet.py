@@ -8,20 +8,20 @@ set per level (``mc.gist.shared_levels``).
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import nnx
 
 import kernels
-from megacontext_jax.model import Block, _linear, rms_norm, sub_config
+from megacontext_jax.model import Block, _linear, rms_norm
+from megacontext_jax.net_specs import GistConfig
 
 
 class GistLevel(nnx.Module):
     """One GistNet: ``[N, K, D]`` children -> ``[N, D]`` gists."""
 
-    def __init__(self, config: ml_collections.ConfigDict, rngs: nnx.Rngs):
-        cfg = sub_config(config.model, config.mc.gist)
-        d, k = cfg.width, config.mc.block_size
-        self.pooling, self.projection = config.mc.gist.pooling, config.mc.gist.projection
+    def __init__(self, gist: GistConfig, rngs: nnx.Rngs):
+        cfg = gist.net
+        d, k = cfg.width, gist.block_size
+        self.pooling, self.projection = gist.pooling, gist.projection
         self.head_dim = d // cfg.num_heads
         self.rope_theta = cfg.rope_theta
         self.blocks = nnx.List([Block(cfg, rngs, causal=False) for _ in range(cfg.depth)])
@@ -29,7 +29,7 @@ class GistLevel(nnx.Module):
         if self.pooling == "cls":
             self.cls = nnx.Param(init(rngs.params(), (d,), jnp.dtype(cfg.param_dtype)))
             # The cls entry stands for the whole block: centre and width of a level-1 span.
-            self.cls_position = ((k - 1) / 2, config.mc.sigma_scale * k)
+            self.cls_position = ((k - 1) / 2, gist.sigma_scale * k)
         elif self.pooling == "query":
             self.query = nnx.Param(init(rngs.params(), (d,), jnp.dtype(cfg.param_dtype)))
             self.key = _linear(d, d, d**-0.5, cfg, rngs)
@@ -73,9 +73,9 @@ class GistLevel(nnx.Module):
 class GistNet(nnx.Module):
     """Gists for any level: shared weights, or one ``GistLevel`` per level 1..max_level."""
 
-    def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
-        num = 1 if config.mc.gist.shared_levels else config.mc.max_level
-        self.levels = nnx.List([GistLevel(config, rngs) for _ in range(num)])
+    def __init__(self, gist: GistConfig, *, rngs: nnx.Rngs):
+        num = 1 if gist.shared_levels else gist.max_level
+        self.levels = nnx.List([GistLevel(gist, rngs) for _ in range(num)])
 
     def __call__(self, children: jax.Array, level: int) -> jax.Array:
         """``children [N, K, D]`` (embeddings of level ``level - 1``) -> gists ``[N, D]`` float32."""

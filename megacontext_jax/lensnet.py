@@ -9,11 +9,11 @@ entry in [-1, 1] (``tanh``): positive = "expand me", negative = "collapse me".
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import nnx
 
 import kernels
-from megacontext_jax.model import Block, _linear, rms_norm, sub_config
+from megacontext_jax.model import Block, _linear, rms_norm
+from megacontext_jax.net_specs import LensConfig
 from megacontext_jax.working_context import WorkingContext
 
 NUM_FEATURES = 3
@@ -38,10 +38,10 @@ def entry_features(
 
 
 class LensNet(nnx.Module):
-    def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
-        cfg = sub_config(config.model, config.mc.lens)
+    def __init__(self, lens: LensConfig, *, rngs: nnx.Rngs):
+        cfg = lens.net
         d = cfg.width
-        self.block_size, self.max_level = config.mc.block_size, config.mc.max_level
+        self.block_size, self.max_level = lens.block_size, lens.max_level
         self.head_dim, self.rope_theta = d // cfg.num_heads, cfg.rope_theta
         self.features = _linear(NUM_FEATURES, d, 1.0, cfg, rngs)
         self.blocks = nnx.List([Block(cfg, rngs, causal=False) for _ in range(cfg.depth)])

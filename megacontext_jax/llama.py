@@ -13,8 +13,8 @@ model, so peak host memory stays near one copy of the weights.
 
 import json
 import math
-from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 import kernels
-from megacontext_jax.model import DecoderLM, attend
+from megacontext_jax.model import DecoderLM, LayerCache, attend, rms_norm
 from megacontext_jax.safetensors import SafetensorsError, SafetensorsFiles, write_safetensors
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")  # SmolLM and TinyLlama are "llama"
@@ -136,9 +136,7 @@ class RMSNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.weight[...] * x32.astype(x.dtype)
+        return self.weight[...] * rms_norm(x, self.eps)
 
 
 class LlamaBlock(nnx.Module):
@@ -156,7 +154,16 @@ class LlamaBlock(nnx.Module):
         self.up_proj = _dense(d, cfg.hidden, False, cfg, rngs)
         self.down_proj = _dense(cfg.hidden, d, False, cfg, rngs)
 
-    def __call__(self, x, cos, sin, kv_valid, cache, index, entries=None):
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        kv_valid: jax.Array | None,
+        cache: LayerCache,
+        index: jax.Array | int,
+        entries: Any = None,
+    ) -> tuple[jax.Array, LayerCache]:
         b, t, _ = x.shape
         h = self.input_layernorm(x)
         q = self.q_proj(h).reshape(b, t, self.num_heads, self.head_dim)
@@ -289,68 +296,3 @@ def hf_names(cfg: ml_collections.ConfigDict) -> dict[str, tuple[int, ...]]:
         shape = variable.value.shape
         shapes[name] = tuple(reversed(shape)) if transpose else tuple(shape)
     return shapes
-
-
-def random_checkpoint(
-    directory: str | Path,
-    hf_config: dict,
-    seed: int = 0,
-    dtype: str = "float32",
-    std: float = 0.05,
-    shard_bytes: int | None = None,
-) -> None:
-    """Writes ``config.json`` and random safetensors weights (tensor by tensor, optionally in
-    shards with an index) of a Llama-family model: checkpoints for tests and benchmarks."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(hf_config, indent=1))
-    shapes = hf_names(model_config(hf_config))
-    rng = np.random.default_rng(seed)
-
-    def tensors(names):
-        for name in names:
-            shape = shapes[name]
-            if name.endswith("norm.weight"):
-                yield name, (1.0 + std * rng.standard_normal(shape)).astype(dtype)
-            else:
-                yield name, (std * rng.standard_normal(shape)).astype(dtype)
-
-    size = np.dtype(jnp.dtype(dtype)).itemsize
-    shards, current, used = [], [], 0
-    for name in sorted(shapes):
-        nbytes = math.prod(shapes[name]) * size
-        if current and shard_bytes and used + nbytes > shard_bytes:
-            shards.append(current)
-            current, used = [], 0
-        current.append(name)
-        used += nbytes
-    shards.append(current)
-    if len(shards) == 1:
-        write_safetensors(directory / "model.safetensors", tensors(shards[0]))
-        return
-    weight_map = {}
-    for i, names in enumerate(shards, 1):
-        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        write_safetensors(directory / file, tensors(names))
-        weight_map.update(dict.fromkeys(names, file))
-    index = {"metadata": {}, "weight_map": weight_map}
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
-
-
-def train_tokenizer(directory: str | Path, texts: Iterable[str], vocab_size: int = 512) -> None:
-    """Writes a byte-level BPE ``tokenizer.json`` trained on ``texts``, with ``<s>`` (id 0) and
-    ``</s>`` (id 1): the tokenizer of test and benchmark checkpoints (``bos_token_id`` 0,
-    ``eos_token_id`` 1)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(texts, trainer)
-    tokenizer.save(str(Path(directory) / "tokenizer.json"))

@@ -23,26 +23,21 @@ by the allocator:
   ``lens_prior`` times the mean squared score (a pull towards 0, "leave as is").
 """
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
-import ml_collections
 
-from kernels.mixed_attention import Entries, MaskSpec
-from megacontext_jax.allocator import AllocatorConfig
+from kernels.mixed_attention import MaskSpec
 from megacontext_jax.megacontext import (
     MegaContext,
-    entry_labels,
     focus_rounds,
-    gather_entries,
     lens_scores,
     node_layout,
     node_table,
-    wc_positions,
-    with_tail,
+    read_wc,
 )
 from megacontext_jax.model import cross_entropy, token_nll
+from megacontext_jax.specs import MCTraining
+from megacontext_jax.variants import Rows
 from megacontext_jax.working_context import WorkingContext
 
 sg = jax.lax.stop_gradient
@@ -52,36 +47,32 @@ def _masked_mean(x: jax.Array, mask: jax.Array, axis=None) -> jax.Array:
     return jnp.sum(jnp.where(mask, x, 0.0), axis) / jnp.maximum(jnp.sum(mask, axis), 1)
 
 
-def ignored(config: ml_collections.ConfigDict) -> tuple[int, int]:
-    """Label ids that are never targets: the tokenizer's PAD and BOS."""
-    return config.model.pad_id, config.model.bos_id
-
-
-def pyramid_spec(config: ml_collections.ConfigDict) -> MaskSpec:
-    mc = config.mc
-    window = mc.pyramid_window or mc.wc_size // (mc.max_level + 1)
-    return MaskSpec("pyramid", window=window, block_size=mc.block_size, max_level=mc.max_level)
+def _kl(teacher_log_probs: jax.Array, student_logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-token KL(teacher || student) and the student's log-probabilities ``[..., V]``."""
+    log_student = jax.nn.log_softmax(student_logits, axis=-1)
+    kl = jnp.sum(jnp.exp(teacher_log_probs) * (teacher_log_probs - log_student), axis=-1)
+    return kl, log_student
 
 
 def pyramid_pass(
-    model: MegaContext, table: jax.Array, tokens: jax.Array, config: ml_collections.ConfigDict
+    model: MegaContext, table, offsets, tokens: jax.Array, spec: MCTraining
 ) -> jax.Array:
-    """Mean next-token loss of every node of ``node_table`` (``table [B, M, D]``) read in one
-    pass under the pyramid mask; ``tokens [B, T + 1]`` give the labels."""
+    """Mean next-token loss of every node of ``node_table`` (``table [B, M, D]``, in its row
+    order) read in one pass under the pyramid mask; ``tokens [B, T + 1]`` give the labels."""
+    layout = spec.layout
     b, t = tokens.shape[0], tokens.shape[1] - 1
-    k = config.mc.block_size
-    lod, start = (jnp.broadcast_to(a, (b, len(a))) for a in node_layout(t, k, config.mc.max_level))
-    valid = jnp.ones(lod.shape, bool)
-    meta = Entries.make(lod, start, valid, k, config.mc.sigma_scale)
-    logits = model.base(
-        embeddings=table, mu=meta.mu, sigma=meta.sigma, entries=(meta, pyramid_spec(config))
+    k = layout.block_size
+    lod, start = (jnp.broadcast_to(a, (b, len(a))) for a in node_layout(t, k, layout.max_level))
+    wc = WorkingContext(lod, start, jnp.ones(lod.shape, bool))
+    mask = MaskSpec("pyramid", window=spec.pyramid_window, block_size=k, max_level=layout.max_level)
+    logits, labels, label_mask = read_wc(
+        model, table, offsets, wc, tokens, layout, spec.ignore, mask
     )
-    labels, label_mask = entry_labels(tokens, lod, start, valid, k, ignored(config))
     return _masked_mean(token_nll(logits, labels), label_mask)
 
 
 def span_kl(
-    model: MegaContext, table, offsets, full_logits: jax.Array, tokens: jax.Array, batch, config
+    model: MegaContext, table, offsets, full_logits: jax.Array, tokens: jax.Array, batch, spec
 ) -> tuple[jax.Array, jax.Array]:
     """KL(teacher || model) and the NLL it adds, on the ``span_scored`` tokens of sequences whose
     ``span_lod``/``span_start [B, L]`` entries replace random spans by their gists.
@@ -89,18 +80,15 @@ def span_kl(
     ``full_logits [B, T, V]``: the full-token model (the stop-gradient teacher), row t predicting
     token t + 1.
     """
-    k = config.mc.block_size
-    lod, start, scored = batch["span_lod"], batch["span_start"], batch["span_scored"]
-    valid = jnp.ones(lod.shape, bool)
-    emb = gather_entries(table, offsets, lod, start, valid, k)
-    mu, sigma = wc_positions(lod, start, config)
-    logits = model.base(embeddings=emb, mu=mu, sigma=sigma, kv_valid=valid)
-    labels, label_mask = entry_labels(tokens, lod, start, valid, k, ignored(config))
-    mask = scored & label_mask
+    wc = WorkingContext.from_batch(batch, "span_")
+    logits, labels, label_mask = read_wc(
+        model, table, offsets, wc, tokens, spec.layout, spec.ignore
+    )
+    mask = batch["span_scored"] & label_mask
     # Only token entries are scored: row ``start`` of the teacher predicts the same label.
-    ref = sg(jax.nn.log_softmax(jnp.take_along_axis(full_logits, start[..., None], axis=1), -1))
-    log_student = jax.nn.log_softmax(logits, axis=-1)
-    kl = _masked_mean(jnp.sum(jnp.exp(ref) * (ref - log_student), axis=-1), mask)
+    ref = sg(jax.nn.log_softmax(jnp.take_along_axis(full_logits, wc.start[..., None], axis=1), -1))
+    kl_tok, log_student = _kl(ref, logits)
+    kl = _masked_mean(kl_tok, mask)
 
     def nll(log_probs):
         return -jnp.take_along_axis(log_probs, labels[..., None], axis=-1)[..., 0]
@@ -109,35 +97,30 @@ def span_kl(
 
 
 def guided_contexts(
-    model: MegaContext, table, offsets, arrays, cursor: int, config, key
-) -> tuple[dict[str, jax.Array], jax.Array, jax.Array]:
-    """LensNet scores of the baseline (variant 0) and ``mc.train_refocus_steps`` rounds of the
-    allocator's refocus of it (as at evaluation, where a needle descends a level per round).
+    model: MegaContext, table, offsets, baseline: WorkingContext, cursor: int, spec, key
+) -> tuple[WorkingContext, jax.Array, jax.Array]:
+    """LensNet scores of the baselines ``[B, W]`` and ``spec.refocus_steps`` rounds of the
+    allocator's refocus of them (as at evaluation, where a needle descends a level per round).
 
-    Returns the refocused context followed by the scored tail (``[B, 1, W]`` arrays), the scores
-    ``[B, W]`` and the number of edits per example.
+    Returns the refocused contexts followed by the scored tail ``[B, W]``, the scores ``[B, W]``
+    and the number of edits per example.
     """
-    w, wc_cap = config.mc.wc_size, config.mc.wc_size - config.mc.scored_tokens
-    lod, start, ctx = arrays["lod"][:, 0], arrays["start"][:, 0], arrays["context"][:, 0]
-    scores = lens_scores(model, table, offsets, lod, start, ctx, cursor, config)
-    cfg = dataclasses.replace(
-        AllocatorConfig.from_config(config), temperature=config.mc.train_temperature
-    )
-    wc = WorkingContext(lod[:, :wc_cap], start[:, :wc_cap], ctx[:, :wc_cap])
+    layout = spec.layout
+    scores = lens_scores(model, table, offsets, baseline, cursor, layout)
+    wc_cap = layout.context_capacity
     wc, edits = focus_rounds(
         model,
         table,
         offsets,
-        wc,
+        baseline.only_context(wc_cap),
         cursor,
-        config,
-        cfg,
-        config.mc.train_refocus_steps,
+        layout,
+        spec.allocator,
+        spec.refocus_steps,
         key,
         scores[:, :wc_cap],
     )
-    guided = with_tail(wc, cursor, config.mc.scored_tokens, w)
-    return {k: v[:, None] for k, v in guided.items()}, scores, edits
+    return wc.with_tail(cursor, layout.scored, layout.capacity), scores, edits
 
 
 def utilities(scores, base_lod, base_start, base_ctx, lod, start, ctx, block_size):
@@ -182,128 +165,141 @@ def preference_loss(
     return loss, prefer, du
 
 
-def mc_loss(
-    model: MegaContext,
-    batch: dict[str, jax.Array],
-    step: jax.Array,
-    key: jax.Array,
-    config: ml_collections.ConfigDict,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Total loss and metrics. ``batch``: ``tokens [B, T+1]``, contexts ``[B, V, W]``,
-    ``expand_lod [B, V - 3]`` and ``from_pyramid [B]`` (as ``trainer.mc_batch`` builds them)."""
-    mc, weights = config.mc, config.mc.loss
-    k, s_len = mc.block_size, mc.scored_tokens
-    tokens = batch["tokens"]
-    b, t = tokens.shape[0], tokens.shape[1] - 1
-    cursor = t - s_len
-    inputs = tokens[:, :t]
-
-    full_logits = model.base(inputs)
-    targets = tokens[:, 1:]
-    target_mask = batch["mask"]
-    nll_sum, count = cross_entropy(full_logits, targets, target_mask)
-    lm_tokens = nll_sum / jnp.maximum(count, 1)
-
-    table, offsets = node_table(model.gistnet, model.base.embed(inputs), k, mc.max_level)
-    host = {name: batch[name] for name in ("lod", "start", "valid", "context")}
-    guided, scores, edits = guided_contexts(model, table, offsets, host, cursor, config, key)
-    arrays = {name: jnp.concatenate([host[name], guided[name]], axis=1) for name in host}
-    lod, start, valid, ctx = (arrays[n] for n in ("lod", "start", "valid", "context"))
-    v = lod.shape[1]
-
-    emb = gather_entries(table, offsets, lod, start, valid, k)
-    mu, sigma = wc_positions(lod, start, config)
-    w = lod.shape[-1]
-    logits = model.base(
-        embeddings=emb.reshape(b * v, w, -1),
-        mu=mu.reshape(b * v, w),
-        sigma=sigma.reshape(b * v, w),
-        kv_valid=valid.reshape(b * v, w),
-    ).reshape(b, v, w, -1)
-    labels, label_mask = entry_labels(tokens, lod, start, valid, k, ignored(config))
-    nll = token_nll(logits, labels)
-    lm_wc = _masked_mean(nll, label_mask)
-    scored_mask = label_mask & ~ctx
-    variant_loss = _masked_mean(nll, scored_mask, axis=-1)  # [B, V]
-
-    # Substitutability: the scored tokens under each WC vs under the full-token teacher.
-    first = ctx.sum(-1)  # [B, V]: index of the first scored entry
+def _scored_kl(logits, scored_mask, contexts: WorkingContext, full_logits, cursor: int, s_len: int):
+    """KL(full-token teacher || WC model) on the S scored tokens of every variant: logits
+    ``[B, V, W, V]``, the teacher ``full_logits [B, T, V]``."""
+    first = contexts.context.sum(-1)  # [B, V]: index of the first scored entry
     rows = first[..., None] + jnp.arange(s_len)  # [B, V, S]
     student = jnp.take_along_axis(logits, rows[..., None], axis=2)
-    teacher = sg(jax.nn.log_softmax(full_logits[:, cursor:t], axis=-1))[:, None]
-    log_student = jax.nn.log_softmax(student, axis=-1)
-    kl_tok = jnp.sum(jnp.exp(teacher) * (teacher - log_student), axis=-1)
-    kl_mask = jnp.take_along_axis(scored_mask, rows, axis=2)
-    kl = _masked_mean(kl_tok, kl_mask)
-    teacher_nll = _masked_mean(
-        token_nll(full_logits[:, cursor:t], targets[:, cursor:t]), target_mask[:, cursor:t]
-    )
+    teacher = sg(jax.nn.log_softmax(full_logits[:, cursor : cursor + s_len], axis=-1))[:, None]
+    kl_tok, _ = _kl(teacher, student)
+    return _masked_mean(kl_tok, jnp.take_along_axis(scored_mask, rows, axis=2))
 
-    # LensNet preferences among the baseline and its variants (all but the window, index 1).
-    pyramid_like = jnp.array([i for i in range(v) if i != 1])
+
+def _lens_terms(scores, contexts: WorkingContext, variant_loss, rows: Rows, spec: MCTraining):
+    """LensNet's preference loss among the baseline and its edits, its score prior and metrics."""
+    weights = spec.weights
+    edited = jnp.array(rows.edits_of_baseline)
+    base = contexts.lod[:, rows.baseline], contexts.start[:, rows.baseline]
+    base_ctx = contexts.context[:, rows.baseline]
     u = utilities(
         scores,
-        lod[:, 0],
-        start[:, 0],
-        ctx[:, 0],
-        lod[:, pyramid_like],
-        start[:, pyramid_like],
-        ctx[:, pyramid_like],
-        k,
+        *base,
+        base_ctx,
+        contexts.lod[:, edited],
+        contexts.start[:, edited],
+        contexts.context[:, edited],
+        spec.layout.block_size,
     )
-    losses = sg(variant_loss[:, pyramid_like])
+    losses = sg(variant_loss[:, edited])
     lens, prefer, du = preference_loss(
-        losses, u, mc.loss.lens_margin, mc.loss.lens_weighting == "gap"
+        losses, u, weights.lens_margin, weights.lens_weighting == "gap"
     )
     # Scores default to 0 ("leave as is") where preferences give no evidence: without this pull,
     # Adam drives the tanh scores to saturation (every entry at +1 or -1), where no gradient is left.
-    score_ms = _masked_mean(jnp.square(scores), ctx[:, 0])
-    agreement = jnp.sum(prefer * (du > 0)) / jnp.maximum(prefer.sum(), 1.0)
+    score_ms = _masked_mean(jnp.square(scores), base_ctx)
     gain = (losses[:, :1] - losses)[:, 1:].reshape(-1)
     util = u[:, 1:].reshape(-1)
     corr = jnp.mean((gain - gain.mean()) * (util - util.mean())) / (
         jnp.std(gain) * jnp.std(util) + 1e-9
     )
+    metrics = {
+        "lens": lens,
+        "lens/agreement": jnp.sum(prefer * (du > 0)) / jnp.maximum(prefer.sum(), 1.0),
+        "lens/correlation": corr,
+        "lens/pairs": prefer.sum(),
+        "lens/score_rms": jnp.sqrt(score_ms),
+    }
+    return lens + weights.lens_prior * score_ms, metrics
 
-    lens_on = (step >= mc.lens_start).astype(jnp.float32)
+
+def _condition_metrics(variant_loss, batch, rows: Rows, max_level: int) -> dict[str, jax.Array]:
+    """Each condition's loss on the scored tokens, and the random variants' gain by level."""
+    # The pyramid conditions average the examples whose baseline is the pyramid (deep_fraction).
+    from_pyramid = batch["from_pyramid"]
+    on_pyramid = jnp.where(from_pyramid.any(), 0.0, jnp.nan)
+    metrics = {
+        "loss/mc_static": _masked_mean(variant_loss[:, rows.baseline], from_pyramid) + on_pyramid,
+        "loss/window": variant_loss[:, rows.window].mean(),
+        "loss/random": variant_loss[:, rows.random].mean(),
+        "loss/mc_focus": _masked_mean(variant_loss[:, rows.guided], from_pyramid) + on_pyramid,
+    }
+    delta = variant_loss[:, rows.random] - variant_loss[:, rows.baseline, None]
+    for level in range(1, max_level + 1):
+        hit = batch["expand_lod"] == level
+        metrics[f"delta_nll/lod{level}"] = jnp.where(hit.any(), _masked_mean(delta, hit), jnp.nan)
+    return metrics
+
+
+def mc_loss(
+    model: MegaContext,
+    batch: dict[str, jax.Array],
+    step: jax.Array,
+    key: jax.Array,
+    spec: MCTraining,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Total loss and metrics. ``batch``: ``tokens [B, T+1]``, contexts ``[B, V, W]`` in the
+    order of ``variants.Rows``, ``expand_lod [B, V - 2]`` and ``from_pyramid [B]`` (as
+    ``trainer.mc_batch`` builds them)."""
+    layout, weights = spec.layout, spec.weights
+    s_len = layout.scored
+    tokens = batch["tokens"]
+    t = tokens.shape[1] - 1
+    cursor = t - s_len
+    inputs = tokens[:, :t]
+
+    full_logits = model.base(inputs)
+    targets, target_mask = tokens[:, 1:], batch["mask"]
+    nll_sum, count = cross_entropy(full_logits, targets, target_mask)
+    lm_tokens = nll_sum / jnp.maximum(count, 1)
+    teacher_nll = _masked_mean(
+        token_nll(full_logits[:, cursor:t], targets[:, cursor:t]), target_mask[:, cursor:t]
+    )
+
+    table, offsets = node_table(
+        model.gistnet, model.base.embed(inputs), layout.block_size, layout.max_level
+    )
+    host = WorkingContext.from_batch(batch)
+    rows = Rows(num_random=host.lod.shape[1] - 2)
+    baseline = jax.tree.map(lambda a: a[:, rows.baseline], host)
+    guided, scores, edits = guided_contexts(model, table, offsets, baseline, cursor, spec, key)
+    contexts = jax.tree.map(lambda h, g: jnp.concatenate([h, g[:, None]], 1), host, guided)
+
+    logits, labels, label_mask = read_wc(
+        model, table, offsets, contexts, tokens, layout, spec.ignore
+    )
+    nll = token_nll(logits, labels)
+    lm_wc = _masked_mean(nll, label_mask)
+    scored_mask = label_mask & ~contexts.context
+    variant_loss = _masked_mean(nll, scored_mask, axis=-1)  # [B, V]
+    kl = _scored_kl(logits, scored_mask, contexts, full_logits, cursor, s_len)
+    lens, lens_metrics = _lens_terms(scores, contexts, variant_loss, rows, spec)
+
+    lens_on = (step >= spec.lens_start).astype(jnp.float32)
     total = (
         weights.lm_tokens * lm_tokens
         + weights.lm_wc * lm_wc
         + weights.kl * kl
-        + weights.lens * lens_on * (lens + weights.lens_prior * score_ms)
+        + weights.lens * lens_on * lens
     )
     extra = {}
     if weights.span_kl > 0:
         extra["span_kl"], extra["span_kl/delta_nll"] = span_kl(
-            model, table, offsets, full_logits, tokens, batch, config
+            model, table, offsets, full_logits, tokens, batch, spec
         )
         total = total + weights.span_kl * extra["span_kl"]
     if weights.pyramid > 0:
-        extra["loss/pyramid"] = pyramid_pass(model, table, tokens, config)
+        extra["loss/pyramid"] = pyramid_pass(model, table, offsets, tokens, spec)
         total = total + weights.pyramid * extra["loss/pyramid"]
-    delta = variant_loss[:, 2:-1] - variant_loss[:, :1]  # random variants vs their baseline
-    # The condition metrics average the examples whose baseline is the pyramid (``deep_fraction``).
-    from_pyramid = batch["from_pyramid"]
-    on_pyramid = jnp.where(from_pyramid.any(), 0.0, jnp.nan)
     metrics = {
         "loss": total,
         "lm_tokens": lm_tokens,
         "lm_wc": lm_wc,
         "kl": kl,
-        "lens": lens,
         "loss/full": teacher_nll,
-        "loss/mc_static": _masked_mean(variant_loss[:, 0], from_pyramid) + on_pyramid,
-        "loss/window": variant_loss[:, 1].mean(),
-        "loss/random": variant_loss[:, 2:-1].mean(),
-        "loss/mc_focus": _masked_mean(variant_loss[:, -1], from_pyramid) + on_pyramid,
-        "lens/agreement": agreement,
-        "lens/correlation": corr,
-        "lens/pairs": prefer.sum(),
-        "lens/score_rms": jnp.sqrt(score_ms),
-        "swap_rate": jnp.mean(edits) / jnp.maximum(ctx[:, 0].sum(-1).mean(), 1),
+        **lens_metrics,
+        **_condition_metrics(variant_loss, batch, rows, layout.max_level),
+        "swap_rate": jnp.mean(edits) / jnp.maximum(contexts.context[:, 0].sum(-1).mean(), 1),
         **extra,
     }
-    for level in range(1, mc.max_level + 1):
-        hit = batch["expand_lod"] == level
-        metrics[f"delta_nll/lod{level}"] = jnp.where(hit.any(), _masked_mean(delta, hit), jnp.nan)
     return total, metrics

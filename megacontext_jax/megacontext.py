@@ -1,8 +1,10 @@
-"""The MegaContext model (base model + GistNet + LensNet) and its in-graph working-context ops.
+"""The MegaContext model (base model + GistNet + LensNet) and its one working-context pass.
 
-Inside ``jit``: a sequence's tree is built by ``gistnet.build_levels``; a working context's input
-embeddings are gathered from the flattened node table; entries get Gaussian-RoPE positions; and each
-entry's label is the first token after its span (never a token inside it).
+Inside ``jit``: a sequence's tree is built by ``gistnet.build_levels`` (``node_table``); a working
+context is read by ``read_wc``, the one forward pass that training losses, evaluation and the
+pyramid pass share: entries -> input embeddings (gathered from the node table) -> Gaussian-RoPE
+positions -> base model -> logits, each entry labelled with the first token after its span (never
+a token inside it). LensNet reads the same inputs (``wc_inputs``).
 """
 
 import jax
@@ -11,11 +13,13 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from megacontext_jax.allocator import AllocatorConfig, refocus
+from kernels.mixed_attention import MaskSpec
+from megacontext_jax.allocator import refocus
 from megacontext_jax.gistnet import GistNet, build_levels
 from megacontext_jax.lensnet import LensNet
 from megacontext_jax.model import GPT, DecoderLM
-from megacontext_jax.positions import entry_positions
+from megacontext_jax.net_specs import GistConfig, LensConfig, ModelConfig
+from megacontext_jax.specs import AllocatorConfig, Layout
 from megacontext_jax.working_context import WorkingContext
 
 
@@ -26,16 +30,16 @@ def make_base(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> DecoderLM:
         from megacontext_jax.llama import Llama, base_config
 
         return Llama(base_config(config.model), rngs=rngs)
-    return GPT(config.model, rngs=rngs)
+    return GPT(ModelConfig.from_config(config.model), rngs=rngs)
 
 
 class MegaContext(nnx.Module):
-    """The three learned parts, split and checkpointed together."""
+    """The three learned parts, split and checkpointed together; built from a run's config."""
 
     def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
         self.base = make_base(config, rngs)
-        self.gistnet = GistNet(config, rngs=rngs)
-        self.lensnet = LensNet(config, rngs=rngs)
+        self.gistnet = GistNet(GistConfig.from_config(config), rngs=rngs)
+        self.lensnet = LensNet(LensConfig.from_config(config), rngs=rngs)
 
 
 def node_table(
@@ -71,14 +75,10 @@ def node_layout(num_tokens: int, block_size: int, max_level: int) -> tuple[np.nd
 
 
 def gather_entries(
-    table: jax.Array,
-    offsets: tuple[int, ...],
-    lod: jax.Array,
-    start: jax.Array,
-    valid: jax.Array,
-    block_size: int,
+    table: jax.Array, offsets: tuple[int, ...], wc: WorkingContext, block_size: int
 ) -> jax.Array:
-    """Input embeddings ``[B, ..., W, D]`` of WC entries ``[B, ..., W]`` (zeros where invalid)."""
+    """Input embeddings ``[B, ..., W, D]`` of the entries ``[B, ..., W]`` (zeros where invalid)."""
+    lod, start, valid = wc.lod, wc.start, wc.valid
     node = start // jnp.power(block_size, lod)
     row = jnp.asarray(offsets)[lod] + node
     b = table.shape[0]
@@ -88,51 +88,57 @@ def gather_entries(
     return jnp.where(valid[..., None], gathered, 0.0)
 
 
-def wc_positions(
-    lod: jax.Array, start: jax.Array, config: ml_collections.ConfigDict
-) -> tuple[jax.Array, jax.Array]:
-    return entry_positions(lod, start, config.mc.block_size, config.mc.sigma_scale)
+def wc_inputs(
+    table: jax.Array, offsets: tuple[int, ...], wc: WorkingContext, layout: Layout
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """What a net reads of entries ``[B, ..., W]``: embeddings ``[B, ..., W, D]`` and positions
+    ``mu``, ``sigma`` ``[B, ..., W]``."""
+    mu, sigma = wc.positions(layout)
+    return gather_entries(table, offsets, wc, layout.block_size), mu, sigma
 
 
-def entry_labels(
+def read_wc(
+    model: MegaContext,
+    table: jax.Array,
+    offsets: tuple[int, ...],
+    wc: WorkingContext,
     tokens: jax.Array,
-    lod: jax.Array,
-    start: jax.Array,
-    valid: jax.Array,
-    block_size: int,
+    layout: Layout,
     ignore: tuple[int, ...],
-) -> tuple[jax.Array, jax.Array]:
-    """Label of each entry: the first token after its span, ``tokens[start + K^lod]``.
+    mask: MaskSpec | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The base model over working contexts ``wc [B, ..., W]`` of sequences ``tokens [B, T + 1]``.
 
-    Args:
-      tokens: ``[B, T + 1]``; entries ``[B, ..., W]`` end at or before T.
-    Returns:
-      labels (int32) and a mask that is False for invalid entries and ``ignore`` labels (the
-      tokenizer's PAD and BOS).
+    ``mask``: a metadata mask of ``kernels`` (the pyramid) instead of the WC-causal one.
+    Returns logits ``[B, ..., W, V]``, labels and the label mask ``[B, ..., W]``.
     """
-    end = start + jnp.power(block_size, lod)
-    b = tokens.shape[0]
-    idx = jnp.where(valid, end, 0).reshape(b, -1)
-    labels = jnp.take_along_axis(tokens, idx, axis=1).reshape(lod.shape)
-    mask = valid
-    for token in ignore:
-        mask = mask & (labels != token)
-    return labels, mask
+    w = wc.capacity
+    emb, mu, sigma = wc_inputs(table, offsets, wc, layout)
+    flat = lambda a: a.reshape(-1, w, *a.shape[wc.lod.ndim :])
+    if mask is None:
+        logits = model.base(
+            embeddings=flat(emb), mu=flat(mu), sigma=flat(sigma), kv_valid=flat(wc.valid)
+        )
+    else:
+        meta = wc.kernel_entries(layout)
+        logits = model.base(
+            embeddings=flat(emb), mu=meta.mu, sigma=meta.sigma, entries=(meta, mask)
+        )
+    labels, label_mask = wc.labels(tokens, layout.block_size, ignore)
+    return logits.reshape(*wc.lod.shape, -1), labels, label_mask
 
 
 def lens_scores(
-    model: MegaContext, table, offsets, lod, start, context, cursor: int, config
+    model: MegaContext, table, offsets, wc: WorkingContext, cursor: int, layout: Layout
 ) -> jax.Array:
-    """LensNet scores ``[B, W]`` of the context entries (``context`` mask) of ``[B, W]`` WCs.
+    """LensNet scores ``[B, W]`` of the context entries of ``[B, W]`` WCs.
 
     LensNet reads the entries as the base model would, but its loss never reaches the tree.
     """
-    emb = jax.lax.stop_gradient(
-        gather_entries(table, offsets, lod, start, context, config.mc.block_size)
-    )
-    mu, sigma = wc_positions(lod, start, config)
-    cursor_b = jnp.full(lod.shape[:1], cursor, jnp.int32)
-    return model.lensnet(emb, WorkingContext(lod, start, context), mu, sigma, context, cursor_b)
+    ctx = wc.only_context()
+    emb, mu, sigma = wc_inputs(table, offsets, ctx, layout)
+    cursor_b = jnp.full(wc.lod.shape[:1], cursor, jnp.int32)
+    return model.lensnet(jax.lax.stop_gradient(emb), ctx, mu, sigma, ctx.valid, cursor_b)
 
 
 def focus_rounds(
@@ -141,7 +147,7 @@ def focus_rounds(
     offsets,
     wc: WorkingContext,
     cursor: int,
-    config: ml_collections.ConfigDict,
+    layout: Layout,
     cfg: AllocatorConfig,
     rounds: int,
     key: jax.Array | None = None,
@@ -157,29 +163,10 @@ def focus_rounds(
     keys = jax.random.split(jax.random.key(0) if key is None else key, (rounds, b))
     for r in range(rounds):
         if scores is None or r > 0:
-            scores = lens_scores(model, table, offsets, wc.lod, wc.start, wc.valid, cursor, config)
+            scores = lens_scores(model, table, offsets, wc, cursor, layout)
         result = jax.vmap(lambda w, s, c, k: refocus(w, s, c, cursor, cfg, k))(
             wc, jax.lax.stop_gradient(scores), cooldown, keys[r]
         )
         wc, cooldown = result.wc, result.cooldown
         edits = edits + result.expands + result.collapses
     return wc, edits
-
-
-def with_tail(
-    context: WorkingContext, cursor: int, scored: int, capacity: int
-) -> dict[str, jax.Array]:
-    """``[B, Wc]`` contexts followed by the ``scored`` tokens ``[cursor, cursor + scored)``.
-
-    Returns ``lod``/``start``/``valid``/``context`` arrays ``[B, capacity]``.
-    """
-    pad = ((0, 0), (0, capacity - context.capacity))
-    lod, start, ctx = (jnp.pad(a, pad) for a in (context.lod, context.start, context.valid))
-    tail = jnp.arange(capacity)[None] - ctx.sum(-1, keepdims=True)
-    is_tail = (tail >= 0) & (tail < scored)
-    return {
-        "lod": jnp.where(is_tail, 0, lod),
-        "start": jnp.where(is_tail, cursor + tail, start),
-        "valid": ctx | is_tail,
-        "context": ctx,
-    }

@@ -13,16 +13,36 @@ plain model's loss stays at chance (4.16) for all 500 steps; with smeared keys i
 of chance at step 220 and at 1.03 by step 500.
 """
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import nnx
 
 import kernels
+from megacontext_jax.net_specs import BlockConfig, ModelConfig
 
 Cache = list[dict[str, jax.Array]]  # per layer: {"k", "v"}: [B, S, Hkv, Dh]
+LayerCache = dict[str, jax.Array] | None
+
+
+class DecoderBlock(Protocol):
+    """The calling convention of a base model's blocks (``Block``, ``llama.LlamaBlock``):
+    ``x [B, T, D]``, the rotary tables of the entries, key padding ``kv_valid [B, S]``, the
+    layer's KV cache written at slot ``index`` (None: no cache), and optionally ``entries``
+    (``(kernels Entries, MaskSpec)``: a metadata mask). Returns the new ``x`` and cache."""
+
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        kv_valid: jax.Array | None,
+        cache: LayerCache,
+        index: jax.Array | int,
+        entries: Any = None,
+    ) -> tuple[jax.Array, LayerCache]: ...
 
 
 def rms_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -31,29 +51,7 @@ def rms_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
 
-def sub_config(
-    model: ml_collections.ConfigDict, net: ml_collections.ConfigDict
-) -> ml_collections.ConfigDict:
-    """Block config of a small bidirectional net (GistNet, LensNet) at the base model's width.
-
-    ``net`` supplies ``depth``, ``num_heads`` and ``mlp_ratio``; the rest follows the base model.
-    """
-    return ml_collections.ConfigDict(
-        {
-            "width": model.width,
-            "depth": net.depth,
-            "num_heads": net.num_heads,
-            "num_kv_heads": net.num_heads,
-            "mlp_ratio": net.mlp_ratio,
-            "rope_theta": model.rope_theta,
-            "dtype": model.dtype,
-            "param_dtype": model.param_dtype,
-            "attention_impl": model.attention_impl,
-        }
-    )
-
-
-def _linear(d_in: int, d_out: int, std: float, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
+def _linear(d_in: int, d_out: int, std: float, cfg: BlockConfig, rngs: nnx.Rngs) -> nnx.Linear:
     return nnx.Linear(
         d_in,
         d_out,
@@ -68,7 +66,7 @@ def _linear(d_in: int, d_out: int, std: float, cfg: ml_collections.ConfigDict, r
 class Attention(nnx.Module):
     """Grouped-query self-attention; ``causal=False`` for the bidirectional GistNet and LensNet."""
 
-    def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs, causal: bool = True):
+    def __init__(self, cfg: BlockConfig, rngs: nnx.Rngs, causal: bool = True):
         d, self.num_heads, self.num_kv_heads = cfg.width, cfg.num_heads, cfg.num_kv_heads
         self.causal = causal
         self.head_dim = d // cfg.num_heads
@@ -85,9 +83,7 @@ class Attention(nnx.Module):
         self.k_gain = nnx.Param(jnp.ones((self.head_dim,), param_dtype))
         # Gate logits of smeared keys (sigmoid 0.5 at init); None: plain keys.
         self.smear = (
-            nnx.Param(jnp.zeros((self.num_kv_heads,), param_dtype))
-            if cfg.get("smear_keys", False)
-            else None
+            nnx.Param(jnp.zeros((self.num_kv_heads,), param_dtype)) if cfg.smear_keys else None
         )
 
     def __call__(
@@ -151,7 +147,7 @@ def attend(q, k, v, cache, index, kv_valid, causal: bool, impl: str, entries=Non
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
+    def __init__(self, cfg: BlockConfig, rngs: nnx.Rngs):
         d, hidden = cfg.width, cfg.mlp_ratio * cfg.width
         self.up = _linear(d, hidden, d**-0.5, cfg, rngs)
         self.down = _linear(hidden, d, hidden**-0.5 / (2 * cfg.depth) ** 0.5, cfg, rngs)
@@ -163,11 +159,20 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
     """Pre-norm transformer block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
 
-    def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs, causal: bool = True):
+    def __init__(self, cfg: BlockConfig, rngs: nnx.Rngs, causal: bool = True):
         self.attn = Attention(cfg, rngs, causal)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x, cos, sin, kv_valid, cache, index, entries=None):
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        kv_valid: jax.Array | None,
+        cache: LayerCache,
+        index: jax.Array | int,
+        entries: Any = None,
+    ) -> tuple[jax.Array, LayerCache]:
         y, cache = self.attn(rms_norm(x), cos, sin, kv_valid, cache, index, entries)
         x = x + y
         return x + self.mlp(rms_norm(x)), cache
@@ -175,10 +180,31 @@ class Block(nnx.Module):
 
 class DecoderLM(nnx.Module):
     """What every base model shares: token ids or input embeddings in, per-entry Gaussian RoPE,
-    a KV cache that can be rewritten from any slot. Subclasses define ``embed``, ``blocks``
-    (called as ``block(x, cos, sin, kv_valid, cache, index, entries)``), ``rope(mu, sigma)``,
+    a KV cache that can be rewritten from any slot. Subclasses (``GPT``, ``llama.Llama``) define
+    the members declared here: ``blocks`` (``DecoderBlock``s), ``embed``, ``rope(mu, sigma)``,
     ``inputs(x)`` / ``logits(x)`` around the blocks, and ``dtype``, ``num_kv_heads``, ``head_dim``.
     """
+
+    blocks: Sequence[DecoderBlock]
+    dtype: jnp.dtype
+    num_kv_heads: int
+    head_dim: int
+
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        """Input embeddings of token ids: ``[B, T]`` -> ``[B, T, D]``."""
+        raise NotImplementedError
+
+    def rope(self, mu: jax.Array, sigma: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+        """The rotary tables ``cos``, ``sin`` of entries at ``mu`` with widths ``sigma``."""
+        raise NotImplementedError
+
+    def inputs(self, x: jax.Array) -> jax.Array:
+        """The embeddings as the first block reads them."""
+        raise NotImplementedError
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """float32 logits ``[B, T, V]`` of the last block's output."""
+        raise NotImplementedError
 
     def _run(self, tokens, embeddings, mu, sigma, kv_valid, cache, index, entries=None):
         if (tokens is None) == (embeddings is None):
@@ -257,7 +283,7 @@ class DecoderLM(nnx.Module):
 class GPT(DecoderLM):
     """Decoder-only transformer over token ids or input embeddings with per-entry (mu, sigma)."""
 
-    def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.dtype = jnp.dtype(cfg.dtype)
         self.num_kv_heads = cfg.num_kv_heads

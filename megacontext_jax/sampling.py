@@ -63,16 +63,16 @@ def check_sampling(
         raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
 
 
-_STATIC = ("temperature", "top_k", "top_p")
+SAMPLING_ARGS = ("temperature", "top_k", "top_p")  # static arguments of the jitted samplers
 
 
-@partial(nnx.jit, static_argnames=_STATIC)
+@partial(nnx.jit, static_argnames=SAMPLING_ARGS)
 def _prefill(model: DecoderLM, cache, tokens, length, key, allowed, temperature, top_k, top_p):
     logits, cache = model.decode(cache, 0, tokens)
     return sample_logits(logits[:, length - 1], key, allowed, temperature, top_k, top_p), cache
 
 
-@partial(nnx.jit, static_argnames=_STATIC)
+@partial(nnx.jit, static_argnames=SAMPLING_ARGS)
 def _step(model: DecoderLM, cache, token, index, key, allowed, temperature, top_k, top_p):
     logits, cache = model.decode(cache, index, token[:, None])
     return sample_logits(logits[:, 0], key, allowed, temperature, top_k, top_p), cache

@@ -22,21 +22,18 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from megacontext_jax.allocator import AllocatorConfig, refocus
+from megacontext_jax.allocator import refocus
 from megacontext_jax.cached_context import CachedContext, Entry
 from megacontext_jax.gister import Gister
 from megacontext_jax.megacontext import MegaContext
 from megacontext_jax.positions import entry_positions
-from megacontext_jax.sampling import check_sampling, sample_logits
+from megacontext_jax.rules import collapse_at, collapsible_at, expand_priority, recency_pyramid
+from megacontext_jax.sampling import SAMPLING_ARGS, check_sampling, sample_logits
+from megacontext_jax.specs import AllocatorConfig
 from megacontext_jax.telemetry import Telemetry
 from megacontext_jax.tokenizer import sampleable
 from megacontext_jax.tree import APPEND_PIECE, Tree
-from megacontext_jax.working_context import (
-    WorkingContext,
-    entries,
-    expand_priority,
-    recency_pyramid,
-)
+from megacontext_jax.working_context import WorkingContext, entries
 
 
 class SessionError(ValueError):
@@ -46,10 +43,10 @@ class SessionError(ValueError):
 def gister_for(model: MegaContext, config: ml_collections.ConfigDict) -> Gister:
     """The Gister of a MegaContext model: its base model's token embeddings and GistNet."""
     table = model.base.embed(jnp.arange(config.model.vocab_size))
-    return Gister(table, model.gistnet, config)
+    return Gister.from_config(table, model.gistnet, config)
 
 
-@partial(jax.jit, static_argnums=(0, 1, 2))
+@partial(jax.jit, static_argnames=("lens_graph", "cfg", "sigma_scale"))
 def _focus(
     lens_graph,
     cfg: AllocatorConfig,
@@ -74,7 +71,7 @@ def _focus(
     return rows, jnp.stack([r.expands, r.collapses])
 
 
-_sample = jax.jit(sample_logits, static_argnums=(3, 4, 5))
+_sample = jax.jit(sample_logits, static_argnames=SAMPLING_ARGS)
 
 
 def _runs(ids: list[int]) -> list[tuple[int, int]]:
@@ -286,26 +283,19 @@ class Session:
         nothing more can collapse."""
         ents, k, aged = list(ents), self.k, 0
 
-        def collapsible(i: int) -> bool:
-            lod, start = ents[i]
-            span = k ** (lod + 1)
-            return (
-                lod < self.max_level
-                and start % span == 0
-                and start + span <= n - self.tail
-                and all(ents[i + j][0] == lod for j in range(k))
-            )
-
         def parent_priority(i: int) -> tuple[float, int]:
             return expand_priority(self.pyramid, ents[i][0] + 1, ents[i][1], n, k)
 
         while len(ents) > self.budget:
-            groups = [i for i in range(len(ents) - k + 1) if collapsible(i)]
+            groups = [
+                i
+                for i in range(len(ents) - k + 1)
+                if collapsible_at(ents, i, n, k, self.max_level, self.tail)
+            ]
             if not groups:
                 ents.pop(0)
             else:
-                i = max(groups, key=parent_priority)
-                ents[i : i + k] = [(ents[i][0] + 1, ents[i][1])]
+                ents = collapse_at(ents, max(groups, key=parent_priority), k)
                 aged += 1
         return ents, aged
 

@@ -20,6 +20,7 @@ from megacontext_jax import sharding
 from megacontext_jax.mc_losses import mc_loss
 from megacontext_jax.megacontext import MegaContext, make_base
 from megacontext_jax.model import GPT, cross_entropy
+from megacontext_jax.specs import MCTraining
 
 
 @flax.struct.dataclass
@@ -168,10 +169,12 @@ def make_train_step(
     LensNet left exactly as they are (no weight decay either). The state is donated.
     """
 
+    spec = MCTraining.from_config(t.config) if t.config.mc.enabled else None
+
     def loss_fn(params, batch, step):
-        if t.config.mc.enabled and not base_only:
+        if spec is not None and not base_only:
             key = jax.random.fold_in(jax.random.key(t.config.seed), step)
-            return mc_loss(nnx.merge(t.graphdef, params), batch, step, key, t.config)
+            return mc_loss(nnx.merge(t.graphdef, params), batch, step, key, spec)
         nll, count = _nll(t.graphdef, params, batch)
         loss = nll / jnp.maximum(count, 1)
         return loss, {"loss": loss}

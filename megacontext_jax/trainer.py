@@ -1,18 +1,13 @@
 """The training loop behind ``train.py``: data, state, checkpoints, evaluation and logging."""
 
-import contextlib
 import math
-import signal
-import threading
-from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import TypeVar
 
 import jax
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from megacontext_jax import data, sharding, variants
@@ -22,6 +17,8 @@ from megacontext_jax.metrics import MetricsWriter, latest_metrics, plot_loss_cur
 from megacontext_jax.model import count_params
 from megacontext_jax.progress import Phase, PhaseBar, startup_block
 from megacontext_jax.restore import attach_base, check_base_chain
+from megacontext_jax.specs import Layout
+from megacontext_jax.stopping import Stop
 from megacontext_jax.tokenizer import tokenizer_for
 from megacontext_jax.train_step import (
     checkpointed,
@@ -30,14 +27,6 @@ from megacontext_jax.train_step import (
     make_train_step,
     make_trainable,
 )
-
-T = TypeVar("T")
-STARTUP_THREAD = "train-start-up"
-
-
-def startup_running() -> bool:
-    """Whether an interrupted start-up's work (a compilation, say) still runs in its thread."""
-    return any(t.name == STARTUP_THREAD and t.is_alive() for t in threading.enumerate())
 
 
 def _local_rows(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
@@ -52,7 +41,7 @@ def mc_batch(
 
     The contexts' randomness derives from (seed, step, process), so a resumed run repeats it.
     """
-    layout = variants.Layout.from_config(config)
+    layout = Layout.from_config(config)
     rows, seq_len = batch["inputs"].shape
     rng = np.random.default_rng([config.seed, step, jax.process_index()])
     contexts, expand_lod, from_pyramid = variants.training_contexts(
@@ -82,75 +71,6 @@ def mc_batch(
         )
         out.update({f"span_{name}": value for name, value in spans.items()})
     return out
-
-
-class _Stop:
-    """Stop requests: SIGINT and SIGTERM (a scheduler's preemption notice) ask the run to stop.
-
-    During start-up nothing new is at stake, so a request stops it at once (``check``), even in
-    the middle of a compilation (``wait_for``). Once training, the run stops between steps, where
-    the state and the data iterator agree, and saves (``before``); a second SIGINT interrupts at
-    once. Across processes JAX's preemption service owns SIGTERM: a notice to any host makes all
-    of them stop before the same step (its sync point), so all save the same step; SIGINT there
-    interrupts at once, as a lone host cannot stop the others.
-    """
-
-    def __init__(self):
-        self.requested = threading.Event()
-        self.agreed = False  # every process stops before this step: save before leaving
-
-    @contextlib.contextmanager
-    def installed(self):
-        if threading.current_thread() is not threading.main_thread():  # signals reach main only
-            yield self
-            return
-        single = jax.process_count() == 1
-
-        def handler(signum, frame):
-            if not single or (self.requested.is_set() and signum == signal.SIGINT):
-                raise KeyboardInterrupt
-            self.requested.set()
-
-        signals = (signal.SIGINT, signal.SIGTERM) if single else (signal.SIGINT,)
-        previous = {s: signal.signal(s, handler) for s in signals}
-        try:
-            yield self
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
-
-    def check(self) -> None:
-        if self.requested.is_set():
-            raise KeyboardInterrupt
-
-    def before(self, step: int) -> None:
-        """Raises ``KeyboardInterrupt`` if the run is to stop before ``step``."""
-        if jax.process_count() > 1:
-            self.agreed = multihost_utils.reached_preemption_sync_point(step)
-        else:
-            self.agreed = self.requested.is_set()
-        if self.agreed:
-            raise KeyboardInterrupt
-
-    def wait_for(self, fn: Callable[[], T]) -> T:
-        """``fn()``, run in a worker thread so that the main thread takes a stop request while
-        it runs (XLA compiles, TensorStore and tokenizers read without holding the GIL)."""
-        out = {}
-
-        def work():
-            try:
-                out["value"] = fn()
-            except BaseException as e:  # re-raised in the caller's thread
-                out["error"] = e
-
-        worker = threading.Thread(target=work, name=STARTUP_THREAD, daemon=True)
-        worker.start()
-        while worker.is_alive():
-            worker.join(0.05)
-            self.check()
-        if "error" in out:
-            raise out["error"]
-        return out["value"]
 
 
 def evaluate(eval_step, params, batches, mesh, rows: int, per_token: float) -> dict[str, float]:
@@ -214,6 +134,17 @@ def _postfix(prefix: str, record: dict[str, float], rate: float | None) -> dict[
     return out
 
 
+def _log(step: int, prefix: str, pending: list[dict], bar: PhaseBar, writer) -> dict:
+    """Writes one record of the steps since the last (``_record``) and shows it on the bar."""
+    record = _record(prefix, jax.device_get(pending))
+    rate = bar.tokens_per_s()
+    if rate is not None:
+        record[f"{prefix}/tokens_per_s"] = rate
+    writer.write(step, record)
+    bar.show(**_postfix(prefix, record, rate))
+    return record
+
+
 def _param_counts(params: nnx.State) -> dict[str, int]:
     if "gistnet" in params.raw_mapping:
         return {part: count_params(params[part]) for part in ("base", "gistnet", "lensnet")}
@@ -263,8 +194,60 @@ def train(
             )
             return {**latest_metrics(workdir), "step": start, "finished": True}
         diff = config_diff(config, defaults) if defaults is not None else {}
-        with _Stop().installed() as stop:
+        with Stop().installed() as stop:
             return _run(config, mesh, checkpointer, start, stop, stop_at, progress, source, diff)
+
+
+def _data(config: ml_collections.ConfigDict, tokenizer, stop: Stop):
+    """The run's documents: training documents, fixed validation batches, the unigram baseline
+    in bits per byte and the bytes per token of the validation text."""
+    docs = stop.wait_for(
+        lambda: data.tokenize(
+            data.load_documents(config.data.source, config.data.jsonl_field), tokenizer
+        )
+    )
+    train_docs, val_docs = data.split_documents(docs, config.data.val_fraction)
+    val_batches = data.validation_batches(
+        val_docs, config.data.seq_len, config.train.batch_size, config.train.eval_batches, tokenizer
+    )
+    token_bytes = tokenizer.token_bytes()
+    unigram_bpb = data.unigram_bits_per_byte(train_docs, val_batches, token_bytes)
+    return train_docs, val_batches, unigram_bpb, data.bytes_per_token(val_batches, token_bytes)
+
+
+def _stage_batches(config: ml_collections.ConfigDict, train_docs, tokenizer, after_step: int):
+    """The training iterator of the step after ``after_step`` (the curriculum's or the main
+    one); its state is what a checkpoint at ``after_step`` records."""
+    cur = config.curriculum
+    in_curriculum = after_step < cur.steps
+    global_bs = cur.batch_size if in_curriculum else config.train.batch_size
+    dataset = data.train_dataset(
+        train_docs,
+        cur.seq_len if in_curriculum else config.data.seq_len,
+        global_bs // jax.process_count(),
+        config.seed,
+        jax.process_index(),
+        jax.process_count(),
+        config.data.passkey_fraction,
+        tokenizer,
+        config.data.repeat_fraction,
+    )
+    return iter(dataset)
+
+
+def _save_interrupted(state, stop: Stop, checkpointer: Checkpointer, config, data_iter, pending):
+    """On an interruption: a checkpoint of the last step done, unless there is nothing to save.
+
+    A second SIGINT can land while a step holds the donated state: nothing to save then; nor
+    for a lone process of many (only an agreed stop saves there) or before step 1.
+    """
+    leaves = jax.tree.leaves(state)
+    deleted = any(isinstance(x, jax.Array) and x.is_deleted() for x in leaves)
+    lone = jax.process_count() > 1 and not stop.agreed
+    done = None if deleted or lone else int(state.step)
+    if done and checkpointer.latest_step() != done:
+        tqdm.write(f"interrupted: saving a checkpoint at step {done}")
+        checkpointer.save(done, checkpointed(state, config), data_iter, _floats(pending))
 
 
 def _run(
@@ -272,7 +255,7 @@ def _run(
     mesh: jax.sharding.Mesh,
     checkpointer: Checkpointer,
     start: int,
-    stop: _Stop,
+    stop: Stop,
     stop_at: int | None,
     progress: bool,
     source: str,
@@ -286,37 +269,8 @@ def _run(
     curriculum = config.curriculum.steps
 
     tokenizer = tokenizer_for(config.model)
-    docs = stop.wait_for(
-        lambda: data.tokenize(
-            data.load_documents(config.data.source, config.data.jsonl_field), tokenizer
-        )
-    )
-    train_docs, val_docs = data.split_documents(docs, config.data.val_fraction)
-
-    def stage_batches(after_step: int):
-        """The training iterator of the step after ``after_step`` (the curriculum's or the main
-        one); its state is what a checkpoint at ``after_step`` records."""
-        cur = config.curriculum
-        in_curriculum = after_step < curriculum
-        dataset = data.train_dataset(
-            train_docs,
-            cur.seq_len if in_curriculum else seq_len,
-            cur.batch_size // jax.process_count() if in_curriculum else rows,
-            config.seed,
-            jax.process_index(),
-            jax.process_count(),
-            config.data.passkey_fraction,
-            tokenizer,
-            config.data.repeat_fraction,
-        )
-        return iter(dataset)
-
-    val_batches = data.validation_batches(
-        val_docs, seq_len, global_bs, config.train.eval_batches, tokenizer
-    )
-    token_bytes = tokenizer.token_bytes()
-    unigram_bpb = data.unigram_bits_per_byte(train_docs, val_batches, token_bytes)
-    per_token = data.bytes_per_token(val_batches, token_bytes)
+    train_docs, val_batches, unigram_bpb, per_token = _data(config, tokenizer, stop)
+    stage_batches = partial(_stage_batches, config, train_docs, tokenizer)
 
     stop.check()
     trainable = make_trainable(config, mesh)
@@ -389,13 +343,7 @@ def _run(
                 if step == curriculum:
                     data_iter = stage_batches(step)
                 if step % config.train.log_every == 0 or step == phase.last:
-                    record = _record(phase.name, jax.device_get(pending))
-                    rate = bar.tokens_per_s()
-                    if rate is not None:
-                        record[f"{phase.name}/tokens_per_s"] = rate
-                    writer.write(step, record)
-                    summary.update(record)
-                    bar.show(**_postfix(phase.name, record, rate))
+                    summary.update(_log(step, phase.name, pending, bar, writer))
                     pending = []
                 if step % config.train.eval_every == 0 or step == config.train.steps:
                     with bar.paused():
@@ -415,15 +363,7 @@ def _run(
             if step == curriculum and end > curriculum:
                 tqdm.write(f"step {step}: curriculum done, training on {seq_len}-token sequences")
     except KeyboardInterrupt:
-        # A second SIGINT can land while a step holds the donated state: nothing to save then;
-        # nor for a lone process of many (only an agreed stop saves there) or before step 1.
-        leaves = jax.tree.leaves(state)
-        deleted = any(isinstance(x, jax.Array) and x.is_deleted() for x in leaves)
-        lone = jax.process_count() > 1 and not stop.agreed
-        done = None if deleted or lone else int(state.step)
-        if done and checkpointer.latest_step() != done:
-            tqdm.write(f"interrupted: saving a checkpoint at step {done}")
-            checkpointer.save(done, checkpointed(state, config), data_iter, _floats(pending))
+        _save_interrupted(state, stop, checkpointer, config, data_iter, pending)
         raise
     finally:
         if bar is not None:

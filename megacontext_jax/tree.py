@@ -18,15 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from megacontext_jax.gister import Gister
-from megacontext_jax.tree_storage import (
-    MANIFEST,
-    DiskStorage,
-    MemoryStorage,
-    TreeCorruptError,
-    TreeError,
-    TreeMeta,
-    TreeMismatchError,
-)
+from megacontext_jax.tree_errors import TreeCorruptError, TreeError, TreeMismatchError
+from megacontext_jax.tree_manifest import MANIFEST, TreeMeta
+from megacontext_jax.tree_storage import DiskStorage, MemoryStorage, Storage
 
 APPEND_PIECE = 1 << 16  # tokens per ingest-and-commit step of a long append
 
@@ -49,12 +43,12 @@ class Tree:
     in memory (``_staged``) until ``commit`` writes them to the storage and publishes them.
     """
 
-    def __init__(self, storage: MemoryStorage | DiskStorage, gister: Gister | None):
+    def __init__(self, storage: Storage, gister: Gister | None):
         self.storage, self.meta, self.gister = storage, storage.meta, gister
         self._lengths = list(storage.lengths)  # committed + staged
         self._staged = MemoryStorage(self.meta, offsets=storage.lengths)
         if gister is not None:
-            _check_compatible(self.meta, gister, getattr(storage, "path", "memory"))
+            _check_compatible(self.meta, gister, storage.where)
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
@@ -91,7 +85,7 @@ class Tree:
     def __enter__(self) -> "Tree":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # -- reads ---------------------------------------------------------------------------------
@@ -223,8 +217,7 @@ class Tree:
         """
         k, meta = self.block_size, self.meta
         n = self.num_tokens
-        if isinstance(self.storage, DiskStorage):
-            self.storage.check_all()
+        self.storage.check_all()
         for start in range(0, n, APPEND_PIECE):
             chunk = self.tokens(start, min(n, start + APPEND_PIECE))
             if ((chunk < 0) | (chunk >= meta.vocab_size)).any():
@@ -263,14 +256,14 @@ class Tree:
             "lengths": [self.length(l) for l in range(self.meta.max_level + 1)],
             "ideal_bytes_per_token": ideal,
         }
-        if isinstance(self.storage, DiskStorage):
-            size = self.storage.disk_bytes()
+        size = self.storage.disk_bytes()
+        if size is not None:
             stats["disk_bytes"] = size
             stats["disk_bytes_per_token"] = size / max(self.num_tokens, 1)
         return stats
 
 
-def _check_compatible(meta: TreeMeta, gister: Gister, where) -> None:
+def _check_compatible(meta: TreeMeta, gister: Gister, where: str) -> None:
     if meta.block_size != gister.block_size:
         raise TreeMismatchError(
             f"tree at {where} has block size {meta.block_size}; this model uses {gister.block_size}"

@@ -2,16 +2,15 @@
 
 Both hold one growable array per level (level 0: int32 token ids ``[n]``; level l >= 1: gists
 ``[n, D]``) and a list of *committed* lengths. Rows are written first and committed after, in one
-atomic step; readers trust only committed lengths. On disk (DESIGN section 3): ``level_<l>/`` zarr3
-arrays with a resizable first axis and ``manifest.json``, replaced atomically (temp file, fsync,
-rename) on every commit.
+atomic step; readers trust only committed lengths. ``Storage`` is what the tree needs of a
+backend. On disk (DESIGN section 3): ``level_<l>/`` zarr3 arrays with a resizable first axis and
+``manifest.json`` (``tree_manifest``), replaced atomically on every commit.
 
-Nothing committed is ever lost to another writer or a lost file: one writer at a time holds an
-``flock`` on the tree's directory itself (which cannot be unlinked while the tree exists;
-``writer.lock`` only names the holder's pid); every commit checks that the manifest on disk is
-the one this writer last read or wrote (its ``generation`` counter), so a commit never lands on a
-manifest another writer replaced; and a tree is never created over a directory that holds tree
-data (a lost manifest is an error, not an empty tree).
+Nothing committed is ever lost to another writer or a lost file: one writer at a time holds the
+directory's lock (``tree_lock``); every commit checks that the manifest on disk is the one this
+writer last read or wrote (its ``generation`` counter), so a commit never lands on a manifest
+another writer replaced; and a tree is never created over a directory that holds tree data (a
+lost manifest is an error, not an empty tree).
 
 Nothing is silently wrong either: the manifest records a CRC-32 of the committed rows of every
 chunk, each chunk is checked the first time it is read (``verify`` checks them all), and new
@@ -19,63 +18,59 @@ arrays carry zstd's checksum, so a flipped, truncated or deleted chunk is an err
 """
 
 import dataclasses
-import fcntl
-import json
-import os
-import stat
 import zlib
 from pathlib import Path
+from typing import Protocol
 
-import jax.numpy as jnp
 import numpy as np
 import tensorstore as ts
 
 from megacontext_jax.errors import first_line
+from megacontext_jax.tree_errors import TreeCorruptError, TreeError, TreeLockedError
+from megacontext_jax.tree_lock import lock_directory, unlock
+from megacontext_jax.tree_manifest import (
+    MANIFEST,
+    TreeMeta,
+    read_manifest,
+    refuse_orphaned_data,
+    write_manifest,
+)
 
-FORMAT_VERSION = 1
 CACHE_BYTES = 32 << 20  # per open tree
-MANIFEST = "manifest.json"
-LOCK = "writer.lock"
-# The least value of each integer field of the tree's metadata in the manifest.
-META_MINIMUM = {"block_size": 2, "dim": 1, "max_level": 1, "vocab_size": 1}
 
 
-class TreeError(RuntimeError):
-    """A tree problem, reported as one line that names it."""
+class Storage(Protocol):
+    """What the tree needs of a backend: rows per level, written first and committed after.
 
+    ``lengths`` are the committed rows per level, the only rows readers of the storage read.
+    ``write`` puts rows at or past them; ``commit`` publishes new lengths in one atomic step.
+    """
 
-class TreeNotFoundError(TreeError):
-    pass
+    meta: TreeMeta
+    lengths: list[int]
 
+    @property
+    def where(self) -> str:
+        """How messages name the storage: ``tree at {where}``."""
+        ...
 
-class TreeCorruptError(TreeError):
-    pass
+    def write(self, level: int, start: int, rows: np.ndarray) -> None: ...
 
+    def read(self, level: int, start: int, stop: int) -> np.ndarray: ...
 
-class TreeLockedError(TreeError):
-    pass
+    def commit(self, lengths: list[int]) -> None: ...
 
+    def check_all(self) -> None:
+        """Raises ``TreeCorruptError`` unless every committed row reads back as committed."""
+        ...
 
-class TreeMismatchError(TreeError):
-    pass
+    def disk_bytes(self) -> int | None:
+        """Bytes the storage takes on disk; ``None`` for one that holds nothing on disk."""
+        ...
 
-
-@dataclasses.dataclass(frozen=True)
-class TreeMeta:
-    """What a tree's contents depend on; fixed when the tree is created."""
-
-    block_size: int
-    dim: int
-    max_level: int
-    vocab_size: int
-    gist_dtype: str
-    fingerprint: str  # of the GistNet + embedding weights that produced the gists
-
-    def dtype(self, level: int) -> np.dtype:
-        return np.dtype(np.int32) if level == 0 else np.dtype(jnp.dtype(self.gist_dtype))
-
-    def row_shape(self, level: int) -> tuple[int, ...]:
-        return () if level == 0 else (self.dim,)
+    def close(self) -> None:
+        """Releases what the storage holds (the writer lock); its data stays."""
+        ...
 
 
 class MemoryStorage:
@@ -92,6 +87,10 @@ class MemoryStorage:
         self._arrays = [
             np.zeros((0, *meta.row_shape(l)), meta.dtype(l)) for l in range(meta.max_level + 1)
         ]
+
+    @property
+    def where(self) -> str:
+        return "memory"
 
     def write(self, level: int, start: int, rows: np.ndarray) -> None:
         array = self._arrays[level]
@@ -110,16 +109,14 @@ class MemoryStorage:
     def commit(self, lengths: list[int]) -> None:
         self.lengths = list(lengths)
 
+    def check_all(self) -> None:
+        pass  # rows in memory carry no digests: what was written is what is there
+
+    def disk_bytes(self) -> None:
+        return None
+
     def close(self) -> None:
         pass
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class DiskStorage:
@@ -158,6 +155,10 @@ class DiskStorage:
             self.close()
             raise
 
+    @property
+    def where(self) -> str:
+        return str(self.path)
+
     # -- creation and opening ------------------------------------------------------------------
     @classmethod
     def create(cls, path: Path, meta: TreeMeta) -> "DiskStorage":
@@ -174,12 +175,12 @@ class DiskStorage:
                 # Never delete_existing: an array that exists here is someone's data.
                 ts.open(spec, create=True, dtype=spec["dtype"]).result()
         except ValueError as e:
-            _unlock(lock)
+            unlock(lock)
             raise TreeCorruptError(
                 f"tree at {path}: cannot create its arrays ({first_line(e)})"
             ) from None
         except BaseException:
-            _unlock(lock)
+            unlock(lock)
             raise
         storage = cls(
             path,
@@ -343,20 +344,7 @@ class DiskStorage:
         if (self.path / MANIFEST).exists():
             self._check_generation()
         digests = self._digests_after(lengths)
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            **dataclasses.asdict(self.meta),
-            "lengths": list(lengths),
-            "generation": self.generation + 1,
-            "digests": digests,
-        }
-        tmp = self.path / (MANIFEST + ".tmp")
-        with tmp.open("w") as f:
-            json.dump(manifest, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path / MANIFEST)
-        _fsync_dir(self.path)
+        write_manifest(self.path, self.meta, lengths, self.generation + 1, digests)
         self.lengths = list(lengths)
         self.digests = digests
         self.generation += 1
@@ -366,7 +354,7 @@ class DiskStorage:
 
     def close(self) -> None:
         if self._lock_fd is not None:
-            _unlock(self._lock_fd)
+            unlock(self._lock_fd)
             self._lock_fd = None
 
 
@@ -377,145 +365,3 @@ def _chunk_rows(meta: TreeMeta, level: int) -> int:
 
 def _crc(rows: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(rows).tobytes())
-
-
-def lock_directory(path: Path) -> int:
-    """An exclusive ``flock`` on the tree's directory (a file lock would be lost with its file,
-    and a second writer would lock a new file of the same name); ``writer.lock`` records the
-    holder's pid for the error message of the next writer. Returns the descriptor to unlock."""
-    fd, note = os.open(path, os.O_RDONLY | os.O_DIRECTORY), Path(path) / LOCK
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        try:
-            holder = note.read_text(errors="replace").strip() if _plain_or_absent(note) else ""
-        except OSError:
-            holder = ""
-        raise TreeLockedError(
-            f"tree at {path} is locked by another writer (pid {holder if holder.isdecimal() else '?'})"
-        ) from None
-    # The note is only a note: a writer.lock that is not a plain file (a directory someone made,
-    # a link) is left as it is and the writer goes on, still the only one. Writing through a
-    # link would overwrite what it points to, and removing a directory could lose its contents.
-    if _plain_or_absent(note):
-        try:
-            note.write_text(str(os.getpid()))
-        except OSError as e:
-            _unlock(fd)
-            raise TreeError(f"tree at {path}: cannot write {LOCK} ({e.strerror})") from None
-    return fd
-
-
-def _plain_or_absent(path: Path) -> bool:
-    try:
-        return stat.S_ISREG(os.lstat(path).st_mode)
-    except FileNotFoundError:
-        return True
-
-
-def _unlock(fd: int) -> None:
-    fcntl.flock(fd, fcntl.LOCK_UN)
-    os.close(fd)
-
-
-def tree_data(path: Path) -> list[str]:
-    """The names of what ``path`` holds of a tree's data (level arrays, a manifest's temp file)."""
-    if not Path(path).is_dir():
-        return []
-    names = sorted(p.name for p in Path(path).iterdir())
-    return [n for n in names if n.startswith("level_") or n == MANIFEST + ".tmp"]
-
-
-def refuse_orphaned_data(path: Path) -> None:
-    """Raises if ``path`` holds tree data but no manifest: creating a tree there would lose it."""
-    found = tree_data(path)
-    if found and not (Path(path) / MANIFEST).exists():
-        raise TreeCorruptError(
-            f"tree at {path} holds tree data ({', '.join(found)}) but no {MANIFEST}: not "
-            "creating a tree over it (restore the manifest, or move the directory aside)"
-        )
-
-
-def read_manifest(path: Path) -> dict:
-    file = Path(path) / MANIFEST
-    if not Path(path).is_dir():
-        raise TreeNotFoundError(f"no tree at {path}: directory not found")
-    if not file.is_file():
-        refuse_orphaned_data(path)  # say what is there: data without its manifest
-        raise TreeNotFoundError(f"no tree at {path}: {MANIFEST} not found")
-    try:
-        manifest = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TreeCorruptError(f"tree at {path}: {MANIFEST} is not valid JSON ({e})") from None
-    _check_manifest(path, manifest)
-    return manifest
-
-
-def _check_manifest(path: Path, manifest) -> None:
-    """Raises ``TreeCorruptError`` naming the first field of ``manifest`` that is missing or not
-    of its type and range: past this, code reading the manifest meets no value it cannot use."""
-    if not isinstance(manifest, dict):
-        raise TreeCorruptError(
-            f"tree at {path}: {MANIFEST} holds {_shown(manifest)}, not an object"
-        )
-    required = {f.name for f in dataclasses.fields(TreeMeta)} | {"format_version", "lengths"}
-    missing = sorted(required - set(manifest))
-    if missing:
-        raise TreeCorruptError(f"tree at {path}: {MANIFEST} lacks {', '.join(missing)}")
-    if not _is_int(manifest["format_version"]) or manifest["format_version"] != FORMAT_VERSION:
-        raise TreeCorruptError(
-            f"tree at {path}: format version {_shown(manifest['format_version'])}, "
-            f"this code reads {FORMAT_VERSION}"
-        )
-
-    def refuse(field: str, expected: str) -> None:
-        raise TreeCorruptError(
-            f"tree at {path}: {MANIFEST} field {field} is {_shown(manifest[field])}, "
-            f"expected {expected}"
-        )
-
-    for field, least in META_MINIMUM.items():
-        if not (_is_int(manifest[field]) and manifest[field] >= least):
-            refuse(field, f"an integer >= {least}")
-    name = manifest["gist_dtype"]
-    try:
-        dtype = jnp.dtype(name) if isinstance(name, str) else None
-    except TypeError:  # not a dtype's name at all
-        dtype = None
-    if dtype is None or dtype.name != name or not jnp.issubdtype(dtype, jnp.floating):
-        refuse("gist_dtype", "the name of a floating-point dtype (bfloat16, float16, float32)")
-    if not (isinstance(manifest["fingerprint"], str) and manifest["fingerprint"]):
-        refuse("fingerprint", "a non-empty string")
-    levels = manifest["max_level"] + 1
-    lengths = manifest["lengths"]
-    if not (
-        isinstance(lengths, list)
-        and len(lengths) == levels
-        and all(_is_int(n) and n >= 0 for n in lengths)
-    ):
-        refuse("lengths", f"a list of {levels} integers >= 0 (rows of levels 0 to {levels - 1})")
-    # Both absent from a tree written before they existed.
-    if "generation" in manifest and not (
-        _is_int(manifest["generation"]) and manifest["generation"] >= 0
-    ):
-        refuse("generation", "an integer >= 0")
-    digests = manifest.get("digests")
-    if "digests" in manifest and not (
-        isinstance(digests, list)
-        and len(digests) == levels
-        and all(
-            isinstance(d, list) and all(_is_int(c) and 0 <= c < 1 << 32 for c in d) for d in digests
-        )
-    ):
-        refuse("digests", f"a list of {levels} lists of CRC-32s (integers in [0, 2**32))")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # JSON's true is not 1
-
-
-def _shown(value) -> str:
-    """``value`` as the manifest spells it, cut short: one line of a message."""
-    text = json.dumps(value)
-    return text if len(text) <= 60 else text[:57] + "..."

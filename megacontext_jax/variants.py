@@ -17,32 +17,40 @@ import dataclasses
 
 import numpy as np
 
-from megacontext_jax.working_context import entries, recency_pyramid
-
-Entries = list[tuple[int, int]]
+from megacontext_jax.rules import (
+    Entries,
+    collapse_at,
+    collapsible_at,
+    expand_at,
+    expandable_at,
+    recency_pyramid,
+)
+from megacontext_jax.specs import Layout, gistable, span_counts
+from megacontext_jax.working_context import entries
 
 
 @dataclasses.dataclass(frozen=True)
-class Layout:
-    """Static sizes of the working contexts of one training or evaluation setting."""
+class Rows:
+    """Where each condition sits on the variant axis of a training example's contexts
+    ``[V, W]``: the baseline, the window, ``num_random`` random variants (as
+    ``training_contexts`` builds them), then the LensNet-guided variant (made in-graph)."""
 
-    block_size: int  # K
-    max_level: int
-    capacity: int  # W: total entries (context + scored tail)
-    scored: int  # S: newest tokens whose predictions are scored
-    recent_tail: int  # R: context tokens kept at LOD0 before the cursor
-    pyramid: str = "proportional"  # the baseline's shape (working_context.PYRAMIDS)
+    num_random: int
+    baseline: int = 0
+    window: int = 1
 
     @property
-    def context_capacity(self) -> int:
-        return self.capacity - self.scored
+    def random(self) -> slice:
+        return slice(2, 2 + self.num_random)
 
-    @classmethod
-    def from_config(cls, config) -> "Layout":
-        mc = config.mc
-        return cls(
-            mc.block_size, mc.max_level, mc.wc_size, mc.scored_tokens, mc.recent_tail, mc.pyramid
-        )
+    @property
+    def guided(self) -> int:
+        return 2 + self.num_random
+
+    @property
+    def edits_of_baseline(self) -> tuple[int, ...]:
+        """The baseline and the variants made from it by edits (all but the window)."""
+        return (self.baseline, *range(self.random.start, self.guided + 1))
 
 
 def pyramid(cursor: int, layout: Layout) -> Entries:
@@ -63,39 +71,19 @@ def window(cursor: int, layout: Layout) -> Entries:
 
 
 def _legal_groups(ents: Entries, cursor: int, layout: Layout, frozen: set[int]) -> list[int]:
-    """Indices i where entries i .. i + K - 1 are aligned siblings that may collapse."""
-    k = layout.block_size
-    out = []
-    for i in range(len(ents) - k + 1):
-        lod, start = ents[i]
-        group = ents[i : i + k]
-        if (
-            lod < layout.max_level
-            and start % k ** (lod + 1) == 0
-            and all(l == lod for l, _ in group)
-            and group[-1][1] + k**lod <= cursor - layout.recent_tail
-            and not frozen & set(range(i, i + k))
-        ):
-            out.append(i)
-    return out
-
-
-def _expandable(ents: Entries, cursor: int, layout: Layout) -> list[int]:
+    """Indices i where entries i .. i + K - 1 may collapse, none of them ``frozen``."""
     k = layout.block_size
     return [
         i
-        for i, (lod, start) in enumerate(ents)
-        if lod > 0 and start + k**lod <= cursor - layout.recent_tail
+        for i in range(len(ents) - k + 1)
+        if collapsible_at(ents, i, cursor, k, layout.max_level, layout.recent_tail)
+        and not frozen & set(range(i, i + k))
     ]
 
 
-def _expand(ents: Entries, i: int, k: int) -> Entries:
-    lod, start = ents[i]
-    return [*ents[:i], *[(lod - 1, start + j * k ** (lod - 1)) for j in range(k)], *ents[i + 1 :]]
-
-
-def _collapse(ents: Entries, i: int, k: int) -> Entries:
-    return [*ents[:i], (ents[i][0] + 1, ents[i][1]), *ents[i + k :]]
+def _expandable(ents: Entries, cursor: int, layout: Layout) -> list[int]:
+    k, tail = layout.block_size, layout.recent_tail
+    return [i for i in range(len(ents)) if expandable_at(ents, i, cursor, k, tail)]
 
 
 def _make_room(
@@ -109,7 +97,7 @@ def _make_room(
         groups = _legal_groups(ents, cursor, layout, frozen)
         if not groups:
             return None
-        ents = _collapse(ents, int(rng.choice(groups)), k)
+        ents = collapse_at(ents, int(rng.choice(groups)), k)
     return ents
 
 
@@ -125,12 +113,12 @@ def random_variant(
     expandable = _expandable(ents, cursor, layout)
     if expandable and rng.random() < 0.5:
         i = int(rng.choice(expandable))
-        new = _make_room(_expand(ents, i, k), cursor, layout, [ents[i]], rng)
+        new = _make_room(expand_at(ents, i, k), cursor, layout, [ents[i]], rng)
         if new is not None:
             return new, ents[i][0]
     groups = _legal_groups(ents, cursor, layout, frozen=set())
     if groups:
-        return _collapse(ents, int(rng.choice(groups)), k), -1
+        return collapse_at(ents, int(rng.choice(groups)), k), -1
     return list(ents), -1
 
 
@@ -140,7 +128,7 @@ def _descend(ents: Entries, token: int, k: int) -> tuple[Entries, tuple[int, int
     i = max(j for j, (_, s) in enumerate(ents) if s <= token)
     root = ents[i]
     for lod in range(root[0], 0, -1):
-        ents = _expand(ents, i, k)
+        ents = expand_at(ents, i, k)
         i += (token - ents[i][1]) // k ** (lod - 1)
     return ents, root
 
@@ -232,6 +220,7 @@ def training_contexts(
         return fallback(ents)
 
     rows, lods, from_pyramid = [], [], []
+    # The order of ``Rows``.
     for _ in range(batch):
         base, _ = deep_or(pyr, lambda e: (e, -1))
         variants = [
@@ -248,29 +237,6 @@ def training_contexts(
         np.array(lods, np.int32).reshape(batch, num_random),
         np.array(from_pyramid),
     )
-
-
-def _gistable(num_tokens: int, block_size: int) -> int:
-    """Tokens ``[0, n)`` whose spans ``span_kl`` may gist: every complete block but the last, so
-    that tokens follow every gist."""
-    return max(num_tokens // block_size * block_size - block_size, 0)
-
-
-def span_counts(num_tokens: int, fractions: tuple[float, ...], block_size: int) -> tuple[int, ...]:
-    """Gists per level (1, 2, ...) for ``span_layout``: ``fractions[l - 1]`` of the sequence's
-    level-l nodes. Raises ``ValueError`` when they cannot all fit beside each other."""
-    k = block_size
-    counts = tuple(int(f * (num_tokens // k ** (l + 1))) for l, f in enumerate(fractions))
-    usable = _gistable(num_tokens, k)
-    for level in range(len(counts), 0, -1):
-        coarser = sum(counts[m - 1] * k ** (m - level) for m in range(level + 1, len(counts) + 1))
-        free = usable // k**level - coarser
-        if free < counts[level - 1]:
-            raise ValueError(
-                f"{num_tokens} tokens hold only {free} free level-{level} nodes, "
-                f"{counts[level - 1]} asked for"
-            )
-    return counts
 
 
 def span_layout(
@@ -292,7 +258,7 @@ def span_layout(
     """
     k = block_size
     counts = span_counts(num_tokens, fractions, k)
-    usable = _gistable(num_tokens, k)
+    usable = gistable(num_tokens, k)
     rows = []
     for _ in range(batch):
         taken = np.zeros(num_tokens, bool)

@@ -2,7 +2,6 @@
 
 import atexit
 import os
-import random
 import re
 import shutil
 import sys
@@ -27,21 +26,13 @@ import ml_collections
 import pytest
 
 from megacontext_jax.config import base_config, validate
-
-WORDS = (
-    *("the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while"),
-    *("seven", "wizards", "quietly", "judge", "boxing"),
+from megacontext_jax.testing import (
+    random_checkpoint,
+    random_gister,
+    tiny_config,
+    train_tokenizer,
+    write_corpus,
 )
-
-
-def write_corpus(directory, num_docs: int = 24, seed: int = 0) -> None:
-    """Text files of pseudo-sentences: some longer than a sequence, some shorter (packed)."""
-    rng = random.Random(seed)
-    directory.mkdir(parents=True, exist_ok=True)
-    for i in range(num_docs):
-        n_words = rng.choice([8, 20, 200, 400])
-        text = " ".join(rng.choice(WORDS) for _ in range(n_words)) + ".\n"
-        (directory / f"doc{i:03d}.txt").write_text(text)
 
 
 @pytest.fixture(scope="session")
@@ -72,8 +63,6 @@ HF_CONFIG = {
 @pytest.fixture(scope="session")
 def hf_dir(tmp_path_factory, corpus_dir):
     """A Hugging Face directory of ``HF_CONFIG``: config, one safetensors file, tokenizer."""
-    from megacontext_jax.llama import random_checkpoint, train_tokenizer
-
     directory = tmp_path_factory.mktemp("hf")
     train_tokenizer(directory, [p.read_text() for p in sorted(corpus_dir.glob("*.txt"))], 300)
     random_checkpoint(directory, HF_CONFIG)
@@ -126,30 +115,6 @@ def train_cli(workdir, corpus, steps: int) -> list[str]:
     ]
 
 
-def tiny_config(workdir, corpus, **train) -> ml_collections.ConfigDict:
-    """A 2-layer, width-32 model with smeared keys (as configs/tiny.py) on ``corpus`` with
-    sequences of 32 bytes."""
-    c = base_config()
-    c.workdir = str(workdir)
-    c.model.width, c.model.depth, c.model.num_heads, c.model.num_kv_heads = 32, 2, 4, 2
-    c.model.smear_keys = True
-    c.data.source = str(corpus)
-    c.data.seq_len = 32
-    c.data.val_fraction = 0.2
-    c.train.batch_size = 4
-    c.train.steps = 6
-    c.train.warmup_steps = 2
-    c.train.log_every = 1
-    c.train.eval_every = 3
-    c.train.eval_batches = 2
-    c.train.checkpoint_every = 100
-    for key, value in train.items():
-        c.train[key] = value
-    c.lock()
-    validate(c)
-    return c
-
-
 def mc_config(
     block_size: int = 4, max_level: int = 3, width: int = 32, **mc
 ) -> ml_collections.ConfigDict:
@@ -169,9 +134,7 @@ def mc_config(
 
 
 def make_gister(config: ml_collections.ConfigDict | None = None, seed: int = 0):
-    from megacontext_jax.gister import Gister
-
-    return Gister.initialized(config or mc_config(), seed)
+    return random_gister(config or mc_config(), seed)
 
 
 def tiny_mc_config(workdir, corpus, **train) -> ml_collections.ConfigDict:

@@ -5,8 +5,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megacontext_jax.allocator import AllocatorConfig, refocus
-from megacontext_jax.working_context import check, entries, from_entries, recency_pyramid
+from megacontext_jax.allocator import refocus
+from megacontext_jax.rules import check, recency_pyramid
+from megacontext_jax.specs import AllocatorConfig
+from megacontext_jax.working_context import entries, from_entries
 
 
 def _splice(values, i, count, new):

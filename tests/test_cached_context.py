@@ -6,8 +6,10 @@ from flax import nnx
 
 from megacontext_jax.cached_context import CachedContext
 from megacontext_jax.model import GPT
+from megacontext_jax.net_specs import ModelConfig
 from megacontext_jax.positions import entry_positions
-from megacontext_jax.working_context import collapse, entries, expand, from_entries, recency_pyramid
+from megacontext_jax.rules import collapse, expand, recency_pyramid
+from megacontext_jax.working_context import entries, from_entries
 from tests.conftest import mc_config
 
 K, W = 4, 32
@@ -33,7 +35,7 @@ def _forward(model: GPT, embeddings, mu, sigma):
 
 def test_cache_across_edits_matches_recomputing_from_scratch():
     config = mc_config(block_size=K, max_level=2)
-    model = GPT(config.model, rngs=nnx.Rngs(0))
+    model = GPT(ModelConfig.from_config(config.model), rngs=nnx.Rngs(0))
     table = np.asarray(jax.random.normal(jax.random.key(1), (997, config.model.width)))
     cached = CachedContext(model, W, K, 12**-0.5)
     embed = _embedder(table)
@@ -73,7 +75,7 @@ def test_cache_across_edits_matches_recomputing_from_scratch():
 
 def test_unchanged_context_is_free_and_errors():
     config = mc_config(block_size=K, max_level=2)
-    model = GPT(config.model, rngs=nnx.Rngs(0))
+    model = GPT(ModelConfig.from_config(config.model), rngs=nnx.Rngs(0))
     table = np.ones((997, config.model.width), np.float32)
     cached = CachedContext(model, W, K, 12**-0.5)
     asked = []

@@ -13,6 +13,7 @@ from flax import nnx
 from megacontext_jax.config import ConfigError, base_config, leaves, load_config, parse_args
 from megacontext_jax.config_reference import FIELDS, format_config, markdown_table
 from megacontext_jax.model import GPT, count_params
+from megacontext_jax.net_specs import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.py")
@@ -183,7 +184,7 @@ def test_train_print_config_is_the_resolved_config_without_compute():
 
 def test_small_config_is_about_100m_parameters():
     config = load_config(str(ROOT / "configs" / "small.py"))
-    model = nnx.eval_shape(lambda: GPT(config.model, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: GPT(ModelConfig.from_config(config.model), rngs=nnx.Rngs(0)))
     n = count_params(nnx.state(model, nnx.Param))
     assert 90e6 < n < 110e6, n
     assert jax.numpy.dtype(config.model.dtype) == jax.numpy.bfloat16

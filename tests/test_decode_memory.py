@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 
 import decode
-from megacontext_jax.gister import Gister
+from megacontext_jax.testing import random_gister
 from megacontext_jax.tokenizer import BOS, ByteTokenizer
 from megacontext_jax.trainer import train
 from megacontext_jax.tree import APPEND_PIECE, Tree
-from megacontext_jax.tree_storage import read_manifest
+from megacontext_jax.tree_manifest import read_manifest
 from tests.conftest import signal_when, tiny_config, tiny_mc_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +86,7 @@ def test_bad_input_is_one_line(mc_checkpoint, tmp_path, capsys, corpus_dir):
         f"error: no checkpoint at {missing}: config.json not found"
     )
     other = tiny_mc_config(tmp_path, corpus_dir)
-    Tree.create(tmp_path / "other", Gister.initialized(other, seed=7), 2, 320).close()
+    Tree.create(tmp_path / "other", random_gister(other, seed=7), 2, 320).close()
     assert re.fullmatch(
         r"error: tree at .*other was gisted by other weights .* open it with the checkpoint whose "
         r"GistNet built it\)?",
@@ -98,7 +98,7 @@ def test_bad_input_is_one_line(mc_checkpoint, tmp_path, capsys, corpus_dir):
         f"error: {plain} holds a plain language model: a memory needs a MegaContext checkpoint "
         "(trained with --config.mc.enabled=true)"
     )
-    held = Tree.create(memory, Gister.initialized(other, seed=7), 2, 320)
+    held = Tree.create(memory, random_gister(other, seed=7), 2, 320)
     try:
         assert re.fullmatch(
             rf"error: tree at {memory} is locked by another writer \(pid {os.getpid()}\)",

@@ -3,8 +3,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -12,18 +12,11 @@ from flax import nnx
 import megacontext_jax as mcj
 from megacontext_jax import data, evaluation
 from megacontext_jax.api import load
-from megacontext_jax.evaluation import (
-    _paired,
-    condition_arrays,
-    config_hash,
-    evaluate,
-    gap_recovered,
-    score_full,
-    score_wc,
-)
+from megacontext_jax.evaluation import _paired, config_hash, evaluate, gap_recovered
 from megacontext_jax.megacontext import MegaContext
+from megacontext_jax.scoring import Setting, condition_arrays, run_conditions, score_full, score_wc
+from megacontext_jax.specs import Layout, ignored
 from megacontext_jax.trainer import train
-from megacontext_jax.variants import Layout
 from tests.conftest import tiny_mc_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,12 +39,40 @@ def test_all_token_context_equals_full_attention():
     model = MegaContext(config, rngs=nnx.Rngs(0))
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 21)), jnp.int32)
     layout = Layout.from_config(config)
-    frozen = ml_collections.FrozenConfigDict(config)
     full_nll, full_pred = score_full(model, tokens, 4)
     for name in ("window", "mc_static"):
-        nll, pred = score_wc(model, tokens, condition_arrays(name, 16, layout, 2), frozen)
+        wc = condition_arrays(name, 16, layout, 2)
+        nll, pred = score_wc(model, tokens, wc, layout, ignored(config))
         np.testing.assert_allclose(nll, full_nll, atol=1e-4)
         np.testing.assert_array_equal(pred, full_pred)
+
+
+def test_a_field_the_scorers_do_not_read_never_retraces_them():
+    """The jitted scorers take small typed configs: a run whose config differs only in a field
+    they do not read (``train.log_every``) reuses their compiled code; one they read does not."""
+    config = tiny_mc_config("/unused", "/unused")
+    model = MegaContext(config, rngs=nnx.Rngs(0))
+    tokens = np.random.default_rng(0).integers(0, 256, (2, 41)).astype(np.int32)
+    traces = []
+
+    def listener(event, duration, **_):
+        if event == "/jax/core/compile/jaxpr_trace_duration":
+            traces.append(event)
+
+    def traced_by(edit) -> int:
+        c = config.copy_and_resolve_references()
+        edit(c)
+        traces.clear()
+        run_conditions(model, Setting.from_config(c), tokens, refocus_steps=1)
+        return len(traces)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        traced_by(lambda c: None)  # compile once
+        assert traced_by(lambda c: c.train.update(log_every=3)) == 0
+        assert traced_by(lambda c: c.mc.allocator.update(max_edits=3)) > 0
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def test_evaluate_reports_every_condition(trained, corpus_dir):

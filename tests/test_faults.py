@@ -1,16 +1,23 @@
 """The fault-injection benchmark in small: one trial of each in-process fault class."""
 
-import sys
+import importlib
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import faults
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def test_every_tree_fault_is_clean_or_detected_in_one_line(tmp_path):
+@pytest.fixture
+def faults(monkeypatch):
+    """``benchmarks/faults.py`` as a module. The benchmarks are scripts, not a package: faults.py
+    imports its sibling ``crash_ingest`` from its own directory, put on the path for this test."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    return importlib.import_module("faults")
+
+
+def test_every_tree_fault_is_clean_or_detected_in_one_line(faults, tmp_path):
     table = faults.tree_trials(tmp_path, 0, np.random.default_rng(0), quick=True)
     assert set(table) == {*faults.FILE_FAULTS, "lock removed, two writers", "lock is a directory"}
     for kind, counts in table.items():
@@ -26,7 +33,7 @@ def test_every_tree_fault_is_clean_or_detected_in_one_line(tmp_path):
         assert table[kind]["detected"] == 1, kind
 
 
-def test_every_checkpoint_fault_is_clean_or_detected(tmp_path):
+def test_every_checkpoint_fault_is_clean_or_detected(faults, tmp_path):
     table = faults.checkpoint_trials(tmp_path, 0, np.random.default_rng(0), quick=True)
     assert set(table) == {"step file flipped", "step file truncated", "step file deleted"}
     for kind, counts in table.items():

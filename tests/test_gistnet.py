@@ -5,6 +5,7 @@ import pytest
 from flax import nnx
 
 from megacontext_jax.gistnet import GistNet, build_levels
+from megacontext_jax.net_specs import GistConfig
 from tests.conftest import mc_config
 
 
@@ -12,7 +13,7 @@ def _gistnet(**gist):
     config = mc_config()
     for key, value in gist.items():
         config.mc.gist[key] = value
-    return GistNet(config, rngs=nnx.Rngs(0)), config
+    return GistNet(GistConfig.from_config(config), rngs=nnx.Rngs(0)), config
 
 
 @pytest.mark.parametrize("pooling", ["mean", "query", "cls"])

@@ -9,14 +9,9 @@ from flax import nnx
 import decode
 from megacontext_jax import data
 from megacontext_jax.evaluation import evaluate
-from megacontext_jax.llama import (
-    Llama,
-    load_pretrained,
-    random_checkpoint,
-    save_pretrained,
-    train_tokenizer,
-)
+from megacontext_jax.llama import Llama, load_pretrained, save_pretrained
 from megacontext_jax.restore import load_model
+from megacontext_jax.testing import random_checkpoint, train_tokenizer
 from megacontext_jax.tokenizer import tokenizer_for
 from megacontext_jax.trainer import train
 from tests.conftest import HF_CONFIG, tiny_mc_config

@@ -11,13 +11,12 @@ from hypothesis import strategies as st
 
 from kernels.mixed_attention import Entries, MaskSpec
 from megacontext_jax import variants
-from megacontext_jax.allocator import AllocatorConfig, refocus
+from megacontext_jax.allocator import refocus
 from megacontext_jax.checkpoint import Checkpointer
 from megacontext_jax.gistnet import build_levels
 from megacontext_jax.mc_losses import guided_contexts, mc_loss, preference_loss, span_kl
 from megacontext_jax.megacontext import (
     MegaContext,
-    entry_labels,
     gather_entries,
     lens_scores,
     node_layout,
@@ -25,13 +24,15 @@ from megacontext_jax.megacontext import (
 )
 from megacontext_jax.metrics import read_metrics
 from megacontext_jax.restore import load_model
+from megacontext_jax.rules import check
 from megacontext_jax.sharding import make_mesh
+from megacontext_jax.specs import AllocatorConfig, Layout, MCTraining, span_counts
 from megacontext_jax.train_step import make_trainable
 from megacontext_jax.trainer import mc_batch, train
-from megacontext_jax.working_context import check, entries, from_entries
+from megacontext_jax.working_context import WorkingContext, entries, from_entries
 from tests.conftest import tiny_mc_config
 
-LAYOUT = variants.Layout(block_size=4, max_level=2, capacity=24, scored=4, recent_tail=4)
+LAYOUT = Layout(block_size=4, max_level=2, capacity=24, scored=4, recent_tail=4)
 
 
 def _rows(arrays, b, v, key="context"):
@@ -53,7 +54,7 @@ def test_training_contexts_keep_every_invariant(k, max_level, seed, data):
     capacity = data.draw(st.integers(4 * k + 8, 80))
     scored = data.draw(st.integers(1, 8))
     tail = data.draw(st.integers(0, capacity - scored - 2 * k))
-    layout = variants.Layout(k, max_level, capacity, scored, tail)
+    layout = Layout(k, max_level, capacity, scored, tail)
     cursor = data.draw(st.integers(1, 3000))
     deep = data.draw(st.sampled_from([0.0, 0.5, 1.0]))
     arrays, expand_lod, from_pyramid = variants.training_contexts(
@@ -80,7 +81,7 @@ def _drawn_pyramid(k: int, max_level: int, data):
     """A layout with one scored token, a cursor and the recency pyramid there, drawn by ``data``."""
     capacity = data.draw(st.integers(4 * k + 8, 80))
     tail = data.draw(st.integers(0, capacity - 1 - 2 * k))
-    layout = variants.Layout(k, max_level, capacity, 1, tail)
+    layout = Layout(k, max_level, capacity, 1, tail)
     cursor = data.draw(st.integers(1, 3000))
     return layout, cursor, variants.pyramid(cursor, layout)
 
@@ -144,9 +145,8 @@ def test_labels_are_the_first_token_after_each_span():
     cursor = 60
     arrays, *_ = variants.training_contexts(2, 2, cursor, LAYOUT, np.random.default_rng(0))
     tokens = jnp.broadcast_to(jnp.arange(65), (2, 65))  # token value == position
-    labels, mask = entry_labels(
-        tokens, *(jnp.asarray(arrays[n]) for n in ("lod", "start", "valid")), 4, (256, 257)
-    )
+    wc = WorkingContext(*(jnp.asarray(arrays[n]) for n in ("lod", "start", "valid")))
+    labels, mask = wc.labels(tokens, 4, (256, 257))
     lod, start, valid = arrays["lod"], arrays["start"], arrays["valid"]
     end = start + 4**lod
     np.testing.assert_array_equal(np.asarray(labels)[valid], end[valid])
@@ -163,7 +163,7 @@ def test_gathered_entries_are_tree_nodes():
     lod = jnp.array([[[0, 1, 2, 0]]] * 2)
     start = jnp.array([[[5, 8, 16, 63]]] * 2)
     valid = jnp.array([[[True, True, True, False]]] * 2)
-    got = gather_entries(table, offsets, lod, start, valid, 4)
+    got = gather_entries(table, offsets, WorkingContext(lod, start, valid), 4)
     np.testing.assert_allclose(got[1, 0, 0], emb[1, 5])
     np.testing.assert_allclose(got[1, 0, 1], levels[1][2], atol=1e-5)
     np.testing.assert_allclose(got[1, 0, 2], levels[2][1], atol=1e-5)
@@ -187,11 +187,13 @@ def test_guided_variant_is_rounds_of_lensnet_and_allocator(rounds):
     batch = _batch(config)
     table, offsets = node_table(model.gistnet, model.base.embed(batch["tokens"][:, :64]), 4, 2)
     host = {n: batch[n] for n in ("lod", "start", "valid", "context")}
+    baseline = jax.tree.map(lambda a: a[:, 0], WorkingContext.from_batch(batch))
+    spec = MCTraining.from_config(config)
     guided, scores, edits = guided_contexts(
-        model, table, offsets, host, 60, config, jax.random.key(1)
+        model, table, offsets, baseline, 60, spec, jax.random.key(1)
     )
     assert scores.shape == (2, 24) and float(jnp.abs(scores).max()) <= 1.0
-    arrays = {k: np.asarray(v) for k, v in guided.items()}
+    arrays = {k: np.asarray(v)[:, None] for k, v in guided.as_batch().items()}
     cfg = AllocatorConfig.from_config(config)
     for b in range(2):
         check(from_entries(_rows(arrays, b, 0), 20), 60, 4, 2, 4)
@@ -207,11 +209,9 @@ def test_guided_variant_is_rounds_of_lensnet_and_allocator(rounds):
                     model,
                     table[b : b + 1],
                     offsets,
-                    wc.lod[None],
-                    wc.start[None],
-                    wc.valid[None],
+                    jax.tree.map(lambda a: a[None], wc),
                     60,
-                    config,
+                    Layout.from_config(config),
                 )[0]
             )
             out = refocus(wc, s, cooldown, 60, cfg)
@@ -230,7 +230,11 @@ def test_gradients_reach_every_part(lens_start, lens_grads):
     batch = _batch(config)
     # Jitted: op by op, the eager gradient of the whole objective took over a minute on CPU.
     grad = nnx.jit(
-        nnx.grad(lambda m: mc_loss(m, batch, jnp.int32(0), jax.random.key(0), config)[0])
+        nnx.grad(
+            lambda m: mc_loss(
+                m, batch, jnp.int32(0), jax.random.key(0), MCTraining.from_config(config)
+            )[0]
+        )
     )
     grads = grad(model)
 
@@ -254,7 +258,9 @@ def test_condition_metrics_average_the_pyramid_baselines_only():
     metrics = {}
     for which in ((True, True), (True, False), (False, True), (False, False)):
         b = {**batch, "from_pyramid": jnp.array(which)}
-        metrics[which] = mc_loss(model, b, jnp.int32(0), jax.random.key(0), config)[1]
+        metrics[which] = mc_loss(
+            model, b, jnp.int32(0), jax.random.key(0), MCTraining.from_config(config)
+        )[1]
     for name in ("loss/mc_static", "loss/mc_focus"):
         both, first, second = (float(metrics[w][name]) for w in list(metrics)[:3])
         np.testing.assert_allclose(both, (first + second) / 2, rtol=1e-5)
@@ -274,7 +280,7 @@ def test_lens_prior_adds_the_mean_squared_score():
             c = config.copy_and_resolve_references()
             c.mc.loss.lens_prior, c.mc.lens_start = prior, 5
             totals[prior, step], metrics = mc_loss(
-                model, batch, jnp.int32(step), jax.random.key(0), c
+                model, batch, jnp.int32(step), jax.random.key(0), MCTraining.from_config(c)
             )
     assert 0 < float(metrics["lens/score_rms"]) <= 1
     expected = 3.0 * float(metrics["lens/score_rms"]) ** 2
@@ -321,7 +327,7 @@ def test_preference_loss_without_pairs_is_zero():
 )
 def test_span_layout_tiles_each_sequence_with_the_asked_gists(k, num_tokens, fractions, counts):
     horizon = 2 * k
-    assert variants.span_counts(num_tokens, fractions, k) == counts
+    assert span_counts(num_tokens, fractions, k) == counts
     arrays = variants.span_layout(3, num_tokens, fractions, k, horizon, np.random.default_rng(0))
     width = num_tokens - sum(n * (k ** (level + 1) - 1) for level, n in enumerate(counts))
     assert all(a.shape == (3, width) for a in arrays.values())
@@ -342,9 +348,9 @@ def test_span_layout_tiles_each_sequence_with_the_asked_gists(k, num_tokens, fra
 def test_span_counts_refuse_more_gists_than_fit():
     # 36 tokens, K = 4: the last block stays, so [0, 32) holds two level-2 nodes; with both taken
     # no level-1 node is left for the 0.5 x 9 = 4 asked.
-    assert variants.span_counts(36, (0.0, 1.0), 4) == (0, 2)
+    assert span_counts(36, (0.0, 1.0), 4) == (0, 2)
     with pytest.raises(ValueError, match="hold only 0 free level-1 nodes, 4 asked for"):
-        variants.span_counts(36, (0.5, 1.0), 4)
+        span_counts(36, (0.5, 1.0), 4)
 
 
 def test_span_kl_is_zero_over_tokens_alone_and_trains_gistnet():
@@ -359,19 +365,20 @@ def test_span_kl_is_zero_over_tokens_alone_and_trains_gistnet():
     t = tokens.shape[1] - 1
     table, offsets = node_table(model.gistnet, model.base.embed(tokens[:, :t]), 4, 2)
     full_logits = model.base(tokens[:, :t])
+    spec = MCTraining.from_config(config)
     plain = {
         "span_lod": jnp.zeros((2, t), jnp.int32),
         "span_start": jnp.broadcast_to(jnp.arange(t), (2, t)),
         "span_scored": jnp.ones((2, t), bool),
     }
-    kl, added = span_kl(model, table, offsets, full_logits, tokens, plain, config)
+    kl, added = span_kl(model, table, offsets, full_logits, tokens, plain, spec)
     assert abs(float(kl)) < 1e-5 and abs(float(added)) < 1e-4
-    kl, added = span_kl(model, table, offsets, full_logits, tokens, batch, config)
+    kl, added = span_kl(model, table, offsets, full_logits, tokens, batch, spec)
     assert float(kl) > 1e-4 and np.isfinite(float(added))
 
     def loss(m):
         table, offsets = node_table(m.gistnet, m.base.embed(tokens[:, :t]), 4, 2)
-        return span_kl(m, table, offsets, full_logits, tokens, batch, config)[0]
+        return span_kl(m, table, offsets, full_logits, tokens, batch, spec)[0]
 
     grads = nnx.grad(loss)(model)
     for part in (grads.base, grads.gistnet):
@@ -380,7 +387,9 @@ def test_span_kl_is_zero_over_tokens_alone_and_trains_gistnet():
     for weight in (0.0, 1000.0):  # KL ~ 1e-4 at initialization: big enough to see in float32
         c = config.copy_and_resolve_references()
         c.mc.loss.span_kl = weight
-        totals[weight], metrics = mc_loss(model, batch, jnp.int32(0), jax.random.key(0), c)
+        totals[weight], metrics = mc_loss(
+            model, batch, jnp.int32(0), jax.random.key(0), MCTraining.from_config(c)
+        )
     np.testing.assert_allclose(float(metrics["span_kl"]), float(kl), rtol=1e-5)
     np.testing.assert_allclose(totals[1000.0] - totals[0.0], 1000.0 * float(kl), rtol=1e-4)
 
@@ -531,12 +540,18 @@ def test_pyramid_pass_trains_base_and_gistnet():
     config.mc.loss.pyramid = 1.0
     model = MegaContext(config, rngs=nnx.Rngs(0))
     batch = _batch(config)
-    loss, metrics = mc_loss(model, batch, jnp.int32(0), jax.random.key(0), config)
+    loss, metrics = mc_loss(
+        model, batch, jnp.int32(0), jax.random.key(0), MCTraining.from_config(config)
+    )
     assert float(loss) == pytest.approx(float(metrics["loss/pyramid"]))
     assert 0 < float(loss) < 10
     # Jitted: op by op, the eager gradient of the whole objective took over a minute on CPU.
     grad = nnx.jit(
-        nnx.grad(lambda m: mc_loss(m, batch, jnp.int32(0), jax.random.key(0), config)[0])
+        nnx.grad(
+            lambda m: mc_loss(
+                m, batch, jnp.int32(0), jax.random.key(0), MCTraining.from_config(config)
+            )[0]
+        )
     )
     grads = grad(model)
     for part in (grads.base, grads.gistnet):

@@ -7,6 +7,7 @@ from flax import nnx
 from kernels.mixed_attention import Entries
 from megacontext_jax.config import base_config
 from megacontext_jax.model import GPT, cross_entropy, smear_keys
+from megacontext_jax.net_specs import ModelConfig
 
 
 def _model(**overrides):
@@ -14,7 +15,7 @@ def _model(**overrides):
     cfg.width, cfg.depth, cfg.num_heads, cfg.num_kv_heads = 32, 2, 4, 2
     for k, v in overrides.items():
         cfg[k] = v
-    return GPT(cfg, rngs=nnx.Rngs(0))
+    return GPT(ModelConfig.from_config(cfg), rngs=nnx.Rngs(0))
 
 
 def _tokens(shape=(2, 12), seed=0):

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from megacontext_jax import tree as tree_module
 from megacontext_jax.gistnet import build_levels
 from megacontext_jax.tree import Tree
-from megacontext_jax.tree_storage import (
+from megacontext_jax.tree_errors import (
     TreeCorruptError,
     TreeError,
     TreeLockedError,
@@ -182,8 +182,6 @@ def test_corrupt_trees(tmp_path):
 
 
 LOCK_SCRIPT = """
-import sys
-sys.path.insert(0, {root!r})
 from megacontext_jax.tree import Tree
 from tests.conftest import make_gister
 try:
@@ -197,8 +195,11 @@ def test_second_writer_is_refused(tmp_path):
     path = tmp_path / "t"
     with Tree.create(path, GISTER, 3, VOCAB) as t:
         t.append(np.arange(8))
-        script = LOCK_SCRIPT.format(root=str(ROOT), path=str(path))
-        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+        script = LOCK_SCRIPT.format(path=str(path))
+        # From the checkout's root, where ``python -c`` finds ``tests`` (the package is installed).
+        out = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT
+        )
         assert out.stdout.strip().startswith("TreeLockedError")
         assert "locked by another writer" in out.stdout
         with Tree.open(path) as reader:  # readers are never blocked

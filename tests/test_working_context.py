@@ -4,9 +4,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megacontext_jax import working_context as wcm
+from megacontext_jax import rules
 from megacontext_jax.positions import entry_positions
-from megacontext_jax.working_context import WCInvariantError, check, entries, from_entries
+from megacontext_jax.rules import WCInvariantError, check
+from megacontext_jax.working_context import entries, from_entries
 
 
 @st.composite
@@ -16,7 +17,7 @@ def wc_setups(draw):
     capacity = draw(st.integers(2 * k + 2, 120))
     tail = draw(st.integers(0, capacity - 2 * k))
     num_tokens = draw(st.integers(0, 20_000))
-    shape = draw(st.sampled_from(wcm.PYRAMIDS))
+    shape = draw(st.sampled_from(rules.PYRAMIDS))
     return num_tokens, capacity, k, max_level, tail, shape
 
 
@@ -24,20 +25,20 @@ def wc_setups(draw):
 @given(wc_setups())
 def test_recency_pyramid_is_legal_and_full(setup):
     n, capacity, k, max_level, tail, shape = setup
-    wc = wcm.recency_pyramid(n, capacity, k, max_level, tail, shape)
+    wc = rules.recency_pyramid(n, capacity, k, max_level, tail, shape)
     horizon = check(wc, n, k, max_level, tail)
     ents = entries(wc)
     has_gist = any(lod > 0 for lod, _ in ents)
     # As full as legally possible: another expansion (K - 1 more entries) would not fit.
     assert not has_gist or len(ents) + k - 1 > capacity
-    assert horizon == 0 or wcm.min_entries(n, k, max_level, tail) > capacity
+    assert horizon == 0 or rules.min_entries(n, k, max_level, tail) > capacity
     if n <= capacity:
         assert ents == [(0, t) for t in range(n)]
 
 
-@pytest.mark.parametrize("shape", wcm.PYRAMIDS)
+@pytest.mark.parametrize("shape", rules.PYRAMIDS)
 def test_pyramid_detail_falls_off_with_distance(shape):
-    ents = entries(wcm.recency_pyramid(100_000, 256, 8, 4, 32, shape))
+    ents = entries(rules.recency_pyramid(100_000, 256, 8, 4, 32, shape))
     lods = [lod for lod, _ in ents]
     assert lods == sorted(lods, reverse=True)  # coarse in the past, fine near the present
     assert set(lods) == {0, 1, 2, 3, 4}
@@ -48,20 +49,20 @@ def test_pyramid_shapes():
     # 496 tokens, 48 entries, K = 8, a 16-token tail: the coarsest cover is 7 LOD2 gists, 4 LOD1
     # gists and 16 tokens (27 entries), and 3 expansions of 7 entries fill the budget.
     lod2 = [(2, 64 * i) for i in range(7)]
-    recent = entries(wcm.recency_pyramid(496, 48, 8, 3, 16, "recent"))
+    recent = entries(rules.recency_pyramid(496, 48, 8, 3, 16, "recent"))
     assert recent == lod2 + [(1, 448)] + [(0, t) for t in range(456, 496)]  # the newest LOD1s
     # "proportional" expands by span / (distance + span): the LOD2 gists at 384 (64 / 112) and
     # 320 (64 / 176), then the LOD1 gist at 472 (8 / 24).
-    proportional = entries(wcm.recency_pyramid(496, 48, 8, 3, 16, "proportional"))
+    proportional = entries(rules.recency_pyramid(496, 48, 8, 3, 16, "proportional"))
     assert proportional == (
         lod2[:5] + [(1, 320 + 8 * j) for j in range(19)] + [(0, t) for t in range(472, 496)]
     )
     with pytest.raises(ValueError, match="pyramid shape 'flat': must be one of"):
-        wcm.recency_pyramid(496, 48, 8, 3, 16, "flat")
+        rules.recency_pyramid(496, 48, 8, 3, 16, "flat")
 
 
 def test_horizon_when_history_exceeds_coarsest_cover():
-    wc = wcm.recency_pyramid(5000, 40, 4, 2, 8)
+    wc = rules.recency_pyramid(5000, 40, 4, 2, 8)
     horizon = check(wc, 5000, 4, 2, 8)
     assert horizon == 4480 and entries(wc)[0] == (2, 4480)
 
@@ -92,16 +93,41 @@ def test_check_requires_packed_layout():
 
 
 def test_expand_then_collapse_round_trips():
-    wc = wcm.recency_pyramid(1000, 64, 4, 3, 8)
+    wc = rules.recency_pyramid(1000, 64, 4, 3, 8)
     ents = entries(wc)
     for index, (lod, start) in enumerate(ents):
         if lod == 0 or len(ents) + 3 > 64:
             continue
-        expanded = wcm.expand(wc, index, 4)
+        expanded = rules.expand(wc, index, 4)
         new = entries(expanded)
         assert new[index : index + 4] == [(lod - 1, start + j * 4 ** (lod - 1)) for j in range(4)]
         assert new[:index] == ents[:index] and new[index + 4 :] == ents[index + 1 :]
-        assert entries(wcm.collapse(expanded, index, 4)) == ents
+        assert entries(rules.collapse(expanded, index, 4)) == ents
+
+
+@settings(max_examples=100, deadline=None)
+@given(wc_setups(), st.data())
+def test_host_and_array_edit_rules_agree(setup, data):
+    """``collapsible_at`` / ``expandable_at`` (host lists) and ``legal_groups`` (arrays, the
+    allocator's) say the same, and ``expand_at`` / ``collapse_at`` make the arrays' edits."""
+    n, capacity, k, max_level, tail, shape = setup
+    wc = rules.recency_pyramid(n, capacity, k, max_level, tail, shape)
+    ents = entries(wc)
+    depth = data.draw(st.integers(0, 2))  # a few expansions, so that fine groups appear
+    for _ in range(depth):
+        gists = [i for i in range(len(ents)) if rules.expandable_at(ents, i, n, k, tail)]
+        if not gists or len(ents) + k - 1 > capacity:
+            break
+        i = data.draw(st.sampled_from(gists))
+        wc, ents = rules.expand(wc, i, k), rules.expand_at(ents, i, k)
+        assert entries(wc) == ents
+    outside_tail = wc.valid & (wc.end(k) <= n - tail)
+    legal = np.asarray(rules.legal_groups(wc, outside_tail, k, max_level))
+    host = [rules.collapsible_at(ents, i, n, k, max_level, tail) for i in range(len(ents))]
+    assert legal[: len(ents)].tolist() == host
+    assert not legal[len(ents) :].any()
+    for i in np.flatnonzero(host):
+        assert entries(rules.collapse(wc, int(i), k)) == rules.collapse_at(ents, int(i), k)
 
 
 def test_entry_positions():

@@ -109,8 +109,8 @@ def _done(summary: dict, workdir: str) -> str:
 def run() -> None:
     """The ``megacontext-train`` console entry point (and ``train.py``'s)."""
     status = main(sys.argv[1:])
-    trainer = sys.modules.get("megacontext_jax.trainer")  # not imported by --help and errors
-    if trainer is not None and trainer.startup_running():
+    stopping = sys.modules.get("megacontext_jax.stopping")  # not imported by --help and errors
+    if stopping is not None and stopping.startup_running():
         # Interrupted during a compilation, which goes on in its worker thread: Python's shutdown
         # would abort that thread inside XLA ("FATAL: exception not rethrown"); nothing is left
         # to flush but our own streams (the checkpointer and the metrics are closed).
