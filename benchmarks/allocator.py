@@ -13,8 +13,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from megacontext_jax.allocator import refocus
-from megacontext_jax.rules import check, recency_pyramid
+from megacontext_jax.focus.allocator import refocus
+from megacontext_jax.focus.rules import check, recency_pyramid
 from megacontext_jax.specs import AllocatorConfig
 
 

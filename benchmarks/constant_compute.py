@@ -40,7 +40,7 @@ def _model(config):
 
 def build(gister, config, directory: Path, size: int) -> float:
     """Ingests ``size`` tokens into a new tree at ``directory``; returns tokens/s."""
-    from megacontext_jax.tree import Tree
+    from megacontext_jax.memory.tree import Tree
 
     tokens = np.random.default_rng(size).integers(0, 256, size).astype(np.int32)
     with Tree.create(directory, gister, config.mc.max_level, config.model.vocab_size) as tree:
@@ -53,10 +53,10 @@ def worker(config, directory: Path, tokens: int) -> dict:
     """Times decoding over the tree at ``directory`` (run in its own process)."""
     import jax
 
-    from megacontext_jax.cached_context import CachedContext
-    from megacontext_jax.metrics import peak_rss_mb
-    from megacontext_jax.session import Session, _sample, gister_for
-    from megacontext_jax.tree import Tree
+    from megacontext_jax.memory.tree import Tree
+    from megacontext_jax.runtime.cached_context import CachedContext
+    from megacontext_jax.runtime.session import Session, _sample, gister_for
+    from megacontext_jax.training.metrics import peak_rss_mb
 
     model = _model(config)
     tree = Tree.open(directory, gister_for(model, config))
@@ -135,7 +135,7 @@ def main() -> None:
         f"config: {args.config}  W={mc.wc_size} K={mc.block_size} levels={mc.max_level} "
         f"refocus every {mc.refocus_every or mc.block_size} tokens, width {config.model.width}"
     )
-    from megacontext_jax.session import gister_for
+    from megacontext_jax.runtime.session import gister_for
 
     gister = gister_for(_model(config), config)
     with tempfile.TemporaryDirectory() as tmp:

@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from megacontext_jax import data, tasks
-from megacontext_jax.restore import load_model
-from megacontext_jax.tokenizer import tokenizer_for
+from megacontext_jax.text import data, tasks
+from megacontext_jax.text.tokenizer import tokenizer_for
+from megacontext_jax.training.restore import load_model
 
 
 @nnx.jit

@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from megacontext_jax.config import base_config
-from megacontext_jax.gister import Gister
+from megacontext_jax.memory.errors import TreeError
+from megacontext_jax.memory.gister import Gister
+from megacontext_jax.memory.tree import Tree
 from megacontext_jax.testing import random_gister
-from megacontext_jax.tree import Tree
-from megacontext_jax.tree_errors import TreeError
 
 STREAM_TOKENS = 2_000_000
 MAX_LEVEL = 3

@@ -40,13 +40,13 @@ from pathlib import Path
 import crash_ingest
 import numpy as np
 
-from megacontext_jax.checkpoint import CheckpointError
-from megacontext_jax.gister import Gister
+from megacontext_jax.memory.errors import TreeError
+from megacontext_jax.memory.gister import Gister
+from megacontext_jax.memory.lock import LOCK
+from megacontext_jax.memory.manifest import MANIFEST
+from megacontext_jax.memory.tree import Tree
 from megacontext_jax.testing import random_gister, write_corpus
-from megacontext_jax.tree import Tree
-from megacontext_jax.tree_errors import TreeError
-from megacontext_jax.tree_lock import LOCK
-from megacontext_jax.tree_manifest import MANIFEST
+from megacontext_jax.training.checkpoint import CheckpointError
 
 HISTORY = 40_000
 OUTCOMES = ("clean", "detected", "traceback", "lost")
@@ -273,7 +273,7 @@ def tree_trials(root: Path, trials: int, rng, quick: bool) -> dict[str, Counter]
 # -- checkpoints ---------------------------------------------------------------------------------
 RUN = """
 from megacontext_jax.testing import tiny_config
-from megacontext_jax.trainer import train
+from megacontext_jax.training.loop import train
 train(tiny_config({workdir!r}, {corpus!r}, steps={steps}, checkpoint_every={every},
                   keep_checkpoints={keep}, eval_every=1000), progress=False)
 """
@@ -290,7 +290,7 @@ def params(workdir: Path):
     import jax
     from flax import nnx
 
-    from megacontext_jax.restore import load
+    from megacontext_jax.training.restore import load
 
     model, _, step = load(workdir)
     return step, [np.asarray(x) for x in jax.tree.leaves(nnx.state(model))]

@@ -29,10 +29,11 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 
-from megacontext_jax import data, variants
-from megacontext_jax.restore import load_model
 from megacontext_jax.scoring import Setting, contexts, score_full, score_wc
-from megacontext_jax.tokenizer import tokenizer_for
+from megacontext_jax.text import data
+from megacontext_jax.text.tokenizer import tokenizer_for
+from megacontext_jax.training import variants
+from megacontext_jax.training.restore import load_model
 
 
 def main() -> None:

@@ -4,7 +4,7 @@
     python benchmarks/import_memory.py --layers 4 --keep DIR  # smaller; keep the checkpoint
 
 Writes a random-weight checkpoint in the Hugging Face layout (sharded safetensors + index), then
-imports it in a fresh process (``llama.load_pretrained`` in the checkpoint's dtype) and reports
+imports it in a fresh process (``nets.hf_weights.load_pretrained`` in the checkpoint's dtype) and reports
 that process's peak RSS: before the import (jax and the code loaded), after it, and the growth
 relative to the bytes of the weights (1.0 = exactly one copy).
 """
@@ -21,9 +21,9 @@ from pathlib import Path
 def worker(directory: str, dtype: str) -> dict:
     import jax
 
-    from megacontext_jax.llama import load_pretrained
-    from megacontext_jax.metrics import peak_rss_mb
-    from megacontext_jax.model import count_params
+    from megacontext_jax.nets.decoder import count_params
+    from megacontext_jax.nets.hf_weights import load_pretrained
+    from megacontext_jax.training.metrics import peak_rss_mb
 
     jax.numpy.zeros(1).block_until_ready()  # the runtime's own memory counts as baseline
     before = peak_rss_mb()

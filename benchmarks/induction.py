@@ -19,8 +19,9 @@ import optax
 from flax import nnx
 
 from megacontext_jax.config import base_config
-from megacontext_jax.model import GPT, cross_entropy
-from megacontext_jax.net_specs import ModelConfig
+from megacontext_jax.nets.gpt import GPT
+from megacontext_jax.nets.losses import cross_entropy
+from megacontext_jax.nets.specs import ModelConfig
 
 
 def batches(rng: np.random.Generator, batch: int, length: int, vocab: int):

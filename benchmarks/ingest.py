@@ -17,8 +17,8 @@ import numpy as np
 from tqdm import tqdm
 
 from megacontext_jax.config import load_config
+from megacontext_jax.memory.tree import Tree
 from megacontext_jax.testing import random_gister
-from megacontext_jax.tree import Tree
 
 ROOT = Path(__file__).resolve().parents[1]
 

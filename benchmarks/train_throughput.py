@@ -18,11 +18,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from megacontext_jax import sharding
 from megacontext_jax.config import parse_args
-from megacontext_jax.model import count_params
-from megacontext_jax.train_step import make_train_step, make_trainable
-from megacontext_jax.trainer import mc_batch
+from megacontext_jax.nets.decoder import count_params
+from megacontext_jax.training import sharding
+from megacontext_jax.training.loop import mc_batch
+from megacontext_jax.training.step import make_train_step, make_trainable
 
 ROOT = Path(__file__).resolve().parents[1]
 # Dense bf16 peak FLOP/s by device kind (without sparsity).

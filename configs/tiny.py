@@ -41,7 +41,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.model.depth = 4
     c.model.num_heads = 4
     c.model.num_kv_heads = 2
-    c.model.smear_keys = True  # a one-layer path to copying (model.py)
+    c.model.smear_keys = True  # a one-layer path to copying (nets/layers.py)
     c.data.seq_len = 512  # T = 8 W: a training sequence's history is 8x the working context
     c.data.passkey_fraction = 0.5  # retrieval practice for LensNet and GistNet
     c.data.repeat_fraction = 1.0  # copy practice: without it the base never learns to look back

@@ -7,7 +7,7 @@ bit for bit; a coarse gist keeps only the low frequencies.
 
 ``span_positions`` is the one home of the absolute-position formula: a tree node of level l over
 ``[s, s + K^l)`` sits at its span's centre. The model's entry positions
-(``megacontext_jax.positions``) and the kernels' entry metadata (``kernels.mask.Entries``) both call
+(``megacontext_jax.focus.positions``) and the kernels' entry metadata (``kernels.mask.Entries``) both call
 it, so the two agree bit for bit.
 
 Pairs use the "half split" layout: element i pairs with element i + head_dim // 2.

@@ -19,9 +19,9 @@ _EXPORTS = {
     "evaluate": "megacontext_jax.api",
     "Model": "megacontext_jax.api",
     "MemorySession": "megacontext_jax.api",
-    "CheckpointError": "megacontext_jax.checkpoint",
-    "SessionError": "megacontext_jax.session",
-    "TreeError": "megacontext_jax.tree_storage",
+    "CheckpointError": "megacontext_jax.training.checkpoint",
+    "SessionError": "megacontext_jax.runtime.session",
+    "TreeError": "megacontext_jax.memory.errors",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -24,10 +24,10 @@ import ml_collections
 import numpy as np
 
 from megacontext_jax.megacontext import MegaContext
-from megacontext_jax.model import DecoderLM
-from megacontext_jax.session import Session, SessionError, open_session
-from megacontext_jax.telemetry import Telemetry, plot_lod_map
-from megacontext_jax.tokenizer import ByteTokenizer, HFTokenizer, sampleable, tokenizer_for
+from megacontext_jax.nets.decoder import DecoderLM
+from megacontext_jax.runtime.session import Session, SessionError, open_session
+from megacontext_jax.runtime.telemetry import Telemetry, plot_lod_map
+from megacontext_jax.text.tokenizer import ByteTokenizer, HFTokenizer, sampleable, tokenizer_for
 
 Progress = Callable[[int], None]  # called with the number of tokens just ingested
 
@@ -96,7 +96,7 @@ class Model:
     ) -> Iterator[int]:
         """Ids continuing ``prompt`` with the base model alone (its context capped at the
         training length, ``data.seq_len``); ends at EOS (not yielded) or ``max_new_tokens``."""
-        from megacontext_jax.sampling import generate
+        from megacontext_jax.runtime.sampling import generate
 
         ids = generate(
             self.base,
@@ -258,8 +258,8 @@ def load(path: str | Path) -> Model:
 
     Raises ``CheckpointError`` / ``PretrainedError`` (one line) for a missing or broken one.
     """
-    from megacontext_jax.checkpoint import CONFIG_FILE, CheckpointError
-    from megacontext_jax.restore import load as load_checkpoint
+    from megacontext_jax.training.checkpoint import CONFIG_FILE, CheckpointError
+    from megacontext_jax.training.restore import load as load_checkpoint
 
     path = Path(path)
     if _is_hf_directory(path):
@@ -281,8 +281,9 @@ def _is_hf_directory(path: Path) -> bool:
 
 def _load_hf(path: Path) -> Model:
     from megacontext_jax.config import base_config
-    from megacontext_jax.llama import base_config as llama_config
-    from megacontext_jax.llama import load_weights, read_hf_config, sync_config
+    from megacontext_jax.nets.hf_weights import load_weights
+    from megacontext_jax.nets.llama import base_config as llama_config
+    from megacontext_jax.nets.llama import read_hf_config, sync_config
 
     config = base_config()
     config.model.family, config.model.hf_path, config.model.smear_keys = "llama", str(path), False
@@ -312,7 +313,7 @@ def evaluate(
     run's identity (checkpoint, step, config hash, these arguments). Returns the dict the CLI
     writes as JSON."""
     from megacontext_jax import evaluation as ev
-    from megacontext_jax.data import evaluation_documents
+    from megacontext_jax.text.data import evaluation_documents
 
     arguments = {
         "data": data,

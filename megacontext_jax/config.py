@@ -23,7 +23,7 @@ from typing import Any
 import ml_collections
 
 from megacontext_jax.errors import ConfigError, positive, require
-from megacontext_jax.net_specs import ModelConfig
+from megacontext_jax.nets.specs import ModelConfig
 from megacontext_jax.specs import validate_mc
 
 OPTIMIZERS = ("adamw", "muon")

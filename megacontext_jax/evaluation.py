@@ -36,11 +36,11 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from megacontext_jax import data, tasks, variants
-from megacontext_jax.checkpoint import CheckpointError
 from megacontext_jax.cli import HelpFormatter, OneLineParser, at_least, history_lengths
 from megacontext_jax.config import to_json
+from megacontext_jax.focus.working_context import WorkingContext
 from megacontext_jax.megacontext import MegaContext
+from megacontext_jax.nets.decoder import DecoderLM
 from megacontext_jax.report import plot, print_substitutability, print_table
 from megacontext_jax.scoring import (
     CONDITIONS,
@@ -49,14 +49,16 @@ from megacontext_jax.scoring import (
     run_conditions,
     score_wc,
 )
-from megacontext_jax.tokenizer import tokenizer_for
-from megacontext_jax.working_context import WorkingContext
+from megacontext_jax.text import data, tasks
+from megacontext_jax.text.tokenizer import ByteTokenizer, HFTokenizer, tokenizer_for
+from megacontext_jax.training import variants
+from megacontext_jax.training.checkpoint import CheckpointError
 
 COMPARISONS = (("mc_static", "window"), ("mc_focus", "mc_static"), ("full", "window"))
 
 
 def substitutability(
-    model, setting: Setting, docs: list[data.Document], num_docs: int, after: int = 32
+    model: MegaContext, setting: Setting, docs: list[data.Document], num_docs: int, after: int = 32
 ) -> dict:
     """Mean ΔNLL of the ``after`` tokens following a span when the span is replaced by its LOD1
     gist (span K) or LOD2 gist (span K^2), or dropped, against the span as tokens.
@@ -139,7 +141,9 @@ def answered(pred: np.ndarray, probe: tasks.Probe, cursor: int) -> bool:
     return bool((pred[probe.answer - cursor - 1] == probe.tokens[probe.answer]).all())
 
 
-def oracle_passkey(model: MegaContext, setting: Setting, probes: list[tasks.Probe], cursor: int):
+def oracle_passkey(
+    model: MegaContext, setting: Setting, probes: list[tasks.Probe], cursor: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Passkeys found when the pyramid has each probe's answer tokens brought to LOD0
     (``variants.bring_to_lod0``): what a focus that found every needle would give the base model.
 
@@ -164,7 +168,12 @@ def oracle_passkey(model: MegaContext, setting: Setting, probes: list[tasks.Prob
 
 
 def score_length(
-    model, setting: Setting, seqs: list[np.ndarray], batch: int, refocus_steps: int, per_token
+    model: MegaContext | DecoderLM,
+    setting: Setting,
+    seqs: list[np.ndarray],
+    batch: int,
+    refocus_steps: int,
+    per_token: float,
 ) -> dict:
     """One length's row of the results: each condition's NLL and bits per byte over the
     documents ``seqs``, the paired differences and ``gap_recovered``."""
@@ -191,7 +200,7 @@ def score_length(
 
 
 def retrieval(
-    model,
+    model: MegaContext | DecoderLM,
     setting: Setting,
     task: str,
     filler: np.ndarray,
@@ -199,7 +208,7 @@ def retrieval(
     batch: int,
     refocus_steps: int,
     num_probes: int,
-    tokenizer,
+    tokenizer: ByteTokenizer | HFTokenizer,
     rng: np.random.Generator,
 ) -> tuple[dict, dict | None, dict | None]:
     """One retrieval task at history length ``n``: accuracy per condition and, for the passkey,
@@ -242,7 +251,7 @@ def retrieval(
 
 
 def evaluate(
-    model,
+    model: MegaContext | DecoderLM,
     config: ml_collections.ConfigDict,
     docs: list[data.Document],
     lengths: list[int],

@@ -14,20 +14,21 @@ import numpy as np
 from flax import nnx
 
 from kernels.mixed_attention import MaskSpec
-from megacontext_jax.allocator import refocus
-from megacontext_jax.gistnet import GistNet, build_levels
-from megacontext_jax.lensnet import LensNet
-from megacontext_jax.model import GPT, DecoderLM
-from megacontext_jax.net_specs import GistConfig, LensConfig, ModelConfig
+from megacontext_jax.focus.allocator import refocus
+from megacontext_jax.focus.working_context import WorkingContext
+from megacontext_jax.nets.decoder import DecoderLM
+from megacontext_jax.nets.gistnet import GistNet, build_levels
+from megacontext_jax.nets.gpt import GPT
+from megacontext_jax.nets.lensnet import LensNet
+from megacontext_jax.nets.specs import GistConfig, LensConfig, ModelConfig
 from megacontext_jax.specs import AllocatorConfig, Layout
-from megacontext_jax.working_context import WorkingContext
 
 
 def make_base(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> DecoderLM:
     """A freshly initialized base model of ``config.model.family`` (GPT or an imported Llama's
     architecture; its weights come from ``restore.attach_base``)."""
     if config.model.family == "llama":
-        from megacontext_jax.llama import Llama, base_config
+        from megacontext_jax.nets.llama import Llama, base_config
 
         return Llama(base_config(config.model), rngs=rngs)
     return GPT(ModelConfig.from_config(config.model), rngs=rngs)
@@ -129,7 +130,12 @@ def read_wc(
 
 
 def lens_scores(
-    model: MegaContext, table, offsets, wc: WorkingContext, cursor: int, layout: Layout
+    model: MegaContext,
+    table: jax.Array,
+    offsets: tuple[int, ...],
+    wc: WorkingContext,
+    cursor: int,
+    layout: Layout,
 ) -> jax.Array:
     """LensNet scores ``[B, W]`` of the context entries of ``[B, W]`` WCs.
 
@@ -143,8 +149,8 @@ def lens_scores(
 
 def focus_rounds(
     model: MegaContext,
-    table,
-    offsets,
+    table: jax.Array,
+    offsets: tuple[int, ...],
     wc: WorkingContext,
     cursor: int,
     layout: Layout,

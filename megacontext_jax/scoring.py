@@ -16,11 +16,12 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from megacontext_jax import variants
+from megacontext_jax.focus.working_context import WorkingContext
 from megacontext_jax.megacontext import MegaContext, focus_rounds, node_table, read_wc
-from megacontext_jax.model import token_nll
+from megacontext_jax.nets.decoder import DecoderLM
+from megacontext_jax.nets.losses import token_nll
 from megacontext_jax.specs import AllocatorConfig, Layout, ignored
-from megacontext_jax.working_context import WorkingContext
+from megacontext_jax.training import variants
 
 CONDITIONS = ("full", "window", "mc_static", "mc_focus")
 
@@ -30,7 +31,9 @@ def _scored(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]
 
 
 @partial(nnx.jit, static_argnames=("scored",))
-def score_full(model: MegaContext, tokens: jax.Array, scored: int):
+def score_full(
+    model: MegaContext | DecoderLM, tokens: jax.Array, scored: int
+) -> tuple[jax.Array, jax.Array]:
     """NLL and argmax ``[B, S]`` of the last S tokens with every token in context."""
     n = tokens.shape[1] - 1
     logits = model.base(tokens[:, :n])[:, n - scored :]
@@ -39,8 +42,12 @@ def score_full(model: MegaContext, tokens: jax.Array, scored: int):
 
 @partial(nnx.jit, static_argnames=("layout", "ignore"))
 def score_wc(
-    model: MegaContext, tokens: jax.Array, wc: WorkingContext, layout: Layout, ignore: tuple
-):
+    model: MegaContext | DecoderLM,
+    tokens: jax.Array,
+    wc: WorkingContext,
+    layout: Layout,
+    ignore: tuple[int, ...],
+) -> tuple[jax.Array, jax.Array]:
     """NLL and argmax ``[B, S]`` of the ``layout.scored`` tokens after the context of WCs
     ``wc [B, W]`` (their entries follow the context entries); ``ignore``: label ids that are
     never targets."""
@@ -109,7 +116,9 @@ class Setting:
         )
 
 
-def run_conditions(model, setting: Setting, tokens: np.ndarray, refocus_steps: int):
+def run_conditions(
+    model: MegaContext | DecoderLM, setting: Setting, tokens: np.ndarray, refocus_steps: int
+) -> dict[str, tuple]:
     """``{condition: (nll [B, S], argmax [B, S], WC or None)}`` for one batch of sequences."""
     layout = setting.layout
     n = tokens.shape[1] - 1

@@ -1,6 +1,6 @@
 """Typed configs of the parts, built once from the ``ConfigDict`` at the entry points: the
 working-context layout, the loss weights, the allocator and the MegaContext objective here, the
-networks in ``net_specs``.
+networks in ``nets.specs``.
 
 The ``ConfigDict`` of ``config.py`` is what users write and override. Below the entry points
 (trainer, evaluation, decode session, benchmarks) every part receives one of these frozen
@@ -15,7 +15,7 @@ and raises ``ConfigError`` naming the first field that is wrong.
 import dataclasses
 
 from megacontext_jax.errors import ConfigError, Group, positive, require
-from megacontext_jax.net_specs import DTYPES, GistConfig, LensConfig
+from megacontext_jax.nets.specs import DTYPES, GistConfig, LensConfig
 
 LENS_WEIGHTINGS = ("uniform", "gap")
 PYRAMIDS = ("recent", "proportional")  # working_context.expand_priority's shapes
@@ -123,7 +123,7 @@ def span_counts(num_tokens: int, fractions: tuple[float, ...], block_size: int) 
 
 @dataclasses.dataclass(frozen=True)
 class LossWeights:
-    """The MegaContext objective's terms (``config.mc.loss``; ``mc_losses``)."""
+    """The MegaContext objective's terms (``config.mc.loss``; ``training.losses``)."""
 
     lm_tokens: float
     lm_wc: float
@@ -208,7 +208,7 @@ class AllocatorConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MCTraining:
-    """What the MegaContext objective reads (``mc_losses.mc_loss``): a static argument."""
+    """What the MegaContext objective reads (``training.losses.mc_loss``): a static argument."""
 
     layout: Layout
     weights: LossWeights

@@ -23,9 +23,9 @@ import sys
 import traceback
 from pathlib import Path
 
-from megacontext_jax.checkpoint import CheckpointError
 from megacontext_jax.cli import OneLineParser, at_least, history_lengths
 from megacontext_jax.config import ConfigError, apply_override, parse_args, validate
+from megacontext_jax.training.checkpoint import CheckpointError
 
 NAME_MAX = 80  # characters of a run's directory name
 _SAFE = re.compile(r"[A-Za-z0-9._+-]*")  # what a key or value may hold to appear verbatim
@@ -104,11 +104,11 @@ def run_one(config, overrides: dict, args: argparse.Namespace) -> dict:
     """Trains (or resumes) the run in ``config.workdir``, evaluates its latest checkpoint on the
     run's own held-out data, and returns its row of the results."""
     # Imported here so that --help and config errors answer without loading the training stack.
-    from megacontext_jax import data
     from megacontext_jax.evaluation import evaluate
-    from megacontext_jax.restore import load_model
-    from megacontext_jax.tokenizer import tokenizer_for
-    from megacontext_jax.trainer import train
+    from megacontext_jax.text import data
+    from megacontext_jax.text.tokenizer import tokenizer_for
+    from megacontext_jax.training.loop import train
+    from megacontext_jax.training.restore import load_model
 
     summary = train(config)
     model, _ = load_model(config.workdir)

@@ -20,11 +20,12 @@ from flax import nnx
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from megacontext_jax.config import base_config, validate
-from megacontext_jax.gister import Gister
-from megacontext_jax.gistnet import GistNet
-from megacontext_jax.llama import hf_names, model_config
-from megacontext_jax.net_specs import GistConfig
-from megacontext_jax.safetensors import write_safetensors
+from megacontext_jax.memory.gister import Gister
+from megacontext_jax.nets.gistnet import GistNet
+from megacontext_jax.nets.hf_weights import hf_names
+from megacontext_jax.nets.llama import model_config
+from megacontext_jax.nets.safetensors import write_safetensors
+from megacontext_jax.nets.specs import GistConfig
 
 WORDS = (
     *("the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while"),

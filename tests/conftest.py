@@ -73,7 +73,7 @@ def hf_dir(tmp_path_factory, corpus_dir):
 def mc_checkpoint(tmp_path_factory, corpus_dir):
     """A MegaContext run of ``tiny_mc_config`` trained 3 steps (shared: tests write memories
     elsewhere, never into it)."""
-    from megacontext_jax.trainer import train
+    from megacontext_jax.training.loop import train
 
     workdir = tmp_path_factory.mktemp("mc_run")
     train(tiny_mc_config(workdir, corpus_dir, steps=3), progress=False)

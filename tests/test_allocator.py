@@ -5,10 +5,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megacontext_jax.allocator import refocus
-from megacontext_jax.rules import check, recency_pyramid
+from megacontext_jax.focus.allocator import refocus
+from megacontext_jax.focus.rules import check, recency_pyramid
+from megacontext_jax.focus.working_context import entries, from_entries
 from megacontext_jax.specs import AllocatorConfig
-from megacontext_jax.working_context import entries, from_entries
 
 
 def _splice(values, i, count, new):

@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import pytest
 
 import megacontext_jax as mcj
-from megacontext_jax.sampling import sample_logits
-from megacontext_jax.tokenizer import HFTokenizer
-from megacontext_jax.tree import Tree
+from megacontext_jax.memory.tree import Tree
+from megacontext_jax.runtime.sampling import sample_logits
+from megacontext_jax.text.tokenizer import HFTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -137,7 +137,7 @@ def test_load_errors_are_one_line(tmp_path):
 
 
 def test_a_token_decoding_may_not_draw_is_never_committed(mc_checkpoint, tmp_path, monkeypatch):
-    from megacontext_jax import session as session_module
+    from megacontext_jax.runtime import session as session_module
 
     model = mcj.load(mc_checkpoint)
     with model.session(tmp_path / "memory") as s:

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from megacontext_jax.cached_context import CachedContext
-from megacontext_jax.model import GPT
-from megacontext_jax.net_specs import ModelConfig
-from megacontext_jax.positions import entry_positions
-from megacontext_jax.rules import collapse, expand, recency_pyramid
-from megacontext_jax.working_context import entries, from_entries
+from megacontext_jax.focus.positions import entry_positions
+from megacontext_jax.focus.rules import collapse, expand, recency_pyramid
+from megacontext_jax.focus.working_context import entries, from_entries
+from megacontext_jax.nets.gpt import GPT
+from megacontext_jax.nets.specs import ModelConfig
+from megacontext_jax.runtime.cached_context import CachedContext
 from tests.conftest import mc_config
 
 K, W = 4, 32

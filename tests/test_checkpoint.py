@@ -15,18 +15,18 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from megacontext_jax import sharding
-from megacontext_jax.checkpoint import (
+from megacontext_jax.training import sharding
+from megacontext_jax.training.checkpoint import (
     DIGESTS,
     Checkpointer,
     CheckpointError,
     damage,
     write_config,
 )
-from megacontext_jax.metrics import read_metrics
-from megacontext_jax.restore import load, load_model
-from megacontext_jax.train_step import make_trainable
-from megacontext_jax.trainer import train
+from megacontext_jax.training.loop import train
+from megacontext_jax.training.metrics import read_metrics
+from megacontext_jax.training.restore import load, load_model
+from megacontext_jax.training.step import make_trainable
 from tests.conftest import signal_when, tiny_config, tiny_mc_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,7 +214,7 @@ INTERRUPTED = textwrap.dedent(
     """
     import sys
     sys.path.insert(0, {root!r})
-    from megacontext_jax.trainer import train
+    from megacontext_jax.training.loop import train
     from tests.conftest import tiny_config
     try:
         train(tiny_config({workdir!r}, {corpus!r}, steps=12, checkpoint_every=3, eval_every=4))

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 import decode
-from megacontext_jax import evaluation, tree
+from megacontext_jax import evaluation
+from megacontext_jax.memory import tree
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,5 +82,5 @@ def test_tree_help_is_plain_text_and_lists_both_commands(capsys):
 @pytest.mark.parametrize("command", ["verify", "stats"])
 def test_each_tree_command_has_its_own_help(capsys, command):
     out = help_text(capsys, [command, "--help"])
-    assert out.startswith(f"usage: python -m megacontext_jax.tree {command} [-h] DIR")
+    assert out.startswith(f"usage: python -m megacontext_jax.memory.tree {command} [-h] DIR")
     assert re.search(r"\n\s+DIR\s+the tree's directory", out), out

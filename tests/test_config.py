@@ -12,8 +12,9 @@ from flax import nnx
 
 from megacontext_jax.config import ConfigError, base_config, leaves, load_config, parse_args
 from megacontext_jax.config_reference import FIELDS, format_config, markdown_table
-from megacontext_jax.model import GPT, count_params
-from megacontext_jax.net_specs import ModelConfig
+from megacontext_jax.nets.decoder import count_params
+from megacontext_jax.nets.gpt import GPT
+from megacontext_jax.nets.specs import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.py")

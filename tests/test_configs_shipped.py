@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from megacontext_jax.config import config_module, parse_args, validate
-from megacontext_jax.llama import sync_config
+from megacontext_jax.nets.llama import sync_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.py"))

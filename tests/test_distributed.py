@@ -8,7 +8,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-from megacontext_jax.metrics import read_metrics
+from megacontext_jax.training.metrics import read_metrics
 from tests.conftest import train_cli
 
 ROOT = Path(__file__).resolve().parents[1]

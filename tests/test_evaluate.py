@@ -10,13 +10,14 @@ import pytest
 from flax import nnx
 
 import megacontext_jax as mcj
-from megacontext_jax import data, evaluation
+from megacontext_jax import evaluation
 from megacontext_jax.api import load
 from megacontext_jax.evaluation import _paired, config_hash, evaluate, gap_recovered
 from megacontext_jax.megacontext import MegaContext
 from megacontext_jax.scoring import Setting, condition_arrays, run_conditions, score_full, score_wc
 from megacontext_jax.specs import Layout, ignored
-from megacontext_jax.trainer import train
+from megacontext_jax.text import data
+from megacontext_jax.training.loop import train
 from tests.conftest import tiny_mc_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +78,7 @@ def test_a_field_the_scorers_do_not_read_never_retraces_them():
 
 def test_evaluate_reports_every_condition(trained, corpus_dir):
     workdir, config = trained
-    from megacontext_jax.restore import load_model
+    from megacontext_jax.training.restore import load_model
 
     model, _ = load_model(workdir)
     docs = data.load_documents(str(corpus_dir))

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from megacontext_jax.gistnet import GistNet, build_levels
-from megacontext_jax.net_specs import GistConfig
+from megacontext_jax.nets.gistnet import GistNet, build_levels
+from megacontext_jax.nets.specs import GistConfig
 from tests.conftest import mc_config
 
 

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from megacontext_jax.llama import PretrainedError, load_pretrained
+from megacontext_jax.nets.hf_weights import load_pretrained
+from megacontext_jax.nets.llama import PretrainedError
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -10,11 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kernels.mixed_attention import Entries, MaskSpec
-from megacontext_jax import variants
-from megacontext_jax.allocator import refocus
-from megacontext_jax.checkpoint import Checkpointer
-from megacontext_jax.gistnet import build_levels
-from megacontext_jax.mc_losses import guided_contexts, mc_loss, preference_loss, span_kl
+from megacontext_jax.focus.allocator import refocus
+from megacontext_jax.focus.rules import check
+from megacontext_jax.focus.working_context import WorkingContext, entries, from_entries
 from megacontext_jax.megacontext import (
     MegaContext,
     gather_entries,
@@ -22,14 +20,16 @@ from megacontext_jax.megacontext import (
     node_layout,
     node_table,
 )
-from megacontext_jax.metrics import read_metrics
-from megacontext_jax.restore import load_model
-from megacontext_jax.rules import check
-from megacontext_jax.sharding import make_mesh
+from megacontext_jax.nets.gistnet import build_levels
 from megacontext_jax.specs import AllocatorConfig, Layout, MCTraining, span_counts
-from megacontext_jax.train_step import make_trainable
-from megacontext_jax.trainer import mc_batch, train
-from megacontext_jax.working_context import WorkingContext, entries, from_entries
+from megacontext_jax.training import variants
+from megacontext_jax.training.checkpoint import Checkpointer
+from megacontext_jax.training.loop import mc_batch, train
+from megacontext_jax.training.losses import guided_contexts, mc_loss, preference_loss, span_kl
+from megacontext_jax.training.metrics import read_metrics
+from megacontext_jax.training.restore import load_model
+from megacontext_jax.training.sharding import make_mesh
+from megacontext_jax.training.step import make_trainable
 from tests.conftest import tiny_mc_config
 
 LAYOUT = Layout(block_size=4, max_level=2, capacity=24, scored=4, recent_tail=4)

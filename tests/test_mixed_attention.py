@@ -23,9 +23,9 @@ from kernels.mixed_attention import (
     mixed_attention_reference,
 )
 from kernels.tiles import KEY_FIELDS, key_tile_bounds, query_tile_bounds, tile_may_see
-from megacontext_jax.net_specs import ModelConfig
-from megacontext_jax.rules import recency_pyramid
-from megacontext_jax.working_context import entries
+from megacontext_jax.focus.rules import recency_pyramid
+from megacontext_jax.focus.working_context import entries
+from megacontext_jax.nets.specs import ModelConfig
 
 K = 4
 COMPILED = jax.default_backend() != "cpu"
@@ -233,7 +233,7 @@ def test_cudnn_applies_to_full_passes_and_on_a_gpu_to_half_precision_only():
 def test_model_with_pallas_attention_matches_reference():
     from flax import nnx
 
-    from megacontext_jax.model import GPT
+    from megacontext_jax.nets.gpt import GPT
     from tests.conftest import mc_config
 
     config = mc_config()

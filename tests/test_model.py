@@ -6,8 +6,10 @@ from flax import nnx
 
 from kernels.mixed_attention import Entries
 from megacontext_jax.config import base_config
-from megacontext_jax.model import GPT, cross_entropy, smear_keys
-from megacontext_jax.net_specs import ModelConfig
+from megacontext_jax.nets.gpt import GPT
+from megacontext_jax.nets.layers import smear_keys
+from megacontext_jax.nets.losses import cross_entropy
+from megacontext_jax.nets.specs import ModelConfig
 
 
 def _model(**overrides):

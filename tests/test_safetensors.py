@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from megacontext_jax.llama import PretrainedError, load_pretrained
-from megacontext_jax.safetensors import SafetensorsError, SafetensorsFiles, write_safetensors
+from megacontext_jax.nets.hf_weights import load_pretrained
+from megacontext_jax.nets.llama import PretrainedError
+from megacontext_jax.nets.safetensors import SafetensorsError, SafetensorsFiles, write_safetensors
 from megacontext_jax.testing import random_checkpoint
 
 HF_CONFIG = {

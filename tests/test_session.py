@@ -3,13 +3,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from megacontext_jax.focus.positions import entry_positions
+from megacontext_jax.focus.rules import check, recency_pyramid
+from megacontext_jax.focus.working_context import entries, from_entries
 from megacontext_jax.megacontext import MegaContext
-from megacontext_jax.positions import entry_positions
-from megacontext_jax.rules import check, recency_pyramid
-from megacontext_jax.session import Session, SessionError, gister_for
-from megacontext_jax.telemetry import Telemetry, lod_grid, plot_lod_map
-from megacontext_jax.tree import Tree
-from megacontext_jax.working_context import entries, from_entries
+from megacontext_jax.memory.tree import Tree
+from megacontext_jax.runtime.session import Session, SessionError, gister_for
+from megacontext_jax.runtime.telemetry import Telemetry, lod_grid, plot_lod_map
 from tests.conftest import tiny_mc_config
 
 K, L, R = 4, 2, 4

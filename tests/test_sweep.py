@@ -70,7 +70,9 @@ def test_sweep_runs_grid_and_tabulates(tmp_path, corpus_dir, capsys, monkeypatch
     def train_again(config, **_):
         raise AssertionError(f"{config.workdir} was finished and is trained again")
 
-    monkeypatch.setattr(importlib.import_module("megacontext_jax.trainer"), "train", train_again)
+    monkeypatch.setattr(
+        importlib.import_module("megacontext_jax.training.loop"), "train", train_again
+    )
     assert sweep.main(cmd[3:]) == 0
     assert "val loss" not in capsys.readouterr().out  # finished runs are not repeated
     assert sweep.main([*cmd[3:-1], "--config.mc.gist.pooling=max"]) == 2
@@ -112,8 +114,8 @@ def stack(monkeypatch):
     fake = FakeStack()
     # The modules sweep.run_one imports from.
     for module, name in (
-        ("trainer", "train"),
-        ("restore", "load_model"),
+        ("training.loop", "train"),
+        ("training.restore", "load_model"),
         ("evaluation", "evaluate"),
     ):
         monkeypatch.setattr(
@@ -175,7 +177,7 @@ def test_an_override_set_listed_twice_is_refused(tmp_path, corpus_dir, stack, ca
 
 
 def test_a_failed_run_is_tabulated_and_the_sweep_goes_on(tmp_path, corpus_dir, stack, capsys):
-    from megacontext_jax.data import DataError
+    from megacontext_jax.text.data import DataError
 
     runs = [{"train.lr": lr} for lr in (0.001, 0.002, 0.003, 0.004)]
     stack.raises[("train", 0.002)] = RuntimeError("boom\nsecond line")

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megacontext_jax.checkpoint import Checkpointer, CheckpointError
-from megacontext_jax.metrics import read_metrics
-from megacontext_jax.restore import load_model
-from megacontext_jax.trainer import train
+from megacontext_jax.training.checkpoint import Checkpointer, CheckpointError
+from megacontext_jax.training.loop import train
+from megacontext_jax.training.metrics import read_metrics
+from megacontext_jax.training.restore import load_model
 from tests.conftest import signal_when, tiny_config, tiny_mc_config, train_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,8 +78,8 @@ SHARDING_SCRIPT = textwrap.dedent(
     import os, sys
     import jax, numpy as np
     sys.path.insert(0, {root!r})
-    from megacontext_jax import sharding
-    from megacontext_jax.train_step import make_trainable, make_train_step
+    from megacontext_jax.training import sharding
+    from megacontext_jax.training.step import make_trainable, make_train_step
     from tests.conftest import tiny_config
 
     assert jax.device_count() == 4

@@ -12,16 +12,16 @@ from flax import nnx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from megacontext_jax import tree as tree_module
-from megacontext_jax.gistnet import build_levels
-from megacontext_jax.tree import Tree
-from megacontext_jax.tree_errors import (
+from megacontext_jax.memory import tree as tree_module
+from megacontext_jax.memory.errors import (
     TreeCorruptError,
     TreeError,
     TreeLockedError,
     TreeMismatchError,
     TreeNotFoundError,
 )
+from megacontext_jax.memory.tree import Tree
+from megacontext_jax.nets.gistnet import build_levels
 from tests.conftest import make_gister, mc_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,7 +182,7 @@ def test_corrupt_trees(tmp_path):
 
 
 LOCK_SCRIPT = """
-from megacontext_jax.tree import Tree
+from megacontext_jax.memory.tree import Tree
 from tests.conftest import make_gister
 try:
     Tree.open({path!r}, make_gister())
@@ -210,7 +210,7 @@ def test_cli(tmp_path):
     path = tmp_path / "t"
     with Tree.create(path, GISTER, 3, VOCAB) as t:
         t.append(np.arange(100) % 256)
-    cli = [sys.executable, "-m", "megacontext_jax.tree"]
+    cli = [sys.executable, "-m", "megacontext_jax.memory.tree"]
     ok = subprocess.run([*cli, "verify", str(path)], capture_output=True, text=True, cwd=ROOT)
     assert ok.returncode == 0 and ok.stdout.startswith("ok: 100 tokens")
     stats = subprocess.run([*cli, "stats", str(path)], capture_output=True, text=True, cwd=ROOT)
@@ -246,7 +246,7 @@ def test_a_lost_manifest_is_refused_and_the_data_kept(tmp_path):
         with pytest.raises(TreeCorruptError, match=re.escape(found)):
             attempt()
         assert _files(path) == data
-    cli = [sys.executable, "-m", "megacontext_jax.tree", "verify", str(path)]
+    cli = [sys.executable, "-m", "megacontext_jax.memory.tree", "verify", str(path)]
     verify = subprocess.run(cli, capture_output=True, text=True, cwd=ROOT)
     assert verify.returncode == 1 and len(verify.stderr.strip().splitlines()) == 1
     assert found in verify.stderr
@@ -302,7 +302,7 @@ def test_a_damaged_chunk_is_detected_by_verify_and_by_reads(tmp_path, fault, lev
         t.verify()
     with Tree.open(path) as t, pytest.raises(TreeCorruptError, match=damaged):
         t.tokens(0, 10) if level == 0 else t.gists(level, 0, 1)
-    cli = [sys.executable, "-m", "megacontext_jax.tree", "verify", str(path)]
+    cli = [sys.executable, "-m", "megacontext_jax.memory.tree", "verify", str(path)]
     verify = subprocess.run(cli, capture_output=True, text=True, cwd=ROOT)
     assert verify.returncode == 1 and len(verify.stderr.strip().splitlines()) == 1, verify.stderr
     assert re.search(damaged, verify.stderr)

@@ -4,10 +4,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megacontext_jax import rules
-from megacontext_jax.positions import entry_positions
-from megacontext_jax.rules import WCInvariantError, check
-from megacontext_jax.working_context import entries, from_entries
+from megacontext_jax.focus import rules
+from megacontext_jax.focus.positions import entry_positions
+from megacontext_jax.focus.rules import WCInvariantError, check
+from megacontext_jax.focus.working_context import entries, from_entries
 
 
 @st.composite

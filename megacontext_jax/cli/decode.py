@@ -128,7 +128,7 @@ def _ingest(session, text: str, *, new_document: bool = False) -> None:
     """``session.ingest_text`` with a progress bar on stderr when the text is long."""
     from tqdm import tqdm
 
-    from megacontext_jax.tree import APPEND_PIECE
+    from megacontext_jax.memory.tree import APPEND_PIECE
 
     ids = session.encode(text, new_document=new_document)
     if len(ids) <= APPEND_PIECE:
@@ -192,7 +192,7 @@ def _ingest_file(model, args: argparse.Namespace) -> None:
 
 def main(argv: list[str]) -> int:
     args = _parse(argv)
-    from megacontext_jax.sampling import check_sampling
+    from megacontext_jax.runtime.sampling import check_sampling
 
     if args.command == "decode":
         try:

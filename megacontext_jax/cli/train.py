@@ -16,10 +16,10 @@ import sys
 
 import ml_collections
 
-from megacontext_jax.checkpoint import CheckpointError
 from megacontext_jax.config import ConfigError, base_config, load_config, parse_args, split_args
 from megacontext_jax.config_reference import describe_fields, format_config
-from megacontext_jax.data import DataError
+from megacontext_jax.text.data import DataError
+from megacontext_jax.training.checkpoint import CheckpointError
 
 USAGE = """\
 usage: python train.py --config FILE[:ARG] [--config.FIELD=VALUE ...] [--print-config]
@@ -79,7 +79,7 @@ def main(argv: list[str]) -> int:
             num_processes=int(env["JAX_NUM_PROCESSES"]) if "JAX_NUM_PROCESSES" in env else None,
             process_id=int(env["JAX_PROCESS_ID"]) if "JAX_PROCESS_ID" in env else None,
         )
-    from megacontext_jax.trainer import train
+    from megacontext_jax.training.loop import train
 
     try:
         summary = train(config, defaults=load_config(spec), source=spec)
@@ -109,7 +109,9 @@ def _done(summary: dict, workdir: str) -> str:
 def run() -> None:
     """The ``megacontext-train`` console entry point (and ``train.py``'s)."""
     status = main(sys.argv[1:])
-    stopping = sys.modules.get("megacontext_jax.stopping")  # not imported by --help and errors
+    stopping = sys.modules.get(
+        "megacontext_jax.training.stopping"
+    )  # not imported by --help and errors
     if stopping is not None and stopping.startup_running():
         # Interrupted during a compilation, which goes on in its worker thread: Python's shutdown
         # would abort that thread inside XLA ("FATAL: exception not rethrown"); nothing is left

@@ -17,7 +17,7 @@ import dataclasses
 
 import numpy as np
 
-from megacontext_jax.rules import (
+from megacontext_jax.focus.rules import (
     Entries,
     collapse_at,
     collapsible_at,
@@ -25,8 +25,8 @@ from megacontext_jax.rules import (
     expandable_at,
     recency_pyramid,
 )
+from megacontext_jax.focus.working_context import entries
 from megacontext_jax.specs import Layout, gistable, span_counts
-from megacontext_jax.working_context import entries
 
 
 @dataclasses.dataclass(frozen=True)

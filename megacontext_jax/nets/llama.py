@@ -6,11 +6,11 @@ grouped-query attention with optional q/k/v biases (Qwen2), tied or untied embed
 sits behind the same interface as the GPT (``DecoderLM``), so a working context of tokens and gists
 runs through it unchanged.
 
-``load_pretrained(directory)`` reads ``config.json`` and the safetensors weights (one file or shards
-with their index; bf16, fp16 or fp32) tensor by tensor from memory-mapped files into an abstract
-model, so peak host memory stays near one copy of the weights.
+``hf_weights.load_pretrained(directory)`` reads ``config.json`` and the safetensors weights (one
+file or shards with their index; bf16, fp16 or fp32).
 """
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -23,8 +23,9 @@ import numpy as np
 from flax import nnx
 
 import kernels
-from megacontext_jax.model import DecoderLM, LayerCache, attend, rms_norm
-from megacontext_jax.safetensors import SafetensorsError, SafetensorsFiles, write_safetensors
+from megacontext_jax.nets.decoder import DecoderLM
+from megacontext_jax.nets.layers import LayerCache, attend, rms_norm
+from megacontext_jax.nets.safetensors import SafetensorsError
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")  # SmolLM and TinyLlama are "llama"
 
@@ -49,7 +50,34 @@ def read_hf_config(directory: str | Path) -> dict:
     return hf
 
 
-def model_config(hf: dict, dtype: str = "float32") -> ml_collections.ConfigDict:
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """A Llama-family model's sizes and options, read from its Hugging Face ``config.json``
+    (``model_config``); frozen and hashable like every typed config (``specs``)."""
+
+    vocab_size: int
+    width: int
+    depth: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden: int  # the SwiGLU MLP's width
+    rope_theta: float
+    # ``(key, value)`` pairs of the checkpoint's RoPE scaling (``scaling``); None: plain RoPE
+    rope_scaling: tuple[tuple[str, Any], ...] | None
+    norm_eps: float
+    tie_embeddings: bool
+    attention_bias: bool
+    dtype: str = "float32"  # compute and storage
+    attention_impl: str = "reference"
+    family: str = "llama"
+
+    @property
+    def scaling(self) -> dict[str, Any] | None:
+        return None if self.rope_scaling is None else dict(self.rope_scaling)
+
+
+def model_config(hf: dict, dtype: str = "float32") -> LlamaConfig:
     """Our model config of a Hugging Face ``config.json`` (``dtype``: compute and storage)."""
     heads = hf["num_attention_heads"]
     # transformers 5 writes rope_parameters (theta included); 4 wrote rope_theta + rope_scaling.
@@ -58,38 +86,35 @@ def model_config(hf: dict, dtype: str = "float32") -> ml_collections.ConfigDict:
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind not in ("default", "llama3", "linear"):
         raise PretrainedError(f"RoPE type {kind!r} is not supported (default, llama3, linear)")
-    return ml_collections.ConfigDict(
-        {
-            "family": "llama",
-            "vocab_size": hf["vocab_size"],
-            "width": hf["hidden_size"],
-            "depth": hf["num_hidden_layers"],
-            "num_heads": heads,
-            "num_kv_heads": hf.get("num_key_value_heads") or heads,
-            "head_dim": hf.get("head_dim") or hf["hidden_size"] // heads,
-            "hidden": hf["intermediate_size"],
-            "rope_theta": float(theta),
-            "rope_scaling": None if kind == "default" else dict(rope, rope_type=kind),
-            "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
-            "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
-            "attention_bias": bool(hf.get("attention_bias", hf["model_type"] == "qwen2")),
-            "dtype": dtype,
-            "attention_impl": "reference",
-        }
+    return LlamaConfig(
+        vocab_size=hf["vocab_size"],
+        width=hf["hidden_size"],
+        depth=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        hidden=hf["intermediate_size"],
+        rope_theta=float(theta),
+        rope_scaling=None
+        if kind == "default"
+        else tuple(sorted(dict(rope, rope_type=kind).items())),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        attention_bias=bool(hf.get("attention_bias", hf["model_type"] == "qwen2")),
+        dtype=dtype,
     )
 
 
-def base_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def base_config(model: ml_collections.ConfigDict) -> LlamaConfig:
     """The Llama config of ``config.model`` (family llama): its checkpoint's, in our dtype."""
     cfg = model_config(read_hf_config(model.hf_path), model.dtype)
-    cfg.attention_impl = model.attention_impl
-    return cfg
+    return dataclasses.replace(cfg, attention_impl=model.attention_impl)
 
 
 def sync_config(config: ml_collections.ConfigDict) -> None:
     """Fills ``config.model`` (in place) from the checkpoint at ``config.model.hf_path``: the
     sizes GistNet, LensNet and the tree read, and the tokenizer's special ids."""
-    from megacontext_jax.tokenizer import HFTokenizer, special_ids
+    from megacontext_jax.text.tokenizer import HFTokenizer, special_ids
 
     hf = model_config(read_hf_config(config.model.hf_path))
     m = config.model
@@ -100,11 +125,11 @@ def sync_config(config: ml_collections.ConfigDict) -> None:
     m.num_tokens = min(HFTokenizer(m.hf_path, **ids).vocab_size, m.vocab_size)
 
 
-def rope_frequencies(cfg: ml_collections.ConfigDict) -> np.ndarray:
+def rope_frequencies(cfg: LlamaConfig) -> np.ndarray:
     """``[head_dim / 2]`` float32 angular frequencies, with the checkpoint's scaling applied."""
     d = cfg.head_dim
     inv = 1.0 / cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d)
-    scaling = cfg.rope_scaling
+    scaling = cfg.scaling
     kind = None if scaling is None else scaling["rope_type"]
     if kind == "linear":
         inv = inv / scaling["factor"]
@@ -125,7 +150,7 @@ def rope_frequencies(cfg: ml_collections.ConfigDict) -> np.ndarray:
 
 
 # -- model -------------------------------------------------------------------------------------
-def _dense(d_in: int, d_out: int, bias: bool, cfg, rngs: nnx.Rngs) -> nnx.Linear:
+def _dense(d_in: int, d_out: int, bias: bool, cfg: LlamaConfig, rngs: nnx.Rngs) -> nnx.Linear:
     dtype = jnp.dtype(cfg.dtype)
     return nnx.Linear(d_in, d_out, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
 
@@ -140,7 +165,7 @@ class RMSNorm(nnx.Module):
 
 
 class LlamaBlock(nnx.Module):
-    def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
+    def __init__(self, cfg: LlamaConfig, rngs: nnx.Rngs):
         d, dh, dtype = cfg.width, cfg.head_dim, jnp.dtype(cfg.dtype)
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, dh
         self.impl = cfg.attention_impl
@@ -179,7 +204,7 @@ class LlamaBlock(nnx.Module):
 class Llama(DecoderLM):
     """A Llama-family decoder (parameter names follow the Hugging Face checkpoints)."""
 
-    def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.dtype = jnp.dtype(cfg.dtype)
         self.num_kv_heads, self.head_dim = cfg.num_kv_heads, cfg.head_dim
@@ -207,92 +232,3 @@ class Llama(DecoderLM):
         if self.lm_head is None:
             return self.embed_tokens.attend(x).astype(jnp.float32)
         return self.lm_head(x).astype(jnp.float32)
-
-
-# -- weights -----------------------------------------------------------------------------------
-def _hf_name(path: tuple) -> tuple[str, bool]:
-    """The checkpoint tensor behind an NNX parameter path, and whether it is transposed."""
-    keys = [str(p) for p in path]
-    if keys[0] == "embed_tokens":
-        return "model.embed_tokens.weight", False
-    if keys[0] == "norm":
-        return "model.norm.weight", False
-    if keys[0] == "lm_head":
-        return "lm_head.weight", True
-    layer, module, leaf = keys[1], keys[2], keys[-1]
-    group = "self_attn" if module.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
-    if module.endswith("layernorm"):
-        return f"model.layers.{layer}.{module}.weight", False
-    name = "weight" if leaf == "kernel" else "bias"
-    return f"model.layers.{layer}.{group}.{module}.{name}", leaf == "kernel"
-
-
-def load_pretrained(
-    directory: str | Path, dtype: str = "float32", attention_impl: str = "reference"
-) -> tuple[Llama, ml_collections.ConfigDict]:
-    """The model of a Hugging Face checkpoint directory and its config.
-
-    Raises ``PretrainedError`` (one line, naming the file or tensor) for an unknown
-    architecture, a missing tensor or a shape that does not match the config.
-    """
-    cfg = model_config(read_hf_config(directory), dtype)
-    cfg.attention_impl = attention_impl
-    return load_weights(cfg, directory), cfg
-
-
-def load_weights(cfg: ml_collections.ConfigDict, directory: str | Path) -> Llama:
-    """A ``Llama(cfg)`` holding the weights of ``directory``, read one tensor at a time."""
-    try:
-        files = SafetensorsFiles(directory)
-    except SafetensorsError as e:
-        raise PretrainedError(str(e)) from None
-    abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    flat = nnx.to_flat_state(state)
-    loaded = []
-    for path, variable in flat:
-        name, transpose = _hf_name(path)
-        try:
-            array = files.read(name)
-        except SafetensorsError as e:
-            raise PretrainedError(str(e)) from None
-        if transpose:
-            array = array.T
-        if array.shape != variable.value.shape:
-            raise PretrainedError(
-                f"{directory}: tensor {name} has shape {list(array.shape)}, the config needs "
-                f"{list(variable.value.shape)}"
-            )
-        loaded.append((path, variable.replace(jnp.asarray(array, variable.value.dtype))))
-        del array
-    return nnx.merge(graphdef, nnx.from_flat_state(loaded))
-
-
-def save_pretrained(model: Llama, directory: str | Path, source: str | Path) -> None:
-    """Writes ``model`` as a Hugging Face checkpoint at ``directory``: the ``config.json`` and
-    ``tokenizer.json`` of ``source`` (the checkpoint whose architecture it has) and its weights."""
-    import shutil
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    for name in ("config.json", "tokenizer.json"):
-        shutil.copy(Path(source) / name, directory / name)
-
-    def tensors():
-        for path, variable in nnx.to_flat_state(nnx.state(model)):
-            name, transpose = _hf_name(path)
-            array = np.asarray(variable.value)
-            yield name, array.T if transpose else array
-
-    write_safetensors(directory / "model.safetensors", tensors())
-
-
-def hf_names(cfg: ml_collections.ConfigDict) -> dict[str, tuple[int, ...]]:
-    """Every tensor a checkpoint of ``cfg`` holds, with its shape (Hugging Face layout)."""
-    abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
-    shapes = {}
-    for path, variable in nnx.to_flat_state(nnx.state(abstract)):
-        name, transpose = _hf_name(path)
-        shape = variable.value.shape
-        shapes[name] = tuple(reversed(shape)) if transpose else tuple(shape)
-    return shapes

@@ -10,23 +10,24 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from megacontext_jax import data, sharding, variants
-from megacontext_jax.checkpoint import Checkpointer, check_resume, write_config
 from megacontext_jax.config import config_diff, to_json, validate
-from megacontext_jax.metrics import MetricsWriter, latest_metrics, plot_loss_curve
-from megacontext_jax.model import count_params
-from megacontext_jax.progress import Phase, PhaseBar, startup_block
-from megacontext_jax.restore import attach_base, check_base_chain
+from megacontext_jax.nets.decoder import count_params
 from megacontext_jax.specs import Layout
-from megacontext_jax.stopping import Stop
-from megacontext_jax.tokenizer import tokenizer_for
-from megacontext_jax.train_step import (
+from megacontext_jax.text import data
+from megacontext_jax.text.tokenizer import tokenizer_for
+from megacontext_jax.training import sharding, variants
+from megacontext_jax.training.checkpoint import Checkpointer, check_resume, write_config
+from megacontext_jax.training.metrics import MetricsWriter, latest_metrics, plot_loss_curve
+from megacontext_jax.training.progress import Phase, PhaseBar, startup_block
+from megacontext_jax.training.restore import attach_base, check_base_chain
+from megacontext_jax.training.step import (
     checkpointed,
     frozen_base,
     make_eval_step,
     make_train_step,
     make_trainable,
 )
+from megacontext_jax.training.stopping import Stop
 
 
 def _local_rows(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
@@ -170,7 +171,7 @@ def train(
     """
     workdir = Path(config.workdir)
     if config.model.family == "llama":
-        from megacontext_jax.llama import sync_config
+        from megacontext_jax.nets.llama import sync_config
 
         sync_config(config)
         validate(config)  # the checkpoint's sizes against the MegaContext settings

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels.mixed_attention import Entries
-from megacontext_jax.positions import entry_positions
+from megacontext_jax.focus.positions import entry_positions
 from megacontext_jax.specs import Layout
 
 

@@ -26,7 +26,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from megacontext_jax.rules import (
+from megacontext_jax.focus.rules import (
     collapse,
     expand,
     legal_groups,
@@ -34,8 +34,8 @@ from megacontext_jax.rules import (
     shift_for_expand,
     window_mean,
 )
+from megacontext_jax.focus.working_context import WorkingContext
 from megacontext_jax.specs import AllocatorConfig
-from megacontext_jax.working_context import WorkingContext
 
 NEG = -jnp.inf
 

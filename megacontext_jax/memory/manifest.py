@@ -19,7 +19,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from megacontext_jax.tree_errors import TreeCorruptError, TreeNotFoundError
+from megacontext_jax.memory.errors import TreeCorruptError, TreeNotFoundError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

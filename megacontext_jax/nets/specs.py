@@ -21,7 +21,7 @@ def _even_heads(width: int, heads: int) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class BlockConfig:
-    """A stack of transformer blocks (``model.Block``): the base GPT's, or GistNet's and
+    """A stack of transformer blocks (``nets.layers.Block``): the base GPT's, or GistNet's and
     LensNet's at the base model's width."""
 
     width: int

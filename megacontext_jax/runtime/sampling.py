@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from megacontext_jax.model import DecoderLM
+from megacontext_jax.nets.decoder import DecoderLM
 
 
 def sample_logits(

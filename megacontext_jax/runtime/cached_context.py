@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from megacontext_jax.model import GPT
-from megacontext_jax.positions import entry_positions
+from megacontext_jax.focus.positions import entry_positions
+from megacontext_jax.nets.gpt import GPT
 
 Entry = tuple[int, int]  # (lod, start)
 

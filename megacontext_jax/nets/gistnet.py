@@ -11,8 +11,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 import kernels
-from megacontext_jax.model import Block, _linear, rms_norm
-from megacontext_jax.net_specs import GistConfig
+from megacontext_jax.nets.layers import Block, linear, rms_norm
+from megacontext_jax.nets.specs import GistConfig
 
 
 class GistLevel(nnx.Module):
@@ -32,12 +32,12 @@ class GistLevel(nnx.Module):
             self.cls_position = ((k - 1) / 2, gist.sigma_scale * k)
         elif self.pooling == "query":
             self.query = nnx.Param(init(rngs.params(), (d,), jnp.dtype(cfg.param_dtype)))
-            self.key = _linear(d, d, d**-0.5, cfg, rngs)
+            self.key = linear(d, d, d**-0.5, cfg, rngs)
         if self.projection == "mlp":
-            self.up = _linear(d, 4 * d, d**-0.5, cfg, rngs)
-            self.down = _linear(4 * d, d, (4 * d) ** -0.5, cfg, rngs)
+            self.up = linear(d, 4 * d, d**-0.5, cfg, rngs)
+            self.down = linear(4 * d, d, (4 * d) ** -0.5, cfg, rngs)
         else:
-            self.out = _linear(d, d, d**-0.5, cfg, rngs)
+            self.out = linear(d, d, d**-0.5, cfg, rngs)
 
     def __call__(self, children: jax.Array) -> jax.Array:
         n, k, d = children.shape

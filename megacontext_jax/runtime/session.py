@@ -22,18 +22,23 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from megacontext_jax.allocator import refocus
-from megacontext_jax.cached_context import CachedContext, Entry
-from megacontext_jax.gister import Gister
+from megacontext_jax.focus.allocator import refocus
+from megacontext_jax.focus.positions import entry_positions
+from megacontext_jax.focus.rules import (
+    collapse_at,
+    collapsible_at,
+    expand_priority,
+    recency_pyramid,
+)
+from megacontext_jax.focus.working_context import WorkingContext, entries
 from megacontext_jax.megacontext import MegaContext
-from megacontext_jax.positions import entry_positions
-from megacontext_jax.rules import collapse_at, collapsible_at, expand_priority, recency_pyramid
-from megacontext_jax.sampling import SAMPLING_ARGS, check_sampling, sample_logits
+from megacontext_jax.memory.gister import Gister
+from megacontext_jax.memory.tree import APPEND_PIECE, Tree
+from megacontext_jax.runtime.cached_context import CachedContext, Entry
+from megacontext_jax.runtime.sampling import SAMPLING_ARGS, check_sampling, sample_logits
+from megacontext_jax.runtime.telemetry import Telemetry
 from megacontext_jax.specs import AllocatorConfig
-from megacontext_jax.telemetry import Telemetry
-from megacontext_jax.tokenizer import sampleable
-from megacontext_jax.tree import APPEND_PIECE, Tree
-from megacontext_jax.working_context import WorkingContext, entries
+from megacontext_jax.text.tokenizer import sampleable
 
 
 class SessionError(ValueError):

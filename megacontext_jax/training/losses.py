@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels.mixed_attention import MaskSpec
+from megacontext_jax.focus.working_context import WorkingContext
 from megacontext_jax.megacontext import (
     MegaContext,
     focus_rounds,
@@ -35,10 +36,9 @@ from megacontext_jax.megacontext import (
     node_table,
     read_wc,
 )
-from megacontext_jax.model import cross_entropy, token_nll
+from megacontext_jax.nets.losses import cross_entropy, token_nll
 from megacontext_jax.specs import MCTraining
-from megacontext_jax.variants import Rows
-from megacontext_jax.working_context import WorkingContext
+from megacontext_jax.training.variants import Rows
 
 sg = jax.lax.stop_gradient
 
@@ -55,7 +55,11 @@ def _kl(teacher_log_probs: jax.Array, student_logits: jax.Array) -> tuple[jax.Ar
 
 
 def pyramid_pass(
-    model: MegaContext, table, offsets, tokens: jax.Array, spec: MCTraining
+    model: MegaContext,
+    table: jax.Array,
+    offsets: tuple[int, ...],
+    tokens: jax.Array,
+    spec: MCTraining,
 ) -> jax.Array:
     """Mean next-token loss of every node of ``node_table`` (``table [B, M, D]``, in its row
     order) read in one pass under the pyramid mask; ``tokens [B, T + 1]`` give the labels."""
@@ -72,7 +76,13 @@ def pyramid_pass(
 
 
 def span_kl(
-    model: MegaContext, table, offsets, full_logits: jax.Array, tokens: jax.Array, batch, spec
+    model: MegaContext,
+    table: jax.Array,
+    offsets: tuple[int, ...],
+    full_logits: jax.Array,
+    tokens: jax.Array,
+    batch: dict[str, jax.Array],
+    spec: MCTraining,
 ) -> tuple[jax.Array, jax.Array]:
     """KL(teacher || model) and the NLL it adds, on the ``span_scored`` tokens of sequences whose
     ``span_lod``/``span_start [B, L]`` entries replace random spans by their gists.
@@ -97,7 +107,13 @@ def span_kl(
 
 
 def guided_contexts(
-    model: MegaContext, table, offsets, baseline: WorkingContext, cursor: int, spec, key
+    model: MegaContext,
+    table: jax.Array,
+    offsets: tuple[int, ...],
+    baseline: WorkingContext,
+    cursor: int,
+    spec: MCTraining,
+    key: jax.Array,
 ) -> tuple[WorkingContext, jax.Array, jax.Array]:
     """LensNet scores of the baselines ``[B, W]`` and ``spec.refocus_steps`` rounds of the
     allocator's refocus of them (as at evaluation, where a needle descends a level per round).
@@ -123,7 +139,16 @@ def guided_contexts(
     return wc.with_tail(cursor, layout.scored, layout.capacity), scores, edits
 
 
-def utilities(scores, base_lod, base_start, base_ctx, lod, start, ctx, block_size):
+def utilities(
+    scores: jax.Array,
+    base_lod: jax.Array,
+    base_start: jax.Array,
+    base_ctx: jax.Array,
+    lod: jax.Array,
+    start: jax.Array,
+    ctx: jax.Array,
+    block_size: int,
+) -> jax.Array:
     """LensNet utility ``[B, V]`` of each variant's edits relative to the baseline entries.
 
     A baseline entry is expanded in a variant when the entry covering its start there is finer,
@@ -240,7 +265,7 @@ def mc_loss(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Total loss and metrics. ``batch``: ``tokens [B, T+1]``, contexts ``[B, V, W]`` in the
     order of ``variants.Rows``, ``expand_lod [B, V - 2]`` and ``from_pyramid [B]`` (as
-    ``trainer.mc_batch`` builds them)."""
+    ``training.loop.mc_batch`` builds them)."""
     layout, weights = spec.layout, spec.weights
     s_len = layout.scored
     tokens = batch["tokens"]

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from megacontext_jax.focus.working_context import WorkingContext, entries, from_entries
 from megacontext_jax.specs import PYRAMIDS
-from megacontext_jax.working_context import WorkingContext, entries, from_entries
 
 Entries = list[tuple[int, int]]
 

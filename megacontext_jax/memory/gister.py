@@ -14,8 +14,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from megacontext_jax.gistnet import GistNet
-from megacontext_jax.net_specs import GistConfig
+from megacontext_jax.nets.gistnet import GistNet
+from megacontext_jax.nets.specs import GistConfig
 
 
 def fingerprint(embed_table: np.ndarray, gistnet: GistNet, gist: GistConfig) -> str:

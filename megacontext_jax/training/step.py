@@ -16,11 +16,12 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from megacontext_jax import sharding
-from megacontext_jax.mc_losses import mc_loss
 from megacontext_jax.megacontext import MegaContext, make_base
-from megacontext_jax.model import GPT, cross_entropy
+from megacontext_jax.nets.gpt import GPT
+from megacontext_jax.nets.losses import cross_entropy
 from megacontext_jax.specs import MCTraining
+from megacontext_jax.training import sharding
+from megacontext_jax.training.losses import mc_loss
 
 
 @flax.struct.dataclass

@@ -4,10 +4,10 @@ Both hold one growable array per level (level 0: int32 token ids ``[n]``; level 
 ``[n, D]``) and a list of *committed* lengths. Rows are written first and committed after, in one
 atomic step; readers trust only committed lengths. ``Storage`` is what the tree needs of a
 backend. On disk (DESIGN section 3): ``level_<l>/`` zarr3 arrays with a resizable first axis and
-``manifest.json`` (``tree_manifest``), replaced atomically on every commit.
+``manifest.json`` (``manifest``), replaced atomically on every commit.
 
 Nothing committed is ever lost to another writer or a lost file: one writer at a time holds the
-directory's lock (``tree_lock``); every commit checks that the manifest on disk is the one this
+directory's lock (``lock``); every commit checks that the manifest on disk is the one this
 writer last read or wrote (its ``generation`` counter), so a commit never lands on a manifest
 another writer replaced; and a tree is never created over a directory that holds tree data (a
 lost manifest is an error, not an empty tree).
@@ -26,9 +26,9 @@ import numpy as np
 import tensorstore as ts
 
 from megacontext_jax.errors import first_line
-from megacontext_jax.tree_errors import TreeCorruptError, TreeError, TreeLockedError
-from megacontext_jax.tree_lock import lock_directory, unlock
-from megacontext_jax.tree_manifest import (
+from megacontext_jax.memory.errors import TreeCorruptError, TreeError, TreeLockedError
+from megacontext_jax.memory.lock import lock_directory, unlock
+from megacontext_jax.memory.manifest import (
     MANIFEST,
     TreeMeta,
     read_manifest,

@@ -12,9 +12,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 import kernels
-from megacontext_jax.model import Block, _linear, rms_norm
-from megacontext_jax.net_specs import LensConfig
-from megacontext_jax.working_context import WorkingContext
+from megacontext_jax.focus.working_context import WorkingContext
+from megacontext_jax.nets.layers import Block, linear, rms_norm
+from megacontext_jax.nets.specs import LensConfig
 
 NUM_FEATURES = 3
 
@@ -43,9 +43,9 @@ class LensNet(nnx.Module):
         d = cfg.width
         self.block_size, self.max_level = lens.block_size, lens.max_level
         self.head_dim, self.rope_theta = d // cfg.num_heads, cfg.rope_theta
-        self.features = _linear(NUM_FEATURES, d, 1.0, cfg, rngs)
+        self.features = linear(NUM_FEATURES, d, 1.0, cfg, rngs)
         self.blocks = nnx.List([Block(cfg, rngs, causal=False) for _ in range(cfg.depth)])
-        self.head = _linear(d, 1, d**-0.5, cfg, rngs)
+        self.head = linear(d, 1, d**-0.5, cfg, rngs)
 
     def __call__(
         self,

@@ -13,7 +13,7 @@ import os
 import stat
 from pathlib import Path
 
-from megacontext_jax.tree_errors import TreeError, TreeLockedError
+from megacontext_jax.memory.errors import TreeError, TreeLockedError
 
 LOCK = "writer.lock"
 

@@ -6,11 +6,11 @@ import jax
 import ml_collections
 from flax import nnx
 
-from megacontext_jax import sharding
-from megacontext_jax.checkpoint import Checkpointer, CheckpointError, read_config
 from megacontext_jax.megacontext import MegaContext
-from megacontext_jax.model import GPT
-from megacontext_jax.train_step import (
+from megacontext_jax.nets.gpt import GPT
+from megacontext_jax.training import sharding
+from megacontext_jax.training.checkpoint import Checkpointer, CheckpointError, read_config
+from megacontext_jax.training.step import (
     Trainable,
     TrainState,
     checkpointed,
@@ -59,11 +59,14 @@ def check_base_chain(workdir: Path, config: ml_collections.ConfigDict) -> None:
         config = read_config(base)
 
 
-def attach_base(state: TrainState, trainable: Trainable, config: ml_collections.ConfigDict):
+def attach_base(
+    state: TrainState, trainable: Trainable, config: ml_collections.ConfigDict
+) -> TrainState:
     """``state`` with the base model's parameters from the reference of a frozen-base run:
     ``model.hf_path`` (an imported checkpoint) or ``mc.base_checkpoint`` (a workdir)."""
     if config.model.family == "llama":
-        from megacontext_jax.llama import base_config, load_weights
+        from megacontext_jax.nets.hf_weights import load_weights
+        from megacontext_jax.nets.llama import base_config
 
         base = load_weights(base_config(config.model), config.model.hf_path)
     else:

@@ -5,8 +5,8 @@ Node (l, i) covers tokens ``[i K^l, (i + 1) K^l)``; a gist exists only when all 
 so incremental ingest equals a full rebuild. Two backends share this class: ``Tree.in_memory`` and
 the TensorStore directory of ``Tree.create`` / ``Tree.open``.
 
-    python -m megacontext_jax.tree verify DIR    # exit status 1 on a broken tree
-    python -m megacontext_jax.tree stats DIR
+    python -m megacontext_jax.memory.tree verify DIR    # exit status 1 on a broken tree
+    python -m megacontext_jax.memory.tree stats DIR
 """
 
 import argparse
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from megacontext_jax.gister import Gister
-from megacontext_jax.tree_errors import TreeCorruptError, TreeError, TreeMismatchError
-from megacontext_jax.tree_manifest import MANIFEST, TreeMeta
-from megacontext_jax.tree_storage import DiskStorage, MemoryStorage, Storage
+from megacontext_jax.memory.errors import TreeCorruptError, TreeError, TreeMismatchError
+from megacontext_jax.memory.gister import Gister
+from megacontext_jax.memory.manifest import MANIFEST, TreeMeta
+from megacontext_jax.memory.storage import DiskStorage, MemoryStorage, Storage
 
 APPEND_PIECE = 1 << 16  # tokens per ingest-and-commit step of a long append
 
@@ -282,7 +282,7 @@ def _check_compatible(meta: TreeMeta, gister: Gister, where: str) -> None:
 def main(argv: list[str]) -> int:
     # The module docstring is reST for readers of the code; the help is plain text of its own.
     parser = argparse.ArgumentParser(
-        prog="python -m megacontext_jax.tree",
+        prog="python -m megacontext_jax.memory.tree",
         description="Checks or describes a MegaContext tree directory on disk.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

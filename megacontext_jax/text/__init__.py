@@ -1,0 +1,1 @@
+"""Text in (DESIGN section 7): the data pipelines, the retrieval tasks, the tokenizers."""
