@@ -45,7 +45,7 @@ def main() -> None:
         pred = np.asarray(predictions(base, jnp.asarray(seqs[:, :-1], jnp.int32)))
         accuracy = (pred[:, -29:] == seqs[:, -29:]).mean()
         print(f"repeated 30 letters, {gap:>3} between: second-copy accuracy {accuracy:.3f}")
-    docs = data.evaluation_documents(config, tokenizer, None)
+    docs = data.evaluation_documents(config.data, tokenizer, None)
     filler = np.concatenate([d.data.astype(np.int32) for d in docs])
     for n in (int(x) for x in args.lengths.split(",")):
         probes = []

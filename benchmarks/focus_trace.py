@@ -57,7 +57,7 @@ def main() -> None:
     layout = setting.layout
     k, n = layout.block_size, args.length * layout.capacity
     tokenizer = tokenizer_for(config.model)
-    docs = data.evaluation_documents(config, tokenizer)
+    docs = data.evaluation_documents(config.data, tokenizer)
     filler = np.concatenate([d.data.astype(np.int32) for d in docs])
     rng = np.random.default_rng(args.seed)
     probes = []

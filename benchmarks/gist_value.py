@@ -48,7 +48,7 @@ def main() -> None:
     setting = Setting.from_config(config)
     layout = setting.layout
     n = args.length * layout.capacity
-    docs = data.evaluation_documents(config, tokenizer_for(config.model))
+    docs = data.evaluation_documents(config.data, tokenizer_for(config.model))
     bos = config.model.bos_id
     seqs = [np.concatenate([[bos], d.data[:n].astype(np.int32)]) for d in docs if len(d.data) >= n]
     if len(seqs) < 2:

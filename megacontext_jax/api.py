@@ -324,7 +324,7 @@ def evaluate(
         "refocus_steps": refocus_steps,
         "seed": seed,
     }
-    held_out = evaluation_documents(model.config, model.tokenizer, data)
+    held_out = evaluation_documents(model.config.data, model.tokenizer, data)
     results = ev.evaluate(
         model.module,
         model.config,

@@ -99,7 +99,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mc.ingest_chunk = 64  # blocks per GistNet call while ingesting (fixed shape, aligned)
     c.mc.wc_size = 512  # W: working-context capacity in entries
     c.mc.recent_tail = 64  # R: the newest R tokens always stay at LOD0
-    # The default WC's shape (working_context.expand_priority): "proportional" expands the gist
+    # The default WC's shape (focus.rules.expand_priority): "proportional" expands the gist
     # with the largest span / (distance + span), which leaves LOD1 gists in the middle for focus
     # to expand; "recent" the newest gist first (more raw tokens). Decode ages it the other way.
     c.mc.pyramid = "proportional"

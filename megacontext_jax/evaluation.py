@@ -126,7 +126,7 @@ def gap_recovered(row: dict) -> dict[str, float]:
 def coarsest_over(wc: WorkingContext, row: int, span: tuple[int, int], block_size: int) -> int:
     """Index of the coarsest context entry of WC ``row`` overlapping ``span`` (-1: none does)."""
     lod, start, ctx = (np.asarray(a[row]) for a in (wc.lod, wc.start, wc.context_mask))
-    hit = np.flatnonzero(ctx & (start < span[1]) & (start + block_size**lod > span[0]))
+    hit = np.flatnonzero(ctx & (start < span[1]) & (np.asarray(wc.end(block_size)[row]) > span[0]))
     return int(hit[np.argmax(lod[hit])]) if hit.size else -1
 
 

@@ -3,7 +3,7 @@ working-context layout, the loss weights, the allocator and the MegaContext obje
 networks in ``nets.specs``.
 
 The ``ConfigDict`` of ``config.py`` is what users write and override. Below the entry points
-(trainer, evaluation, decode session, benchmarks) every part receives one of these frozen
+(the training loop, evaluation, the decode session, benchmarks) every part receives one of these frozen
 dataclasses or plain scalars: only the fields it reads. They are hashable, so a jitted function
 that takes one as a static argument recompiles when a field it reads changes and never otherwise
 (``train.log_every`` does not recompile the evaluation; ``tests/test_evaluate.py``).
@@ -18,7 +18,7 @@ from megacontext_jax.errors import ConfigError, Group, positive, require
 from megacontext_jax.nets.specs import DTYPES, GistConfig, LensConfig
 
 LENS_WEIGHTINGS = ("uniform", "gap")
-PYRAMIDS = ("recent", "proportional")  # working_context.expand_priority's shapes
+PYRAMIDS = ("recent", "proportional")  # focus.rules.expand_priority's shapes
 
 
 @dataclasses.dataclass(frozen=True)

@@ -112,7 +112,7 @@ def run_one(config, overrides: dict, args: argparse.Namespace) -> dict:
 
     summary = train(config)
     model, _ = load_model(config.workdir)
-    docs = data.evaluation_documents(config, tokenizer_for(config.model))
+    docs = data.evaluation_documents(config.data, tokenizer_for(config.model))
     evaluation = evaluate(
         model, config, docs, args.lengths, args.docs, args.batch, args.refocus_steps, args.probes
     )

@@ -66,7 +66,7 @@ def test_frozen_imported_base_trains_decodes_and_evaluates(
     assert capsys.readouterr().out.startswith("the quick")
 
     tokenizer = tokenizer_for(restored.model)
-    docs = data.evaluation_documents(restored, tokenizer)
+    docs = data.evaluation_documents(restored.data, tokenizer)
     assert docs[0].data.dtype == np.int32 and docs[0].data.max() < 300  # BPE ids, not bytes
     results = evaluate(
         model, restored, docs, [4], num_docs=2, batch=2, refocus_steps=1, num_probes=2

@@ -43,7 +43,7 @@ def _recompute(model, session):
     """Next-token logits from scratch: the whole WC through the base model, no cache (jitted:
     op by op it took most of the test's time)."""
     lod, start = (jnp.asarray(a)[None] for a in np.array(session.entries).T)
-    mu, sigma = entry_positions(lod, start, K, session.sigma_scale)
+    mu, sigma = entry_positions(lod, start, K, session.layout.sigma_scale)
     emb = jnp.asarray(session._embed(session.entries))[None]
     return _forward(model.base, emb, mu, sigma)[0, -1]
 

@@ -1,6 +1,6 @@
 """The command-line entry points: ``train.py`` / ``megacontext-train`` and ``decode.py`` /
-``megacontext-decode`` (``python -m megacontext_jax.evaluation``, ``.sweep`` and ``.tree`` keep their
-own ``main``). Each is a thin layer over the library's Python API. Here: what their parsers
+``megacontext-decode`` (``python -m megacontext_jax.evaluation``, ``.sweep`` and ``.memory.tree``
+keep their own ``main``). Each is a thin layer over the library's Python API. Here: what their parsers
 share (no JAX: ``--help`` answers at once)."""
 
 import argparse

@@ -226,6 +226,11 @@ def legal_groups(
     )
 
 
+def _context_only(wc: WorkingContext) -> None:
+    if wc.context is not None:  # its scored tail would not move with the edit
+        raise ValueError("edits apply to a context alone (WorkingContext.only_context)")
+
+
 def _shift(values: jax.Array, index: jax.Array, delta: int, fill) -> jax.Array:
     """``out[p] = values[p - delta]`` for ``p > index`` (``delta`` may be negative), else ``values[p]``."""
     p = jnp.arange(values.shape[0])
@@ -237,6 +242,7 @@ def _shift(values: jax.Array, index: jax.Array, delta: int, fill) -> jax.Array:
 
 def expand(wc: WorkingContext, index: jax.Array, block_size: int) -> WorkingContext:
     """Replaces gist ``index`` by its K children. The caller ensures ``count + K - 1 <= W``."""
+    _context_only(wc)
     k = block_size
     lod, start = wc.lod[index], wc.start[index]
     child = jnp.arange(wc.capacity) - index
@@ -251,6 +257,7 @@ def expand(wc: WorkingContext, index: jax.Array, block_size: int) -> WorkingCont
 
 def collapse(wc: WorkingContext, index: jax.Array, block_size: int) -> WorkingContext:
     """Replaces K aligned siblings ``index .. index + K - 1`` by their parent."""
+    _context_only(wc)
     k = block_size
     first = jnp.arange(wc.capacity) == index
     return WorkingContext(

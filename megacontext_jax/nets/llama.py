@@ -70,7 +70,6 @@ class LlamaConfig:
     attention_bias: bool
     dtype: str = "float32"  # compute and storage
     attention_impl: str = "reference"
-    family: str = "llama"
 
     @property
     def scaling(self) -> dict[str, Any] | None:

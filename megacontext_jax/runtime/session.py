@@ -23,7 +23,6 @@ import numpy as np
 from flax import nnx
 
 from megacontext_jax.focus.allocator import refocus
-from megacontext_jax.focus.positions import entry_positions
 from megacontext_jax.focus.rules import (
     collapse_at,
     collapsible_at,
@@ -37,7 +36,7 @@ from megacontext_jax.memory.tree import APPEND_PIECE, Tree
 from megacontext_jax.runtime.cached_context import CachedContext, Entry
 from megacontext_jax.runtime.sampling import SAMPLING_ARGS, check_sampling, sample_logits
 from megacontext_jax.runtime.telemetry import Telemetry
-from megacontext_jax.specs import AllocatorConfig
+from megacontext_jax.specs import AllocatorConfig, Layout
 from megacontext_jax.text.tokenizer import sampleable
 
 
@@ -51,11 +50,11 @@ def gister_for(model: MegaContext, config: ml_collections.ConfigDict) -> Gister:
     return Gister.from_config(table, model.gistnet, config)
 
 
-@partial(jax.jit, static_argnames=("lens_graph", "cfg", "sigma_scale"))
+@partial(jax.jit, static_argnames=("lens_graph", "cfg", "layout"))
 def _focus(
     lens_graph,
     cfg: AllocatorConfig,
-    sigma_scale: float,
+    layout: Layout,
     lens_state,
     emb,
     lod,
@@ -68,7 +67,7 @@ def _focus(
     ``[4, W]`` int32 rows lod, start, valid, cooldown, and ``[2]`` (expands, collapses)."""
     lensnet = nnx.merge(lens_graph, lens_state)
     wc = WorkingContext(lod, start, jnp.arange(lod.shape[0]) < count)
-    mu, sigma = entry_positions(wc.lod, wc.start, cfg.block_size, sigma_scale)
+    mu, sigma = wc.positions(layout)
     batched = jax.tree.map(lambda a: a[None], wc)
     scores = lensnet(emb[None], batched, mu[None], sigma[None], wc.valid[None], n[None])[0]
     r = refocus(wc, scores, cooldown, n, cfg)
@@ -120,7 +119,7 @@ class Session:
         self.capacity = mc.wc_size
         self.every = mc.refocus_every or self.k
         self.budget = self.capacity - self.every  # entries kept after a refocus
-        self.sigma_scale = mc.sigma_scale
+        self.layout = Layout.from_config(config)  # its positions: the same as training's
         self.alloc = AllocatorConfig.from_config(config)
         self.cached = CachedContext(model.base, self.capacity, self.k, mc.sigma_scale)
         self.lens_graph, self.lens_state = nnx.split(model.lensnet)
@@ -314,7 +313,7 @@ class Session:
             _focus(
                 self.lens_graph,
                 self.alloc,
-                self.sigma_scale,
+                self.layout,
                 self.lens_state,
                 emb,
                 arrays[0],

@@ -118,14 +118,14 @@ def tokenize(docs: list[Document], tokenizer: ByteTokenizer | HFTokenizer) -> li
 
 
 def evaluation_documents(
-    config, tokenizer: ByteTokenizer | HFTokenizer, source: str | None = None
+    data_config, tokenizer: ByteTokenizer | HFTokenizer, source: str | None = None
 ) -> list[Document]:
     """Held-out documents as ``tokenizer``'s ids: all of ``source``, or the validation split of
-    the run's own data."""
+    the run's own data (``data_config``: the run's ``config.data``)."""
     if source:
-        return tokenize(load_documents(source, config.data.jsonl_field), tokenizer)
-    docs = load_documents(config.data.source, config.data.jsonl_field)
-    return tokenize(split_documents(docs, config.data.val_fraction)[1], tokenizer)
+        return tokenize(load_documents(source, data_config.jsonl_field), tokenizer)
+    docs = load_documents(data_config.source, data_config.jsonl_field)
+    return tokenize(split_documents(docs, data_config.val_fraction)[1], tokenizer)
 
 
 def is_validation(name: str, val_fraction: float) -> bool:

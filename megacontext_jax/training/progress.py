@@ -4,7 +4,7 @@ A run has up to two phases, each with its own objective: the curriculum (the bas
 plain LM loss) and the main phase (a plain LM loss, or with ``mc.enabled`` the MegaContext
 objective). Each phase gets its own bar, so its ETA is its own; the bar starts once the phase's
 first step has compiled and run, and tokens/s counts only the time spent in steps (not
-compilation, validation or checkpoints). Metric names and units are in ``metrics.SERIES``.
+compilation, validation or checkpoints). Metric names and units: ``metrics.py``.
 """
 
 import contextlib

@@ -173,7 +173,9 @@ def deep_variant(
 
 
 def to_arrays(contexts: list[Entries], cursor: int, layout: Layout) -> dict[str, np.ndarray]:
-    """Contexts, each followed by the S scored tokens, as ``lod``/``start``/``valid`` ``[n, W]``."""
+    """Contexts, each followed by the S scored tokens, as a batch's ``lod``/``start``/``valid``/
+    ``context`` arrays ``[n, W]`` (``WorkingContext.from_batch`` reads them; on the device,
+    ``WorkingContext.with_tail`` makes the same layout)."""
     n, w = len(contexts), layout.capacity
     lod = np.zeros((n, w), np.int32)
     start = np.zeros((n, w), np.int32)
