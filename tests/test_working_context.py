@@ -121,8 +121,11 @@ def test_host_and_array_edit_rules_agree(setup, data):
         i = data.draw(st.sampled_from(gists))
         wc, ents = rules.expand(wc, i, k), rules.expand_at(ents, i, k)
         assert entries(wc) == ents
-    outside_tail = wc.valid & (wc.end(k) <= n - tail)
-    legal = np.asarray(rules.legal_groups(wc, outside_tail, k, max_level))
+    editable = rules.outside_tail(wc, n, k, tail)
+    expansions = np.asarray(rules.legal_expansions(wc, editable))
+    host = [rules.expandable_at(ents, i, n, k, tail) for i in range(len(ents))]
+    assert expansions[: len(ents)].tolist() == host and not expansions[len(ents) :].any()
+    legal = np.asarray(rules.legal_groups(wc, editable, k, max_level))
     host = [rules.collapsible_at(ents, i, n, k, max_level, tail) for i in range(len(ents))]
     assert legal[: len(ents)].tolist() == host
     assert not legal[len(ents) :].any()

@@ -29,7 +29,9 @@ import jax.numpy as jnp
 from megacontext_jax.focus.rules import (
     collapse,
     expand,
+    legal_expansions,
     legal_groups,
+    outside_tail,
     shift_for_collapse,
     shift_for_expand,
     window_mean,
@@ -54,7 +56,7 @@ def _candidates(wc, scores, expandable, collapsible, cfg: AllocatorConfig):
     """Expand priority per entry; for a group starting at i, its legality (``rules``) and mean
     score."""
     k = cfg.block_size
-    expand_priority = jnp.where(expandable & (wc.lod > 0), scores, NEG)
+    expand_priority = jnp.where(legal_expansions(wc, expandable), scores, NEG)
     legal = legal_groups(wc, collapsible, k, cfg.max_level)
     return expand_priority, legal, window_mean(scores, k)
 
@@ -82,8 +84,7 @@ def refocus(
         wc, scores, cooldown, touched, expands, collapses, key, _ = carry
         key, k1, k2 = jax.random.split(key, 3)
         count = wc.valid.sum()
-        in_tail = wc.end(k) > num_tokens - cfg.recent_tail
-        editable = wc.valid & ~touched & ~in_tail
+        editable = outside_tail(wc, num_tokens, k, cfg.recent_tail) & ~touched
         expand_p, legal, mean = _candidates(
             wc, scores, editable & (cooldown >= 0), editable & (cooldown <= 0), cfg
         )

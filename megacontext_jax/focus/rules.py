@@ -206,6 +206,17 @@ def window_mean(x: jax.Array, k: int) -> jax.Array:
     return _window_sum(x, k) / k
 
 
+def outside_tail(wc: WorkingContext, num_tokens, block_size: int, tail: int) -> jax.Array:
+    """bool ``[W]``: the valid entries that end before the recent tail ``[N - tail, N)``, the
+    ones focus may edit."""
+    return wc.valid & (wc.end(block_size) <= num_tokens - tail)
+
+
+def legal_expansions(wc: WorkingContext, editable: jax.Array) -> jax.Array:
+    """bool ``[W]``: the gists among the ``editable`` entries (``expandable_at``'s array form)."""
+    return editable & (wc.lod > 0)
+
+
 def legal_groups(
     wc: WorkingContext, collapsible: jax.Array, block_size: int, max_level: int
 ) -> jax.Array:

@@ -221,19 +221,22 @@ def training_contexts(
                 return deep
         return fallback(ents)
 
+    order = Rows(num_random)
     rows, lods, from_pyramid = [], [], []
-    # The order of ``Rows``.
     for _ in range(batch):
         base, _ = deep_or(pyr, lambda e: (e, -1))
         variants = [
             deep_or(base, lambda e: random_variant(e, cursor, layout, rng))
             for _ in range(num_random)
         ]
-        rows.extend([base, window(cursor, layout), *(v for v, _ in variants)])
+        example = [None] * order.guided  # every row but the guided one, made in-graph
+        example[order.baseline], example[order.window] = base, window(cursor, layout)
+        example[order.random] = [v for v, _ in variants]
+        rows.extend(example)
         lods.append([l for _, l in variants])
         from_pyramid.append(base == pyr)
     arrays = to_arrays(rows, cursor, layout)
-    shape = (batch, 2 + num_random, layout.capacity)
+    shape = (batch, order.guided, layout.capacity)
     return (
         {k: v.reshape(shape) for k, v in arrays.items()},
         np.array(lods, np.int32).reshape(batch, num_random),
