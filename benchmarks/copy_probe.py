@@ -16,8 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from megacontext_jax.text import data, tasks
-from megacontext_jax.text.tokenizer import tokenizer_for
+from megacontext_jax.data import pipeline as data
+from megacontext_jax.data import tasks
+from megacontext_jax.data.tokenizer import tokenizer_for
 from megacontext_jax.training.restore import load_model
 
 

@@ -22,11 +22,12 @@ from collections import Counter
 import jax.numpy as jnp
 import numpy as np
 
+from megacontext_jax.data import pipeline as data
+from megacontext_jax.data import tasks
+from megacontext_jax.data.tokenizer import tokenizer_for
 from megacontext_jax.evaluation import answered, coarsest_over
 from megacontext_jax.megacontext import lens_scores, node_table
 from megacontext_jax.scoring import Setting, condition_arrays, focus, score_wc
-from megacontext_jax.text import data, tasks
-from megacontext_jax.text.tokenizer import tokenizer_for
 from megacontext_jax.training.restore import load_model
 
 

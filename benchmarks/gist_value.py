@@ -29,9 +29,9 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 
+from megacontext_jax.data import pipeline as data
+from megacontext_jax.data.tokenizer import tokenizer_for
 from megacontext_jax.scoring import Setting, contexts, score_full, score_wc
-from megacontext_jax.text import data
-from megacontext_jax.text.tokenizer import tokenizer_for
 from megacontext_jax.training import variants
 from megacontext_jax.training.restore import load_model
 

@@ -23,11 +23,11 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from megacontext_jax.data.tokenizer import ByteTokenizer, HFTokenizer, sampleable, tokenizer_for
 from megacontext_jax.megacontext import MegaContext
 from megacontext_jax.nets.decoder import DecoderLM
 from megacontext_jax.runtime.session import Session, SessionError, open_session
 from megacontext_jax.runtime.telemetry import Telemetry, plot_lod_map
-from megacontext_jax.text.tokenizer import ByteTokenizer, HFTokenizer, sampleable, tokenizer_for
 
 Progress = Callable[[int], None]  # called with the number of tokens just ingested
 
@@ -313,7 +313,7 @@ def evaluate(
     run's identity (checkpoint, step, config hash, these arguments). Returns the dict the CLI
     writes as JSON."""
     from megacontext_jax import evaluation as ev
-    from megacontext_jax.text.data import evaluation_documents
+    from megacontext_jax.data.pipeline import evaluation_documents
 
     arguments = {
         "data": data,

@@ -38,6 +38,9 @@ from tqdm import tqdm
 
 from megacontext_jax.cli import HelpFormatter, OneLineParser, at_least, history_lengths
 from megacontext_jax.config import to_json
+from megacontext_jax.data import pipeline as data
+from megacontext_jax.data import tasks
+from megacontext_jax.data.tokenizer import ByteTokenizer, HFTokenizer, tokenizer_for
 from megacontext_jax.focus.working_context import WorkingContext
 from megacontext_jax.megacontext import MegaContext
 from megacontext_jax.nets.decoder import DecoderLM
@@ -49,8 +52,6 @@ from megacontext_jax.scoring import (
     run_conditions,
     score_wc,
 )
-from megacontext_jax.text import data, tasks
-from megacontext_jax.text.tokenizer import ByteTokenizer, HFTokenizer, tokenizer_for
 from megacontext_jax.training import variants
 from megacontext_jax.training.checkpoint import CheckpointError
 

@@ -104,9 +104,9 @@ def run_one(config, overrides: dict, args: argparse.Namespace) -> dict:
     """Trains (or resumes) the run in ``config.workdir``, evaluates its latest checkpoint on the
     run's own held-out data, and returns its row of the results."""
     # Imported here so that --help and config errors answer without loading the training stack.
+    from megacontext_jax.data import pipeline as data
+    from megacontext_jax.data.tokenizer import tokenizer_for
     from megacontext_jax.evaluation import evaluate
-    from megacontext_jax.text import data
-    from megacontext_jax.text.tokenizer import tokenizer_for
     from megacontext_jax.training.loop import train
     from megacontext_jax.training.restore import load_model
 

@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import pytest
 
 import megacontext_jax as mcj
+from megacontext_jax.data.tokenizer import HFTokenizer
 from megacontext_jax.memory.tree import Tree
 from megacontext_jax.runtime.sampling import sample_logits
-from megacontext_jax.text.tokenizer import HFTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,13 +18,13 @@ import decode
 import megacontext_jax
 from megacontext_jax import evaluation
 from megacontext_jax.api import Model
+from megacontext_jax.data import pipeline as data
 from megacontext_jax.megacontext import MegaContext
 from megacontext_jax.memory import tree as tree_module
 from megacontext_jax.memory.errors import TreeCorruptError, TreeLockedError
 from megacontext_jax.memory.tree import Tree
 from megacontext_jax.runtime.sampling import check_sampling
 from megacontext_jax.runtime.session import gister_for
-from megacontext_jax.text import data
 from tests.conftest import tiny_mc_config
 
 TOKENS = np.arange(100) % 256

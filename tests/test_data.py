@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from megacontext_jax.text import data
-from megacontext_jax.text.tokenizer import BOS, PAD, ByteTokenizer
+from megacontext_jax.data import pipeline as data
+from megacontext_jax.data.tokenizer import BOS, PAD, ByteTokenizer
 
 
 @given(st.text())

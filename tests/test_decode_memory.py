@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 
 import decode
+from megacontext_jax.data.tokenizer import BOS, ByteTokenizer
 from megacontext_jax.memory.manifest import read_manifest
 from megacontext_jax.memory.tree import APPEND_PIECE, Tree
 from megacontext_jax.testing import random_gister
-from megacontext_jax.text.tokenizer import BOS, ByteTokenizer
 from megacontext_jax.training.loop import train
 from tests.conftest import signal_when, tiny_config, tiny_mc_config
 

@@ -12,11 +12,11 @@ from flax import nnx
 import megacontext_jax as mcj
 from megacontext_jax import evaluation
 from megacontext_jax.api import load
+from megacontext_jax.data import pipeline as data
 from megacontext_jax.evaluation import _paired, config_hash, evaluate, gap_recovered
 from megacontext_jax.megacontext import MegaContext
 from megacontext_jax.scoring import Setting, condition_arrays, run_conditions, score_full, score_wc
 from megacontext_jax.specs import Layout, ignored
-from megacontext_jax.text import data
 from megacontext_jax.training.loop import train
 from tests.conftest import tiny_mc_config
 

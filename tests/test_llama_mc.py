@@ -7,12 +7,12 @@ import pytest
 from flax import nnx
 
 import decode
+from megacontext_jax.data import pipeline as data
+from megacontext_jax.data.tokenizer import tokenizer_for
 from megacontext_jax.evaluation import evaluate
 from megacontext_jax.nets.hf_weights import load_pretrained, save_pretrained
 from megacontext_jax.nets.llama import Llama
 from megacontext_jax.testing import random_checkpoint, train_tokenizer
-from megacontext_jax.text import data
-from megacontext_jax.text.tokenizer import tokenizer_for
 from megacontext_jax.training.loop import train
 from megacontext_jax.training.restore import load_model
 from tests.conftest import HF_CONFIG, tiny_mc_config
@@ -80,8 +80,8 @@ def test_frozen_imported_base_trains_decodes_and_evaluates(
 def test_hf_tokenizer_specials_streaming_and_tasks(checkpoint, tmp_path):
     import json
 
-    from megacontext_jax.text import tasks
-    from megacontext_jax.text.tokenizer import HFTokenizer, sampleable, special_ids
+    from megacontext_jax.data import tasks
+    from megacontext_jax.data.tokenizer import HFTokenizer, sampleable, special_ids
 
     ids = special_ids(checkpoint)
     assert ids == {"pad_id": 1, "bos_id": 0, "eos_id": 1}  # no pad token: EOS pads

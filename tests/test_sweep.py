@@ -177,7 +177,7 @@ def test_an_override_set_listed_twice_is_refused(tmp_path, corpus_dir, stack, ca
 
 
 def test_a_failed_run_is_tabulated_and_the_sweep_goes_on(tmp_path, corpus_dir, stack, capsys):
-    from megacontext_jax.text.data import DataError
+    from megacontext_jax.data.pipeline import DataError
 
     runs = [{"train.lr": lr} for lr in (0.001, 0.002, 0.003, 0.004)]
     stack.raises[("train", 0.002)] = RuntimeError("boom\nsecond line")

@@ -3,8 +3,8 @@ import re
 import numpy as np
 import pytest
 
-from megacontext_jax.text import tasks
-from megacontext_jax.text.tokenizer import ByteTokenizer
+from megacontext_jax.data import tasks
+from megacontext_jax.data.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
 FILLER = TOK.encode("def f(x):\n    return x + 1\n" * 100)

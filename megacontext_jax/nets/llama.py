@@ -113,7 +113,7 @@ def base_config(model: ml_collections.ConfigDict) -> LlamaConfig:
 def sync_config(config: ml_collections.ConfigDict) -> None:
     """Fills ``config.model`` (in place) from the checkpoint at ``config.model.hf_path``: the
     sizes GistNet, LensNet and the tree read, and the tokenizer's special ids."""
-    from megacontext_jax.text.tokenizer import HFTokenizer, special_ids
+    from megacontext_jax.data.tokenizer import HFTokenizer, special_ids
 
     hf = model_config(read_hf_config(config.model.hf_path))
     m = config.model

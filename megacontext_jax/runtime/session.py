@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from megacontext_jax.data.tokenizer import sampleable
 from megacontext_jax.focus.allocator import refocus
 from megacontext_jax.focus.rules import (
     collapse_at,
@@ -37,7 +38,6 @@ from megacontext_jax.runtime.cached_context import CachedContext, Entry
 from megacontext_jax.runtime.sampling import SAMPLING_ARGS, check_sampling, sample_logits
 from megacontext_jax.runtime.telemetry import Telemetry
 from megacontext_jax.specs import AllocatorConfig, Layout
-from megacontext_jax.text.tokenizer import sampleable
 
 
 class SessionError(ValueError):

@@ -11,10 +11,10 @@ from flax import nnx
 from tqdm import tqdm
 
 from megacontext_jax.config import config_diff, to_json, validate
+from megacontext_jax.data import pipeline as data
+from megacontext_jax.data.tokenizer import tokenizer_for
 from megacontext_jax.nets.decoder import count_params
 from megacontext_jax.specs import Layout
-from megacontext_jax.text import data
-from megacontext_jax.text.tokenizer import tokenizer_for
 from megacontext_jax.training import sharding, variants
 from megacontext_jax.training.checkpoint import Checkpointer, check_resume, write_config
 from megacontext_jax.training.metrics import MetricsWriter, latest_metrics, plot_loss_curve

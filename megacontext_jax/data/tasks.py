@@ -18,7 +18,7 @@ import dataclasses
 
 import numpy as np
 
-from megacontext_jax.text.tokenizer import ByteTokenizer, HFTokenizer
+from megacontext_jax.data.tokenizer import ByteTokenizer, HFTokenizer
 
 BYTES = ByteTokenizer()
 

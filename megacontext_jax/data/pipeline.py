@@ -18,7 +18,7 @@ from pathlib import Path
 import grain
 import numpy as np
 
-from megacontext_jax.text.tokenizer import ByteTokenizer, HFTokenizer
+from megacontext_jax.data.tokenizer import ByteTokenizer, HFTokenizer
 
 BYTES = ByteTokenizer()
 
@@ -229,7 +229,7 @@ class PlantTask(grain.transforms.RandomMap):
     def random_map(self, example: dict[str, np.ndarray], rng: np.random.Generator):
         if rng.random() >= self.fraction:
             return example
-        from megacontext_jax.text import tasks
+        from megacontext_jax.data import tasks
 
         tokens = np.append(example["inputs"], example["targets"][-1])
         if self.task == "passkey":
