@@ -1,8 +1,10 @@
+import itertools
 import re
 
 import numpy as np
 import pytest
 
+from megacontext_jax.data import pipeline as data
 from megacontext_jax.data import tasks
 from megacontext_jax.data.tokenizer import ByteTokenizer
 
@@ -10,21 +12,72 @@ TOK = ByteTokenizer()
 FILLER = TOK.encode("def f(x):\n    return x + 1\n" * 100)
 
 
-def test_passkey_answer_repeats_the_needle():
+@pytest.mark.parametrize("split", ["train", "held_out"])
+def test_passkey_answer_repeats_the_needle(split):
     rng = np.random.default_rng(0)
-    for depth in (0.0, 0.5, 1.0, None):
-        probe = tasks.passkey(FILLER, 400, rng, depth)
+    used = set()
+    for depth in (0.0, 0.5, 1.0, None) * 4:
+        probe = tasks.passkey(FILLER, 400, rng, depth, split=split)
         assert len(probe.tokens) == 400
         text = TOK.decode(probe.tokens)
         key = TOK.decode(probe.tokens[probe.answer])
         assert len(key) == 5 and key.isdigit()
-        assert text.endswith(f"the pass key is {key}")
-        assert TOK.decode(probe.tokens[slice(*probe.needle)]) == f"\n# the pass key is {key}\n"
+        needle = TOK.decode(probe.tokens[slice(*probe.needle)])
+        (phrasing,) = [
+            p for p in tasks.PHRASINGS[split] if needle == p.needle[0] + key + p.needle[1]
+        ]
+        used.add(phrasing)
+        assert text.endswith(phrasing.question + key)
         assert (probe.tokens[slice(*probe.source)] == probe.tokens[probe.answer]).all()
         assert probe.needle[0] < probe.source[0] < probe.source[1] < probe.needle[1]
+    assert used == set(tasks.PHRASINGS[split])
     early = tasks.passkey(FILLER, 400, rng, 0.0).needle[0]
     late = tasks.passkey(FILLER, 400, rng, 1.0).needle[0]
     assert early == 1 and late > 300
+
+
+def test_code_probe_assigns_a_name_and_asserts_it():
+    probe = tasks.code(FILLER, 300, np.random.default_rng(3), depth=0.2)
+    text = TOK.decode(probe.tokens)
+    (name, key) = re.findall(r"\n([A-Z]{4}_[A-Z]{4}) = '(\d{5})'\n", text)[0]
+    assert text.endswith(f"\nassert {name} == '{key}")
+    assert TOK.decode(probe.tokens[probe.answer]) == key
+    assert TOK.decode(probe.tokens[slice(*probe.source)]) == key
+
+
+def test_prose_filler_is_sentences_and_never_code():
+    text = TOK.decode(tasks.prose(2000, np.random.default_rng(0)))
+    assert len(text) == 2000
+    words = set(re.findall(r"[A-Za-z]+", text.rsplit(" ", 1)[0]))  # the last may be cut
+    assert words <= {w for s in tasks.SENTENCES for w in re.findall(r"[A-Za-z]+", s)}
+    assert not {"def", "return", "import", "class"} & words
+
+
+def test_mqar_before_plants_every_fact_beyond_the_window():
+    for seed in range(10):
+        probe = tasks.mqar(FILLER, 600, np.random.default_rng(seed), pairs=6, before=300)
+        assert probe.needle[1] <= 300
+        text = TOK.decode(probe.tokens)
+        assert len(re.findall(r" ([a-z]{3})=(\d\d);", text[:300])) == 6
+    with pytest.raises(ValueError, match="no room for 6 pairs"):
+        tasks.mqar(FILLER, 600, np.random.default_rng(0), pairs=6, before=40)
+
+
+def test_training_plants_only_the_training_phrasings(corpus_dir):
+    """Held-out phrasings, the code task and prose filler never reach the training pipeline."""
+    docs = data.load_documents(str(corpus_dir))
+    ds = data.train_dataset(docs, 96, 8, seed=0, passkey_fraction=1.0, repeat_fraction=0.5)
+    texts = [
+        TOK.decode(np.append(row, batch["targets"][i, -1]))
+        for batch in itertools.islice(iter(ds), 12)
+        for i, row in enumerate(batch["inputs"])
+    ]
+    seen = {p for p in tasks.PHRASINGS["train"] if any(p.question in t for t in texts)}
+    assert seen == set(tasks.PHRASINGS["train"])  # the check below can see a phrasing
+    for text in texts:
+        for p in tasks.PHRASINGS["held_out"]:
+            assert p.needle[0] not in text and p.needle[1] not in text and p.question not in text
+        assert "assert " not in text and not any(s in text for s in tasks.SENTENCES)
 
 
 def test_mqar_answers_are_the_queried_values():
