@@ -8,6 +8,7 @@ curriculum in which the base GPT alone learns to copy on short sequences.
     python train.py --config configs/tiny.py --config.mc.enabled=False   # the plain LM alone
     python train.py --config configs/tiny.py:retrieval   # a shorter raw tail: room for focus
     python train.py --config configs/tiny.py:quick   # a first look: ~5 minutes with decoding
+    python train.py --config configs/tiny.py:mean_gist   # the baseline GistNet is measured against
 
 ``quick`` is the same model trained for 300 steps instead of 3,500 (200 of curriculum in batches of
 16, then 100 of the whole model, LensNet from step 240): every part trains and decode runs over a
@@ -17,19 +18,24 @@ system work, not to measure it.
 ``retrieval`` trades next-token loss for passkey retrieval. A working context of W = 64 holds the
 S = 16 scored tokens and 48 context entries. The default keeps 40 of them as tokens at 4 W and
 8 W (a ``recent`` pyramid over a 32-token tail), which next-token loss on code needs, and that
-leaves almost no room to bring a needle's digits to LOD0 (``passkey_oracle`` in
+leaves almost no room to bring a needle's digits to LOD0 (``oracle_fits`` of ``mc_oracle`` in
 ``megacontext_jax.evaluation``: 2 of 32 probes fit at 4 W, none at 8 W). ``retrieval`` keeps a
 16-token tail in a ``proportional`` pyramid (30 of 32 fit at 4 W and 8 W), and it trains LensNet
 on deep expansions, on three rounds of guided refocus (as evaluation refocuses), and on 12 random
 variants per sequence rather than 3: ``mc_focus`` found 15 / 5 passkeys of 32 at 4 W / 8 W with 3,
 15 / 10 with 6, 23 / 13 with 12 and 18 / 14 with 24 (one run each).
+
+``mean_gist`` is the default run with GistNet's transformer taken out (``mc.gist.depth = 0``): each
+gist is the mean of its K normalised children through one linear projection, trained the same way
+(same steps, data and losses). Evaluated next to the default (``runs/tiny``), it says what the
+transformer over the children adds.
 """
 
 import ml_collections
 
 from megacontext_jax.config import ConfigError, base_config
 
-VARIANTS = ("retrieval", "quick")
+VARIANTS = ("retrieval", "quick", "mean_gist")
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
@@ -102,4 +108,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         c.curriculum.steps = 200
         c.curriculum.batch_size = 16
         c.mc.lens_start = 240
+    if variant == "mean_gist":
+        c.workdir = "runs/tiny_mean_gist"
+        c.mc.gist.depth = 0
+        c.mc.gist.pooling = "mean"
+        c.mc.gist.projection = "linear"
     return c

@@ -106,7 +106,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mc.refocus_every = 0  # decode: tokens between refocus steps (0: every K tokens)
 
     c.mc.gist = ml_collections.ConfigDict()
-    c.mc.gist.depth = 2
+    c.mc.gist.depth = 2  # 0: no transformer, the mean-pooled baseline (needs pooling "mean")
     c.mc.gist.num_heads = 4
     c.mc.gist.mlp_ratio = 4
     c.mc.gist.pooling = "query"  # "mean", "query" (learned query) or "cls"

@@ -95,7 +95,7 @@ FIELDS: dict[str, str] = {
     "mc.loss.span_kl": "weight of the close-range substitutability pass; 0: off",
     "mc.span_kl.fractions": "share of level-1, level-2, ... nodes replaced by their gists",
     "mc.span_kl.horizon": "tokens after each gist whose predictions are compared",
-    "mc.gist.depth": "GistNet transformer blocks",
+    "mc.gist.depth": "GistNet transformer blocks (0: mean-pooled children, the baseline)",
     "mc.gist.num_heads": "GistNet attention heads",
     "mc.gist.mlp_ratio": "GistNet MLP hidden width / width",
     "mc.gist.pooling": "GistNet head: mean, query (a learned query) or cls",

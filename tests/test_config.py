@@ -82,7 +82,7 @@ def test_tiny_retrieval_variant_changes_only_focus_fields():
     a, b = leaves(default), leaves(retrieval)
     assert {k for k in a if a[k] != b[k]} == changed
     with pytest.raises(
-        ConfigError, match="unknown variant 'fast'; known: \\('retrieval', 'quick'\\)"
+        ConfigError, match="unknown variant 'fast'; known: \\('retrieval', 'quick', 'mean_gist'\\)"
     ):
         load_config(f"{TINY}:fast")
 

@@ -1,9 +1,12 @@
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from megacontext_jax.config import ConfigError, base_config, leaves, parse_args, validate
 from megacontext_jax.nets.gistnet import GistNet, build_levels
 from megacontext_jax.nets.specs import GistConfig
 from tests.conftest import mc_config
@@ -60,3 +63,53 @@ def test_build_levels_and_gradients():
     grads = nnx.grad(loss)(net)
     norms = [float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads)]
     assert all(n > 0 for n in norms)
+
+
+def test_depth_zero_is_the_normalised_mean_through_the_projection():
+    net, _ = _gistnet(depth=0, pooling="mean", projection="linear")
+    x = 3.0 * jax.random.normal(jax.random.key(5), (3, 4, 32))
+    children = x / np.sqrt(np.mean(np.square(x), axis=-1, keepdims=True) + 1e-6)
+    want = children.mean(axis=1) @ np.asarray(net.levels[0].out.kernel.value)  # no bias
+    for level in (1, 2):
+        np.testing.assert_allclose(net(x, level), want, rtol=1e-5, atol=1e-6)
+
+
+def test_depth_zero_params_are_only_the_projection():
+    for shared in (True, False):
+        net, config = _gistnet(depth=0, pooling="mean", projection="linear", shared_levels=shared)
+        params = jax.tree.leaves(nnx.state(net, nnx.Param))
+        width, levels = config.model.width, 1 if shared else config.mc.max_level
+        assert [p.shape for p in params] == [(width, width)] * levels
+
+
+def test_depth_zero_needs_mean_pooling():
+    config = base_config()
+    config.mc.gist.depth = 0
+    config.mc.gist.pooling = "mean"
+    validate(config)
+    config.mc.gist.pooling = "query"
+    with pytest.raises(ConfigError, match=r"^config\.mc\.gist\.pooling: must be 'mean' with"):
+        validate(config)
+    config.mc.gist.depth = -1
+    with pytest.raises(ConfigError, match=r"^config\.mc\.gist\.depth: must be >= 0, got -1$"):
+        validate(config)
+
+
+def test_default_settings_keep_their_fingerprint_bytes():
+    """Part of a tree's GistNet fingerprint: other bytes and every existing tree is refused."""
+    settings = GistConfig.from_config(base_config()).settings_json()
+    assert settings == (
+        '{\n  "depth": 2,\n  "mlp_ratio": 4,\n  "num_heads": 4,\n  "pooling": "query",\n'
+        '  "projection": "mlp",\n  "shared_levels": true\n}'
+    )
+
+
+def test_tiny_mean_gist_is_the_default_run_without_the_transformer():
+    """The variant is trained the same way: only its GistNet and its workdir differ."""
+    tiny = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
+    default, _ = parse_args(["--config", tiny])
+    mean_gist, _ = parse_args(["--config", f"{tiny}:mean_gist"])
+    a, b = leaves(default), leaves(mean_gist)
+    changed = {"workdir", "mc.gist.depth", "mc.gist.pooling", "mc.gist.projection"}
+    assert {k for k in a if a[k] != b[k]} == changed
+    assert (b["workdir"], b["mc.gist.depth"]) == ("runs/tiny_mean_gist", 0)

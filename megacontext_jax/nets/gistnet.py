@@ -3,7 +3,9 @@
 A small *bidirectional* transformer over one block of K children (local RoPE: child j at position j),
 a pooling head (``mean``, learned ``query``, or a ``cls`` entry), and a ``linear`` or ``mlp``
 projection into the base model's input-embedding space. One set of weights serves every level, or one
-set per level (``mc.gist.shared_levels``).
+set per level (``mc.gist.shared_levels``). With ``mc.gist.depth = 0`` there is no transformer: the
+gist is the mean of the normalised children through the projection, the baseline that says what the
+transformer adds.
 """
 
 import jax
@@ -24,6 +26,9 @@ class GistLevel(nnx.Module):
         self.pooling, self.projection = gist.pooling, gist.projection
         self.head_dim = d // cfg.num_heads
         self.rope_theta = cfg.rope_theta
+        # The blocks' compute dtype (what their q projection computes in), held here because with
+        # depth 0 there is no block to read it from.
+        self.dtype = jnp.dtype(cfg.dtype)
         self.blocks = nnx.List([Block(cfg, rngs, causal=False) for _ in range(cfg.depth)])
         init = nnx.initializers.normal(1.0)
         if self.pooling == "cls":
@@ -40,8 +45,27 @@ class GistLevel(nnx.Module):
             self.out = linear(d, d, d**-0.5, cfg, rngs)
 
     def __call__(self, children: jax.Array) -> jax.Array:
-        n, k, d = children.shape
-        x = children.astype(self.blocks[0].attn.q.dtype)
+        d = children.shape[-1]
+        x = children.astype(self.dtype)
+        # Without blocks the norm before them and the one after collapse into one (RMSNorm is
+        # idempotent up to its eps): the projection still sees unit-RMS children, token embeddings
+        # at level 1 and gists above alike, as it does behind the transformer, so the baseline
+        # lacks only the mixing of the children.
+        x = (self._mix(x) if self.blocks else rms_norm(x)).astype(jnp.float32)
+        if self.pooling == "mean":
+            pooled = x.mean(axis=1)
+        elif self.pooling == "cls":
+            pooled = x[:, -1]
+        else:
+            logits = self.key(x).astype(jnp.float32) @ self.query.value.astype(jnp.float32)
+            pooled = jnp.einsum("nk,nkd->nd", jax.nn.softmax(logits * d**-0.5, axis=-1), x)
+        if self.projection == "mlp":
+            return self.down(jnp.square(jax.nn.relu(self.up(pooled)))).astype(jnp.float32)
+        return self.out(pooled).astype(jnp.float32)
+
+    def _mix(self, x: jax.Array) -> jax.Array:
+        """The transformer over the children (and a cls entry), normalised before and after."""
+        n, k, d = x.shape
         mu = jnp.arange(k, dtype=jnp.float32)
         sigma = jnp.zeros(k, jnp.float32)
         if self.pooling == "cls":
@@ -57,17 +81,7 @@ class GistLevel(nnx.Module):
         x = rms_norm(x)
         for block in self.blocks:
             x, _ = block(x, cos, sin, None, None, 0)
-        x = rms_norm(x).astype(jnp.float32)
-        if self.pooling == "mean":
-            pooled = x.mean(axis=1)
-        elif self.pooling == "cls":
-            pooled = x[:, -1]
-        else:
-            logits = self.key(x).astype(jnp.float32) @ self.query.value.astype(jnp.float32)
-            pooled = jnp.einsum("nk,nkd->nd", jax.nn.softmax(logits * d**-0.5, axis=-1), x)
-        if self.projection == "mlp":
-            return self.down(jnp.square(jax.nn.relu(self.up(pooled)))).astype(jnp.float32)
-        return self.out(pooled).astype(jnp.float32)
+        return rms_norm(x)
 
 
 class GistNet(nnx.Module):

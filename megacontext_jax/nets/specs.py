@@ -156,8 +156,16 @@ class GistConfig:
 
     @staticmethod
     def validate(gist: Group, width: int) -> None:
-        positive(gist, "mc.gist", "depth", "num_heads", "mlp_ratio")
+        require(gist.depth >= 0, "mc.gist.depth", f"must be >= 0, got {gist.depth}")
+        positive(gist, "mc.gist", "num_heads", "mlp_ratio")
         require(gist.pooling in POOLINGS, "mc.gist.pooling", f"must be one of {POOLINGS}")
+        # Depth 0 is the mean-pooled baseline: a learned query over children no block has mixed
+        # is another model, and a cls entry that nothing attends to would carry no input at all.
+        require(
+            gist.depth > 0 or gist.pooling == "mean",
+            "mc.gist.pooling",
+            f"must be 'mean' with mc.gist.depth=0 (no transformer blocks), got {gist.pooling!r}",
+        )
         require(
             gist.projection in PROJECTIONS,
             "mc.gist.projection",
