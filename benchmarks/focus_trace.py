@@ -10,7 +10,7 @@ gist, it also gives the rank of that gist among the context's gists by LensNet's
 round (0: LensNet would expand it first). Last, the share of probes whose answer is right after
 the final round.
 
-The evaluation's ``passkey_oracle`` says whether the base model reads the digits once they are
+The evaluation's ``mc_oracle`` says whether the base model reads the digits once they are
 tokens; this says where focus stops on the way there. Digits under a top-ranked gist that stay
 there mean the allocator found no room; a low rank means LensNet did not find the needle.
 """
@@ -25,9 +25,9 @@ import numpy as np
 from megacontext_jax.data import pipeline as data
 from megacontext_jax.data import tasks
 from megacontext_jax.data.tokenizer import tokenizer_for
-from megacontext_jax.evaluation import answered, coarsest_over
+from megacontext_jax.evaluation.retrieval import answered, coarsest_over
+from megacontext_jax.evaluation.scoring import Setting, condition_entries, contexts, focus, score_wc
 from megacontext_jax.megacontext import lens_scores, node_table
-from megacontext_jax.scoring import Setting, condition_arrays, focus, score_wc
 from megacontext_jax.training.restore import load_model
 
 
@@ -71,14 +71,19 @@ def main() -> None:
     table, offsets = node_table(
         model.gistnet, model.base.embed(tokens[:, :n]), k, config.mc.max_level
     )
-    pyramid = condition_arrays("mc_static", cursor, layout, len(probes))
+    pyramid = contexts(
+        [condition_entries("mc_static", cursor, layout)] * len(probes), cursor, layout
+    )
     print(f"{len(probes)} passkey probes of {n} tokens ({args.length}W), {args.checkpoint}")
     for r in range(args.rounds + 1):
-        wc = focus(model, tokens, pyramid, layout, setting.allocator, r) if r else pyramid
+        if r:
+            wc, _ = focus(model, table, offsets, pyramid, cursor, layout, setting.allocator, r)
+        else:
+            wc = pyramid
         scores = np.asarray(lens_scores(model, table, offsets, wc, cursor, layout))
         states = Counter(digits_state(wc, scores, row, p.source, k) for row, p in enumerate(probes))
         print(f"after {r} rounds: " + ", ".join(f"{s} {c}" for s, c in sorted(states.items())))
-    pred = np.asarray(score_wc(model, tokens, wc, layout, setting.ignore)[1])
+    pred = np.asarray(score_wc(model, table, offsets, tokens, wc, layout, setting.ignore)[1])
     found = [answered(pred[row], p, cursor) for row, p in enumerate(probes)]
     print(f"passkey found after {args.rounds} rounds: {np.mean(found):.3f}")
 

@@ -31,7 +31,7 @@ import numpy as np
 
 from megacontext_jax.data import pipeline as data
 from megacontext_jax.data.tokenizer import tokenizer_for
-from megacontext_jax.scoring import Setting, contexts, score_full, score_wc
+from megacontext_jax.evaluation.scoring import Setting, score_full, score_rows
 from megacontext_jax.training import variants
 from megacontext_jax.training.restore import load_model
 
@@ -64,9 +64,8 @@ def main() -> None:
 
     def nll(ents, seq) -> float:
         room = dataclasses.replace(layout, capacity=max(layout.capacity, len(ents) + layout.scored))
-        wc = contexts([ents] * len(seq), cursor, room)
         return float(
-            np.asarray(score_wc(model, jnp.asarray(seq), wc, room, setting.ignore)[0]).mean()
+            score_rows(model, seq, [ents] * len(seq), cursor, room, setting.ignore)[0].mean()
         )
 
     full = float(np.asarray(score_full(model, jnp.asarray(tokens), layout.scored)[0]).mean())

@@ -7,7 +7,7 @@
         s.ingest_text(open("notes.txt").read())
         for piece in s.stream("def main():", max_new_tokens=64, temperature=0.8, top_k=40):
             print(piece, end="", flush=True)
-    results = mcj.evaluate(model, lengths=(4, 8))  # the dict `python -m ...evaluate` writes
+    results = mcj.evaluate(model, quick=True)  # the dict `python -m ...evaluation` writes
 
 Text in, text out; the ``*_ids`` methods take and give token ids. A session holds the memory's
 writer lock and commits everything decoded when it is closed, which ``with`` does also on an
@@ -15,19 +15,24 @@ exception. ``decode.py`` and ``python -m megacontext_jax.evaluation`` are thin l
 module, so the CLIs and a notebook run the same code.
 """
 
+import dataclasses
 import json
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ml_collections
 import numpy as np
 
 from megacontext_jax.data.tokenizer import ByteTokenizer, HFTokenizer, sampleable, tokenizer_for
+from megacontext_jax.errors import first_line
 from megacontext_jax.megacontext import MegaContext
 from megacontext_jax.nets.decoder import DecoderLM
 from megacontext_jax.runtime.session import Session, SessionError, open_session
 from megacontext_jax.runtime.telemetry import Telemetry, plot_lod_map
+
+if TYPE_CHECKING:  # evaluate() imports the evaluation package when it is called
+    from megacontext_jax.evaluation import Protocol
 
 Progress = Callable[[int], None]  # called with the number of tokens just ingested
 
@@ -299,50 +304,37 @@ def evaluate(
     model: Model,
     *,
     data: str | None = None,
-    lengths: Sequence[int] = (4, 8, 16),
-    docs: int = 96,
-    probes: int = 32,
-    batch: int = 8,
-    refocus_steps: int = 4,
-    seed: int = 0,
+    protocol: "Protocol | None" = None,
+    quick: bool = False,
     progress: bool = True,
+    **arguments: Any,
 ) -> dict:
-    """The evaluation of ``python -m megacontext_jax.evaluation`` (same defaults): the conditions
-    ``full`` / ``window`` / ``mc_static`` / ``mc_focus`` on held-out documents (``data``: a
-    directory or .jsonl; default the run's held-out split) at ``lengths`` x W, retrieval, and the
-    run's identity (checkpoint, step, config hash, these arguments). Returns the dict the CLI
-    writes as JSON."""
-    from megacontext_jax import evaluation as ev
-    from megacontext_jax.data.pipeline import evaluation_documents
+    """The evaluation of ``python -m megacontext_jax.evaluation`` (same defaults) on held-out
+    documents (``data``: a directory or .jsonl; default the run's held-out split): NLL of every
+    condition on windows of each length, key tokens, the budget curve, retrieval, and the run's
+    identity (checkpoint, step, config hash, the arguments, versions). ``arguments``: fields of
+    ``megacontext_jax.evaluation.Protocol`` (``lengths=(4, 8)``, ``windows=64``, ...), over
+    ``protocol`` or, with ``quick``, ``Protocol.quick()``. Returns the dict the CLI writes as
+    JSON."""
+    import time
 
-    arguments = {
-        "data": data,
-        "lengths": [int(m) for m in lengths],
-        "docs": docs,
-        "probes": probes,
-        "batch": batch,
-        "refocus_steps": refocus_steps,
-        "seed": seed,
-    }
+    from megacontext_jax.data.pipeline import evaluation_documents
+    from megacontext_jax.evaluation import protocol as ev
+
+    started = time.perf_counter()
+    base = protocol or (ev.Protocol.quick() if quick else ev.Protocol())
+    try:
+        chosen = dataclasses.replace(
+            base, **{k: tuple(v) if isinstance(v, list) else v for k, v in arguments.items()}
+        )
+    except TypeError as e:
+        raise ValueError(f"evaluate: {first_line(e)}") from None
+    chosen.validate()
     held_out = evaluation_documents(model.config.data, model.tokenizer, data)
-    results = ev.evaluate(
-        model.module,
-        model.config,
-        held_out,
-        arguments["lengths"],
-        docs,
-        batch,
-        refocus_steps,
-        probes,
-        seed,
-        progress=progress,
+    results = ev.evaluate(model.module, model.config, held_out, chosen, progress=progress)
+    run = ev.provenance(
+        model.config, chosen, started, checkpoint=str(model.path), step=model.step, data=data
     )
-    run = {
-        "checkpoint": str(model.path),
-        "step": model.step,
-        "config_hash": ev.config_hash(model.config),
-        "arguments": arguments,
-    }
     return {"run": run, **results}
 
 

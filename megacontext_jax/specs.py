@@ -38,6 +38,21 @@ class Layout:
     def context_capacity(self) -> int:
         return self.capacity - self.scored
 
+    def with_capacity(self, capacity: int) -> "Layout":
+        """This layout at a budget of ``capacity`` entries, the same S scored tokens, and a
+        tail that keeps its share of the context, as far as the budget leaves room for two
+        blocks of gists beside it (a budget curve's points; ``ValueError`` where
+        ``capacity`` cannot hold the scored tokens and two blocks)."""
+        context = capacity - self.scored
+        k = self.block_size
+        if context < 2 * k:
+            raise ValueError(
+                f"a budget of {capacity} leaves {context} context entries beside S={self.scored} "
+                f"scored tokens: needs >= 2K = {2 * k}"
+            )
+        tail = min(round(self.recent_tail * context / self.context_capacity), context - 2 * k)
+        return dataclasses.replace(self, capacity=capacity, recent_tail=tail)
+
     @classmethod
     def from_config(cls, config: Group) -> "Layout":
         mc = config.mc

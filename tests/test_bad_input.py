@@ -16,9 +16,10 @@ from flax import nnx
 
 import decode
 import megacontext_jax
-from megacontext_jax import evaluation
 from megacontext_jax.api import Model
 from megacontext_jax.data import pipeline as data
+from megacontext_jax.evaluation import cli as evaluation_cli
+from megacontext_jax.evaluation.retrieval import TASKS
 from megacontext_jax.megacontext import MegaContext
 from megacontext_jax.memory import tree as tree_module
 from megacontext_jax.memory.errors import TreeCorruptError, TreeLockedError
@@ -270,7 +271,11 @@ LENGTHS = "distinct integers >= 1 separated by commas"
         *(("--lengths", v, LENGTHS) for v in ("0", "4,-8", "4,2.5", "4,4", "4,,8")),
         ("--batch", "0", "an integer >= 1"),
         ("--batch", "-1", "an integer >= 1"),
-        ("--docs", "0", "an integer >= 1"),
+        ("--windows", "1", "an integer >= 2"),
+        ("--stride", "-1", "an integer >= 0"),
+        ("--budget-length", "0", "an integer >= 1"),
+        ("--budgets", "64,64", "distinct integers >= 1 separated by commas"),
+        ("--tasks", "passkey,nope", f"tasks among {', '.join(TASKS)} separated by commas"),
         ("--probes", "-1", "an integer >= 1"),
         ("--refocus-steps", "-1", "an integer >= 0"),
         ("--seed", "-1", "an integer >= 0"),
@@ -280,7 +285,7 @@ LENGTHS = "distinct integers >= 1 separated by commas"
 def test_evaluation_refuses_out_of_range_integers_in_one_line(tmp_path, capsys, flag, value, valid):
     missing = tmp_path / "nope"  # never reached: the parser refuses first
     with pytest.raises(SystemExit) as exit_:
-        evaluation.main(["--checkpoint", str(missing), flag, value])
+        evaluation_cli.main(["--checkpoint", str(missing), flag, value])
     assert exit_.value.code == 2
     assert _one_line(capsys.readouterr().err) == (
         f"error: argument {flag}: must be {valid}, got {value!r}"

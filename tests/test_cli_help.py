@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import decode
-from megacontext_jax import evaluation
+from megacontext_jax.evaluation import cli as evaluation_cli
 from megacontext_jax.memory import tree
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,8 +32,9 @@ def test_decode_help_shows_the_ingest_subcommand_and_defaults(capsys):
 
 
 def test_evaluation_help_shows_defaults(capsys):
-    out = help_text(capsys, ["--help"], evaluation.main)
-    assert "(default: 4,8,16)" in out and "(default: 96)" in out
+    out = help_text(capsys, ["--help"], evaluation_cli.main)
+    assert "(default: 4,8,16)" in out and "(default: 512)" in out
+    assert "--quick" in out and "windows=48" in out  # what --quick changes
 
 
 @pytest.mark.parametrize(

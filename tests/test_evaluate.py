@@ -1,4 +1,5 @@
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -10,17 +11,43 @@ import pytest
 from flax import nnx
 
 import megacontext_jax as mcj
-from megacontext_jax import evaluation
 from megacontext_jax.api import load
 from megacontext_jax.data import pipeline as data
-from megacontext_jax.evaluation import _paired, config_hash, evaluate, gap_recovered
-from megacontext_jax.megacontext import MegaContext
-from megacontext_jax.scoring import Setting, condition_arrays, run_conditions, score_full, score_wc
-from megacontext_jax.specs import Layout, ignored
+from megacontext_jax.data.tokenizer import ByteTokenizer
+from megacontext_jax.evaluation import Protocol, config_hash, evaluate, stats, windows
+from megacontext_jax.evaluation.retrieval import TASKS, make_probes
+from megacontext_jax.evaluation.scoring import (
+    ORACLE,
+    SINKS,
+    Setting,
+    condition_entries,
+    contexts,
+    run_conditions,
+    score_full,
+    score_wc,
+    table_offsets,
+    tree_table,
+)
+from megacontext_jax.evaluation.text import text_row
+from megacontext_jax.focus.rules import check
+from megacontext_jax.focus.working_context import WorkingContext, entries
+from megacontext_jax.megacontext import MegaContext, node_table
+from megacontext_jax.specs import Layout
 from megacontext_jax.training.loop import train
 from tests.conftest import tiny_mc_config
 
 ROOT = Path(__file__).resolve().parents[1]
+BYTES = ByteTokenizer()
+SMALL = dict(
+    lengths=(4,),
+    windows=4,
+    budgets=(20, 24, 32),
+    budget_length=4,
+    retrieval_lengths=(4,),
+    probes=2,
+    batch=2,
+    refocus_steps=2,
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,25 +61,40 @@ def trained(tmp_path_factory, corpus_dir):
     return workdir, config
 
 
-def test_all_token_context_equals_full_attention():
-    """When the history fits in W, every MC condition is the full context: same NLL."""
+@pytest.fixture(scope="module")
+def model_and_setting():
     config = tiny_mc_config("/unused", "/unused")
-    model = MegaContext(config, rngs=nnx.Rngs(0))
+    return MegaContext(config, rngs=nnx.Rngs(0)), Setting.from_config(config)
+
+
+def test_all_token_context_equals_full_attention(model_and_setting):
+    """When the history fits in W, every MC condition is the full context: same NLL."""
+    model, setting = model_and_setting
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 21)), jnp.int32)
-    layout = Layout.from_config(config)
+    layout = setting.layout
     full_nll, full_pred = score_full(model, tokens, 4)
-    for name in ("window", "mc_static"):
-        wc = condition_arrays(name, 16, layout, 2)
-        nll, pred = score_wc(model, tokens, wc, layout, ignored(config))
+    table = tree_table(model, tokens[:, :20], layout)
+    for name in ("window", "sinks", "mc_static"):
+        wc = contexts([condition_entries(name, 16, layout)] * 2, 16, layout)
+        nll, pred = score_wc(model, table, table_offsets(20, layout, True), tokens, wc, layout, ())
         np.testing.assert_allclose(nll, full_nll, atol=1e-4)
         np.testing.assert_array_equal(pred, full_pred)
 
 
-def test_a_field_the_scorers_do_not_read_never_retraces_them():
+def test_static_table_offsets_are_the_node_tables(model_and_setting):
+    model, setting = model_and_setting
+    layout = setting.layout
+    for n in (3, 16, 37, 64):
+        emb = model.base.embed(jnp.zeros((1, n), jnp.int32))
+        _, offsets = node_table(model.gistnet, emb, layout.block_size, layout.max_level)
+        assert table_offsets(n, layout, True) == offsets, n
+
+
+def test_a_field_the_scorers_do_not_read_never_retraces_them(model_and_setting):
     """The jitted scorers take small typed configs: a run whose config differs only in a field
     they do not read (``train.log_every``) reuses their compiled code; one they read does not."""
+    model, _ = model_and_setting
     config = tiny_mc_config("/unused", "/unused")
-    model = MegaContext(config, rngs=nnx.Rngs(0))
     tokens = np.random.default_rng(0).integers(0, 256, (2, 41)).astype(np.int32)
     traces = []
 
@@ -64,7 +106,7 @@ def test_a_field_the_scorers_do_not_read_never_retraces_them():
         c = config.copy_and_resolve_references()
         edit(c)
         traces.clear()
-        run_conditions(model, Setting.from_config(c), tokens, refocus_steps=1)
+        run_conditions(model, Setting.from_config(c), tokens, 1, np.random.default_rng(0))
         return len(traces)
 
     jax.monitoring.register_event_duration_secs_listener(listener)
@@ -76,34 +118,176 @@ def test_a_field_the_scorers_do_not_read_never_retraces_them():
         jax.monitoring.unregister_event_duration_listener(listener)
 
 
+def _context(wc: WorkingContext, row: int) -> WorkingContext:
+    """Row ``row``'s context entries alone, as one WC."""
+    return WorkingContext(wc.lod[row], wc.start[row], wc.context_mask[row])
+
+
+def test_baselines_keep_the_invariants_and_the_budget(model_and_setting):
+    """``mc_random`` and ``mc_oracle`` are legal WCs over the whole history within the budget;
+    ``sinks`` holds the first SINKS tokens and the newest ones; ``mc_random`` makes edits
+    where focus does."""
+    model, setting = model_and_setting
+    layout = setting.layout
+    k, n = layout.block_size, 96
+    cursor = n - layout.scored
+    tokens = np.random.default_rng(1).integers(0, 256, (4, n + 1)).astype(np.int32)
+    sources = [(8, 13), (40, 45), (2, 3), (70, 75)]
+    outs = run_conditions(model, setting, tokens, 2, np.random.default_rng(0), sources=sources)
+    for row in range(4):
+        for name in ("mc_static", "mc_random", "mc_focus", ORACLE):
+            ctx = _context(outs[name].wc, row)
+            check(ctx, cursor, k, layout.max_level, layout.recent_tail)
+            assert int(np.asarray(ctx.valid).sum()) <= layout.context_capacity
+        sink = entries(_context(outs["sinks"].wc, row))
+        c = layout.context_capacity
+        assert sink == [(0, t) for t in range(SINKS)] + [
+            (0, t) for t in range(cursor - c + SINKS, cursor)
+        ]
+        if outs[ORACLE].fits[row]:  # the answer's tokens are all at LOD0
+            ents = entries(_context(outs[ORACLE].wc, row))
+            at0 = {s for l, s in ents if l == 0}
+            assert set(range(*sources[row])) <= at0
+    static = entries(_context(outs["mc_static"].wc, 0))
+    assert any(entries(_context(outs["mc_random"].wc, r)) != static for r in range(4))
+
+
+def test_windows_are_drawn_deterministically_from_the_seed():
+    lengths = [50, 300, 1000, 120, 999]
+    a = windows.draw(lengths, 100, 12, 16, seed=3)
+    assert a == windows.draw(lengths, 100, 12, 16, seed=3)
+    assert a != windows.draw(lengths, 100, 12, 16, seed=4)
+    assert len(a) == 12 and a == sorted(a, key=lambda w: (w.doc, w.start))
+    for w in a:
+        assert lengths[w.doc] >= 100 and w.start % 16 == 0 and w.start + 101 <= lengths[w.doc] + 1
+    every = windows.draw(lengths, 100, 10**6, 16, seed=0)  # all candidates, each once
+    assert len(every) == len(set(every)) == sum((n - 100) // 16 + 1 for n in lengths if n >= 100)
+    docs = [data.Document(str(i), np.arange(n, dtype=np.int32) + 7) for i, n in enumerate(lengths)]
+    for w in a:
+        seq = windows.tokens(docs, w, 100, bos=1)
+        assert len(seq) == 101
+        if w.start == 0:
+            assert seq[0] == 1 and (seq[1:] == docs[w.doc].data[:100]).all()
+        else:
+            assert (seq == docs[w.doc].data[w.start - 1 : w.start + 100]).all()
+
+
+def test_key_tokens_are_where_full_beats_window_by_the_threshold():
+    rng = np.random.default_rng(0)
+    window = rng.uniform(1, 3, (6, 4))
+    full = window - rng.uniform(0, 1, (6, 4))
+    nll = {"full": full, "window": window, "mc_static": window - 0.1}
+    doc_of = np.array([0, 0, 1, 1, 2, 3])
+    row = text_row(nll, doc_of, per_token=1.0, threshold=0.5, seed=0)
+    key = window - full > 0.5
+    assert row["key_tokens"] == key.sum() and row["tokens"] == 24
+    assert row["windows"] == 6 and row["documents"] == 4
+    for c, values in nll.items():
+        assert row["conditions"][c]["nll"]["mean"] == pytest.approx(values.mean())
+        assert row["conditions"][c]["key_nll"]["mean"] == pytest.approx(values[key].mean())
+        assert row["conditions"][c]["bpb"] == pytest.approx(values.mean() / math.log(2))
+    d = row["differences"]["mc_static - window"]
+    assert d["all"]["mean"] == pytest.approx(-0.1) and d["key"]["n"] == key.sum()
+    gap = (window[key] - full[key]).mean()
+    assert row["gap_recovered"]["key"]["mc_static"] == pytest.approx(0.1 / gap)
+
+
+def test_clustered_standard_error_and_interval():
+    x = np.array([1.0, 2.0, 6.0, 3.0])
+    one_each = stats.clustered_mean(x, np.arange(4))  # one value per cluster: the plain SE
+    assert one_each["mean"] == pytest.approx(3.0)
+    assert one_each["se"] == pytest.approx(x.std(ddof=1) / 2)
+    lo, hi = one_each["ci95"]
+    assert 1.0 <= lo <= 3.0 <= hi <= 6.0
+    paired = stats.clustered_mean(x, np.array([0, 0, 1, 1]))  # cluster sums 3 and 9
+    assert paired["se"] == pytest.approx(math.sqrt(2 * ((3 - 6) ** 2 + (9 - 6) ** 2)) / 4)
+    assert math.isnan(stats.clustered_mean(x, np.zeros(4))["se"])  # one cluster: no SE
+    assert stats.clustered_mean(np.array([]), np.array([]))["n"] == 0
+
+
+def test_gap_recovered_needs_a_gap_the_sample_resolves():
+    nll = {"window": 2.0, "mc_static": 1.99}
+    assert stats.gap_recovered(nll, {"mean": -0.1, "se": 0.01}, ("mc_static",))[
+        "mc_static"
+    ] == pytest.approx(0.1)
+    for gap, se in ((-0.0003, 0.0002), (0.0, 0.01), (0.05, 0.01), (-0.1, float("nan"))):
+        got = stats.gap_recovered(nll, {"mean": gap, "se": se}, ("mc_static",))
+        assert np.isnan(got["mc_static"]), (gap, se)
+
+
+def test_effective_window_interpolates_in_log_budget():
+    budgets, nll = [32, 64, 128, 256], [2.0, 1.8, 1.7, 1.65]
+    assert stats.effective_window(budgets, nll, 1.8)["value"] == pytest.approx(64)
+    assert stats.effective_window(budgets, nll, 1.75)["value"] == pytest.approx(2**6.5)
+    assert stats.effective_window(budgets, nll, 2.1) == {"value": None, "bound": "below"}
+    assert stats.effective_window(budgets, nll, 1.6) == {"value": None, "bound": "above"}
+
+
+def test_a_budget_keeps_the_scored_tokens_and_the_tails_share():
+    layout = Layout(8, 3, 64, 16, 32)
+    assert layout.with_capacity(64) == layout
+    assert (layout.with_capacity(128).recent_tail, layout.with_capacity(32).recent_tail) == (75, 0)
+    assert layout.with_capacity(256).scored == 16
+    with pytest.raises(ValueError, match="a budget of 24 leaves 8 context entries"):
+        layout.with_capacity(24)
+
+
+def test_probes_have_stratified_depths_and_held_out_text():
+    setting = Setting(Layout(4, 2, 24, 12, 4), None, (), 1)
+    filler = np.frombuffer(b"def f(x):\n    return x\n" * 40, np.uint8).astype(np.int32)
+    for name, task in TASKS.items():
+        probes, depths = make_probes(task, filler, 200, 5, setting, BYTES, np.random.default_rng(0))
+        assert all(len(p.tokens) == 201 and p.tokens[0] == 1 for p in probes)
+        if task.depth:
+            assert [int(d * 5) for d in depths] == [0, 1, 2, 3, 4]
+            starts = [p.needle[0] for p in probes]
+            assert starts == sorted(starts) and starts[0] < 40 < 100 < starts[-1], (name, starts)
+        else:
+            assert depths == [None] * 5
+        if name == "mqar":
+            assert all(p.needle[1] <= 201 - 24 for p in probes)  # beyond the window
+    prose, _ = make_probes(
+        TASKS["passkey_prose"], filler, 200, 2, setting, BYTES, np.random.default_rng(0)
+    )
+    assert all(b"return" not in bytes(p.tokens[1:].astype(np.uint8)) for p in prose)
+
+
 def test_evaluate_reports_every_condition(trained, corpus_dir):
     workdir, config = trained
     from megacontext_jax.training.restore import load_model
 
     model, _ = load_model(workdir)
     docs = data.load_documents(str(corpus_dir))
-    results = evaluate(model, config, docs, [4], num_docs=4, batch=2, refocus_steps=2, num_probes=4)
-    row = results["conditions"]["4W"]
-    assert set(row) >= {"full", "window", "mc_static", "mc_focus", "gap_recovered"}
-    for c in ("full", "window", "mc_static", "mc_focus"):
-        assert row[c]["bpb"] == pytest.approx(row[c]["nll"] / np.log(2))
-        assert 0.0 <= results["passkey"]["4W"][c] <= 1.0
-    np.testing.assert_equal(row["gap_recovered"], gap_recovered(row))  # NaN equals NaN here
-    assert row["documents"] == 4
-    assert set(row["differences"]) == {
-        "mc_static - window",
-        "mc_focus - mc_static",
-        "full - window",
+    results = evaluate(model, config, docs, Protocol(**SMALL), progress=False)
+    row = results["text"]["4W"]
+    assert set(row["conditions"]) == {
+        "full",
+        "window",
+        "sinks",
+        "mc_static",
+        "mc_random",
+        "mc_focus",
     }
+    assert row["windows"] == 4 and row["tokens"] == 4 * 12
     for name, d in row["differences"].items():
         a, b = name.split(" - ")
-        assert d["mean"] == pytest.approx(row[a]["nll"] - row[b]["nll"], abs=1e-6)
-        assert np.isfinite(d["se"]) and d["se"] >= 0
-    assert results["passkey_by_lod"]["4W"]["mc_static"]
-    oracle = results["passkey_oracle"]["4W"]
-    assert 0.0 <= oracle["accuracy"] <= oracle["fits_budget"] <= 1.0
-    sub = results["substitutability"]
-    assert set(sub) == {
+        assert d["all"]["mean"] == pytest.approx(
+            row["conditions"][a]["nll"]["mean"] - row["conditions"][b]["nll"]["mean"], abs=1e-6
+        )
+        assert np.isfinite(d["all"]["se"]) and d["all"]["se"] >= 0
+    budget = results["budget"]
+    assert budget["budgets"] == [20, 24, 32] and budget["length"] == "4W"
+    assert budget["nll"]["mc_focus"][1] == pytest.approx(
+        row["conditions"]["mc_focus"]["nll"]["mean"]
+    )
+    assert set(budget["effective_window"]) == {"sinks", "mc_static", "mc_random", "mc_focus"}
+    assert set(results["retrieval"]) == set(TASKS)
+    passkey = results["retrieval"]["passkey"]["4W"]
+    assert passkey["probes"] == 2 and set(passkey["accuracy"]) >= {"full", "window", ORACLE}
+    assert all(0 <= a["mean"] <= 1 for a in passkey["accuracy"].values())
+    assert sum(n for _, n in passkey["by_depth"]["mc_focus"]) == 2
+    assert passkey["accuracy"][ORACLE]["mean"] <= passkey["oracle_fits"]
+    assert set(results["substitutability"]) == {
         "lod1_gist",
         "lod1_dropped",
         "lod2_gist",
@@ -111,52 +295,30 @@ def test_evaluate_reports_every_condition(trained, corpus_dir):
         "tokens_nll",
         "documents",
     }
-    assert all(np.isfinite(v) for v in sub.values())
-
-
-def test_gap_recovered_needs_a_gap_the_sample_resolves():
-    def row(gap, se):
-        nll = {"window": {"nll": 2.0}, "full": {"nll": 2.0 + gap}, "mc_static": {"nll": 1.99}}
-        return nll | {"differences": {"full - window": {"mean": gap, "se": se}}}
-
-    assert gap_recovered(row(-0.1, 0.01))["mc_static"] == pytest.approx(0.1)
-    for gap, se in ((-0.0003, 0.0002), (0.0, 0.01), (0.05, 0.01), (-0.1, float("nan"))):
-        assert np.isnan(gap_recovered(row(gap, se))["mc_static"]), (gap, se)
-
-
-def test_paired_difference_and_standard_error():
-    d = _paired(np.array([1.0, 2.0, 6.0]), np.array([0.0, 0.0, 3.0]))  # differences 1, 2, 3
-    assert d["mean"] == pytest.approx(2.0)
-    assert d["se"] == pytest.approx(1.0 / np.sqrt(3))
 
 
 def test_evaluate_cli(trained, tmp_path):
     workdir, _ = trained
     out = tmp_path / "does" / "not" / "exist" / "eval.json"  # the parents are created
     cmd = [sys.executable, "-m", "megacontext_jax.evaluation", "--checkpoint", str(workdir)]
-    args = ["--lengths", "4", "--docs", "2", "--probes", "2", "--batch", "2", "--out", str(out)]
+    args = ["--quick", "--lengths", "4", "--windows", "2", "--probes", "2", "--batch", "2"]
+    args += ["--retrieval-lengths", "4", "--tasks", "passkey,mqar", "--budgets", "24,32"]
+    args += ["--out", str(out)]
     result = subprocess.run([*cmd, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "mc_focus" in result.stdout
+    assert "mc_focus" in result.stdout and "effective window" in result.stdout
     results = json.loads(out.read_text())
-    assert results["conditions"]["4W"]["full"]["nll"] > 0
+    assert results["text"]["4W"]["conditions"]["full"]["nll"]["mean"] > 0
     run = results["run"]
     assert run["step"] == 3 and run["checkpoint"] == str(workdir)
     assert run["argv"] == ["--checkpoint", str(workdir), *args]
     assert run["config_hash"] == config_hash(load(workdir).config)
-    assert out.with_suffix(".png").stat().st_size > 0
+    assert run["arguments"]["windows"] == 2 and run["arguments"]["tasks"] == ["passkey", "mqar"]
+    assert set(run["versions"]) >= {"jax", "flax", "python"}
+    for suffix in ("", "_budget", "_depth"):
+        assert out.with_name(f"eval{suffix}.png").stat().st_size > 0
     missing = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "megacontext_jax.evaluation",
-            "--checkpoint",
-            str(tmp_path / "nope"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        [*cmd[:-1], str(tmp_path / "nope")], cwd=ROOT, capture_output=True, text=True, timeout=600
     )
     assert missing.returncode == 1
     assert missing.stderr.strip().splitlines() == [
@@ -185,36 +347,28 @@ def test_evaluate_cli_checks_its_output_before_computing(trained, tmp_path):
 
 
 def test_python_evaluate_returns_what_the_cli_writes(trained, monkeypatch):
-    """``mcj.evaluate`` (what the CLI calls, above) passes its arguments on and records the run;
-    the evaluation itself is stubbed here, the CLI test runs it."""
+    """``mcj.evaluate`` (what the CLI calls, above) passes its arguments on as a ``Protocol``
+    and records the run; the evaluation itself is stubbed here, the CLI test runs it."""
+    from megacontext_jax.evaluation import protocol
+
     workdir, _ = trained
     model = load(workdir)
-    seen = {}
-
-    def fake(module, cfg, docs, lengths, num_docs, batch, refocus_steps, num_probes, seed, **kw):
-        seen.update(lengths=lengths, docs=num_docs, batch=batch, probes=num_probes, seed=seed)
-        return {"conditions": {}}
-
-    monkeypatch.setattr(evaluation, "evaluate", fake)
-    results = mcj.evaluate(model, lengths=(4, 8), docs=2, probes=3, batch=2, seed=5)
-    assert seen == {"lengths": [4, 8], "docs": 2, "batch": 2, "probes": 3, "seed": 5}
-    assert results == {
-        "run": {
-            "checkpoint": str(workdir),
-            "step": 3,
-            "config_hash": config_hash(model.config),
-            "arguments": {
-                "data": None,
-                "lengths": [4, 8],
-                "docs": 2,
-                "probes": 3,
-                "batch": 2,
-                "refocus_steps": 4,
-                "seed": 5,
-            },
-        },
-        "conditions": {},
-    }
+    seen = []
+    monkeypatch.setattr(
+        protocol, "evaluate", lambda module, cfg, docs, p, **kw: seen.append(p) or {"text": {}}
+    )
+    results = mcj.evaluate(model, lengths=[4, 8], windows=2, probes=3, seed=5)
+    assert seen == [Protocol(lengths=(4, 8), windows=2, probes=3, seed=5)]
+    assert mcj.evaluate(model, quick=True, probes=3) and seen[-1] == Protocol.quick(probes=3)
+    run = results["run"]
+    assert (run["checkpoint"], run["step"], run["data"]) == (str(workdir), 3, None)
+    assert run["config_hash"] == config_hash(model.config)
+    assert run["arguments"]["lengths"] == (4, 8) and run["arguments"]["seed"] == 5
+    assert results["text"] == {}
+    with pytest.raises(ValueError, match="windows must be at least 2"):
+        mcj.evaluate(model, windows=1)
+    with pytest.raises(ValueError, match="unexpected keyword argument 'docs'"):
+        mcj.evaluate(model, docs=3)
     other = model.config.copy_and_resolve_references()
     other.unlock()
     other.mc.wc_size += 1

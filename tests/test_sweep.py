@@ -1,5 +1,6 @@
 import csv
 import importlib
+import math
 import re
 import subprocess
 import sys
@@ -29,7 +30,7 @@ def test_sweep_runs_grid_and_tabulates(tmp_path, corpus_dir, capsys, monkeypatch
         str(tmp_path / "runs"),
         "--lengths",
         "4",
-        "--docs",
+        "--windows",
         "2",
         "--probes",
         "2",
@@ -83,11 +84,12 @@ def test_sweep_runs_grid_and_tabulates(tmp_path, corpus_dir, capsys, monkeypatch
 
 
 class FakeStack:
-    """Stands in for ``train``, ``load_model`` and ``evaluate``: records the workdirs trained and
-    raises ``raises[(stage, config.train.lr)]`` where one is set."""
+    """Stands in for ``train``, ``load_model`` and ``evaluate``: records the workdirs and seeds
+    trained and raises ``raises[(stage, config.train.lr)]`` where one is set."""
 
     def __init__(self):
         self.trained: list[str] = []
+        self.seeds: list[int] = []
         self.raises: dict[tuple[str, float], BaseException] = {}
 
     def _maybe_raise(self, stage: str, config) -> None:
@@ -96,17 +98,19 @@ class FakeStack:
 
     def train(self, config, **_):
         self.trained.append(Path(config.workdir).name)
+        self.seeds.append(config.seed)
         Path(config.workdir).mkdir(parents=True, exist_ok=True)
         self._maybe_raise("train", config)
-        return {"val/bpb": 10.0 * config.mc.gist.depth + config.mc.lens.depth}
+        return {"val/bpb": 10.0 * config.mc.gist.depth + config.mc.lens.depth + config.seed}
 
     def load_model(self, workdir):
         return "model", None
 
-    def evaluate(self, model, config, docs, lengths, *_):
+    def evaluate(self, model, config, docs, protocol, **_):
         self._maybe_raise("evaluate", config)
-        conditions = {"mc_static": {"nll": config.train.lr}, "gap_recovered": {}}
-        return {"conditions": {f"{lengths[0]}W": conditions}, "passkey": {}}
+        nll = {"nll": {"mean": config.train.lr}, "key_nll": {"mean": 2 * config.train.lr}}
+        text = {"conditions": {"mc_static": nll}, "gap_recovered": {"all": {}}}
+        return {"text": {f"{protocol.lengths[0]}W": text}, "retrieval": {}}
 
 
 @pytest.fixture
@@ -116,7 +120,7 @@ def stack(monkeypatch):
     for module, name in (
         ("training.loop", "train"),
         ("training.restore", "load_model"),
-        ("evaluation", "evaluate"),
+        ("evaluation", "evaluate"),  # sweep.run_one imports it from the package
     ):
         monkeypatch.setattr(
             importlib.import_module(f"megacontext_jax.{module}"), name, getattr(fake, name)
@@ -139,8 +143,8 @@ def run_sweep(tmp_path, corpus_dir, runs: list[dict], *extra: str) -> int:
     )
 
 
-def table(tmp_path) -> list[dict]:
-    return list(csv.DictReader((tmp_path / "runs" / "results.csv").open()))
+def table(tmp_path, name: str = "results") -> list[dict]:
+    return list(csv.DictReader((tmp_path / "runs" / f"{name}.csv").open()))
 
 
 def test_run_names_are_unique_per_override_set():
@@ -160,6 +164,65 @@ def test_runs_differing_in_a_parent_key_get_their_own_workdirs(tmp_path, corpus_
     assert run_sweep(tmp_path, corpus_dir, [{"mc.gist.depth": 3}, {"mc.lens.depth": 3}]) == 0
     assert stack.trained == ["mc.gist.depth=3", "mc.lens.depth=3"]
     assert [float(r["val/bpb"]) for r in table(tmp_path)] == [32.0, 23.0]
+    assert "seed" not in table(tmp_path)[0]  # one seed: the tables of before --seeds
+    assert not (tmp_path / "runs" / "results_by_config.csv").exists()
+
+
+def test_one_seed_keeps_the_run_names_and_several_get_a_seed_part_each():
+    runs = [{"mc.gist.depth": 3}, {}]
+    assert sweep.seed_runs(runs, 7, 1) == [("mc.gist.depth=3", runs[0]), ("base", {})]
+    assert sweep.seed_runs(runs, 7, 2) == [
+        ("mc.gist.depth=3,seed=7", {"mc.gist.depth": 3, "seed": 7}),
+        ("mc.gist.depth=3,seed=8", {"mc.gist.depth": 3, "seed": 8}),
+        ("base,seed=7", {"seed": 7}),
+        ("base,seed=8", {"seed": 8}),
+    ]
+
+
+def test_seeds_run_apart_resume_and_are_tabulated_by_config(tmp_path, corpus_dir, stack, capsys):
+    runs = [{"train.lr": 0.001}, {"train.lr": 0.002}]
+    assert run_sweep(tmp_path, corpus_dir, runs, "--seeds", "3", "--config.seed=5") == 0
+    assert stack.trained == [f"train.lr={lr},seed={s}" for lr in (0.001, 0.002) for s in (5, 6, 7)]
+    assert stack.seeds == [5, 6, 7] * 2
+    rows = table(tmp_path)
+    assert [r["seed"] for r in rows] == ["5", "6", "7"] * 2
+    by_config = table(tmp_path, "results_by_config")
+    assert [(r["train.lr"], r["seeds"], r["failed"], r["n"]) for r in by_config] == [
+        ("0.001", "3", "0", "3"),
+        ("0.002", "3", "0", "3"),
+    ]
+    # val/bpb is the fake's constant + seed: mean that of seed 6, std 1.
+    assert float(by_config[0]["val/bpb mean"]) == float(rows[1]["val/bpb"])
+    assert float(by_config[0]["val/bpb std"]) == 1.0
+    assert float(by_config[0]["val/bpb se"]) == pytest.approx(1 / math.sqrt(3))
+    assert float(by_config[1]["4W mc_static nll mean"]) == 0.002
+    assert "| train.lr | seeds | failed | n | val/bpb mean |" in capsys.readouterr().out
+    stack.trained.clear()
+    assert run_sweep(tmp_path, corpus_dir, runs, "--seeds", "3", "--config.seed=5") == 0
+    assert stack.trained == []  # every seed run finished: none is repeated
+    assert run_sweep(tmp_path, corpus_dir, [{"seed": 1}], "--seeds", "2") == 2
+    err = capsys.readouterr().err
+    assert err == "error: --seeds 2 sets every run's seed, but run 1 of sweep() sets seed itself\n"
+
+
+def test_aggregate_leaves_failed_runs_out_of_the_statistics():
+    rows = [
+        {"train.lr": 0.01, "seed": 0, "val/bpb": 1.0, "4W full nll": 2, "note": "x"},
+        {"train.lr": 0.01, "seed": 1, "val/bpb": 2.0, "4W full nll": 4},
+        {"train.lr": 0.01, "seed": 2, "error": "RuntimeError: boom"},
+        {"train.lr": 0.01, "seed": 3, "val/bpb": 6.0, "4W full nll": 6},
+    ]
+    assert sweep.aggregate({"train.lr": 0.01}, rows) == pytest.approx(
+        {
+            **{"train.lr": 0.01, "seeds": 4, "failed": 1, "n": 3},
+            **{"val/bpb mean": 3.0, "val/bpb std": math.sqrt(7), "val/bpb se": math.sqrt(7 / 3)},
+            **{"4W full nll mean": 4.0, "4W full nll std": 2.0},
+            "4W full nll se": 2 / math.sqrt(3),
+        }
+    )
+    one = sweep.aggregate({}, [{"seed": 0, "m": 1.5}, {"seed": 1, "error": "E"}])
+    assert (one["n"], one["m mean"]) == (1, 1.5) and math.isnan(one["m std"])
+    assert sweep.aggregate({}, [{"seed": 0, "error": "E"}]) == {"seeds": 1, "failed": 1, "n": 0}
 
 
 @pytest.mark.parametrize(
@@ -211,6 +274,12 @@ def test_help_shows_the_config_flags_and_defaults(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert exit_.value.code == 0
     assert "--config PATH[:ARG]" in out and "--config.FIELD=VALUE" in out
-    assert "multiples of W (default: 8)" in out and "per length (default: 16)" in out
+    assert "multiples of W (default: 8)" in out and "windows per length (default: 64)" in out
     assert "per task and length (default: 16)" in out
     assert "(default: runs/sweep_<sweep file stem>)" in out
+    assert "seeds config.seed + 0..N-1" in out and "per override set (default: 1)" in out
+    with pytest.raises(SystemExit) as exit_:
+        sweep.main(["--config", "configs/tiny.py", "--sweep", "x.py", "--seeds", "0"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1, err
+    assert "--seeds: must be an integer >= 1, got '0'" in err

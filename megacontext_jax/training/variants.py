@@ -70,6 +70,15 @@ def window(cursor: int, layout: Layout) -> Entries:
     return [(0, t) for t in range(max(0, cursor - layout.context_capacity), cursor)]
 
 
+def sinks(cursor: int, layout: Layout, count: int) -> Entries:
+    """The first ``count`` tokens and the newest ones, ``context_capacity`` in all (StreamingLLM's
+    attention sinks); the window where the history fits whole."""
+    newest = window(cursor, layout)
+    if not newest or newest[0][1] <= count:
+        return newest
+    return [(0, t) for t in range(count)] + newest[count:]
+
+
 def _legal_groups(ents: Entries, cursor: int, layout: Layout, frozen: set[int]) -> list[int]:
     """Indices i where entries i .. i + K - 1 may collapse, none of them ``frozen``."""
     k = layout.block_size
@@ -120,6 +129,24 @@ def random_variant(
     if groups:
         return collapse_at(ents, int(rng.choice(groups)), k), -1
     return list(ents), -1
+
+
+def random_edits(
+    ents: Entries, cursor: int, layout: Layout, edits: int, rng: np.random.Generator
+) -> Entries:
+    """``ents`` after random legal edits (``random_variant``) until they make ``edits``
+    elementary edits (an expansion or a collapse each, as the allocator counts them), or until
+    none is legal."""
+    k = layout.block_size
+    made = 0
+    while made < edits:
+        new, lod = random_variant(ents, cursor, layout, rng)
+        if new == ents:
+            break
+        # An expansion adds K - 1 entries and each collapse that made room removes K - 1.
+        made += 1 if lod < 0 else 1 + (len(ents) + k - 1 - len(new)) // (k - 1)
+        ents = new
+    return ents
 
 
 def _descend(ents: Entries, token: int, k: int) -> tuple[Entries, tuple[int, int]]:

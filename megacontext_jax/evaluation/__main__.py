@@ -1,0 +1,3 @@
+from megacontext_jax.evaluation.cli import run
+
+run()
