@@ -17,6 +17,7 @@ module, so the CLIs and a notebook run the same code.
 
 import dataclasses
 import json
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -316,12 +317,12 @@ def evaluate(
     ``megacontext_jax.evaluation.Protocol`` (``lengths=(4, 8)``, ``windows=64``, ...), over
     ``protocol`` or, with ``quick``, ``Protocol.quick()``. Returns the dict the CLI writes as
     JSON."""
-    import time
-
     from megacontext_jax.data.pipeline import evaluation_documents
     from megacontext_jax.evaluation import protocol as ev
 
     started = time.perf_counter()
+    if protocol is not None and quick:
+        raise ValueError("evaluate: give a protocol or quick=True, not both")
     base = protocol or (ev.Protocol.quick() if quick else ev.Protocol())
     try:
         chosen = dataclasses.replace(

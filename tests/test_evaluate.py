@@ -30,9 +30,10 @@ from megacontext_jax.evaluation.scoring import (
 )
 from megacontext_jax.evaluation.text import text_row
 from megacontext_jax.focus.rules import check
-from megacontext_jax.focus.working_context import WorkingContext, entries
+from megacontext_jax.focus.working_context import WorkingContext, entries, from_entries
 from megacontext_jax.megacontext import MegaContext, node_table
 from megacontext_jax.specs import Layout
+from megacontext_jax.training import variants
 from megacontext_jax.training.loop import train
 from tests.conftest import tiny_mc_config
 
@@ -41,7 +42,7 @@ BYTES = ByteTokenizer()
 SMALL = dict(
     lengths=(4,),
     windows=4,
-    budgets=(20, 24, 32),
+    budgets=(32, 20, 24),
     budget_length=4,
     retrieval_lengths=(4,),
     probes=2,
@@ -150,6 +151,46 @@ def test_baselines_keep_the_invariants_and_the_budget(model_and_setting):
             assert set(range(*sources[row])) <= at0
     static = entries(_context(outs["mc_static"].wc, 0))
     assert any(entries(_context(outs["mc_random"].wc, r)) != static for r in range(4))
+
+
+def test_random_edits_make_exactly_the_edits_asked_where_they_can():
+    """``mc_random``'s contexts: legal, and the allocator's count of elementary edits (an
+    expansion adds K - 1 entries, a collapse removes K - 1) equals the count asked."""
+    layout = Layout(8, 3, 64, 16, 32, "recent")
+    k, cursor = layout.block_size, 8 * 64 - 16
+    pyramid = variants.pyramid(cursor, layout)
+    for seed in range(20):
+        for edits in (1, 3, 8):
+            rng = np.random.default_rng(seed)
+            ents, made = pyramid, 0
+            for _ in range(edits):  # one edit at a time, to count them
+                new = variants.random_edits(ents, cursor, layout, 1, rng)
+                made += new != ents
+                ents = new
+            assert made == edits, (seed, edits)
+            many = variants.random_edits(
+                pyramid, cursor, layout, edits, np.random.default_rng(seed)
+            )
+            ctx = from_entries(many, layout.context_capacity)
+            check(ctx, cursor, k, layout.max_level, layout.recent_tail)
+
+
+def test_sinks_keep_the_first_tokens_once_the_window_has_moved():
+    layout = Layout(4, 2, 24, 4, 4)
+    assert variants.sinks(20, layout, 4) == variants.window(20, layout)  # starts at token 0
+    moved = variants.sinks(22, layout, 4)  # the window would start at token 2
+    assert moved == [(0, t) for t in range(4)] + [(0, t) for t in range(6, 22)]
+
+
+def test_results_are_written_as_strict_json():
+    from megacontext_jax.evaluation.cli import json_safe
+
+    safe = json_safe({"a": [1.0, float("nan")], "b": (float("inf"), "x"), "c": {"d": 2}})
+    assert json.loads(json.dumps(safe, allow_nan=False)) == {
+        "a": [1.0, None],
+        "b": [None, "x"],
+        "c": {"d": 2},
+    }
 
 
 def test_windows_are_drawn_deterministically_from_the_seed():
@@ -276,7 +317,7 @@ def test_evaluate_reports_every_condition(trained, corpus_dir):
         )
         assert np.isfinite(d["all"]["se"]) and d["all"]["se"] >= 0
     budget = results["budget"]
-    assert budget["budgets"] == [20, 24, 32] and budget["length"] == "4W"
+    assert budget["budgets"] == [20, 24, 32] and budget["length"] == "4W"  # sorted
     assert budget["nll"]["mc_focus"][1] == pytest.approx(
         row["conditions"]["mc_focus"]["nll"]["mean"]
     )

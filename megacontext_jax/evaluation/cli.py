@@ -12,6 +12,7 @@ results as JSON (``eval.json``, with what produced them under ``run``) and three
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import tempfile
@@ -105,8 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("--seed", at_least(0), d.seed, "windows, probes and random edits"),
     )
     for flag, kind, default, text in flags:
-        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        p.add_argument(flag, type=kind, default=None, help=f"{text} (default: {shown})")
+        p.add_argument(flag, type=kind, default=None, help=f"{text} (default: {_show(default)})")
     return p
 
 
@@ -118,7 +118,7 @@ def _quick_help() -> str:
     return ", ".join(f"{name}={_show(getattr(q, name))}" for name in changed)
 
 
-def _show(value) -> str:
+def _show(value: object) -> str:
     return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
@@ -148,10 +148,22 @@ def main(argv: list[str]) -> int:
         return 1
     results["run"]["argv"] = list(argv)
     print_results(results)
-    out.write_text(json.dumps(results, indent=2))
+    out.write_text(json.dumps(json_safe(results), indent=2, allow_nan=False))
     written = plot(results, out.with_suffix(".png"))
     print(f"wrote {out} and {', '.join(str(p) for p in written)}")
     return 0
+
+
+def json_safe(value: object) -> object:
+    """``value`` with every NaN or infinite float as None: strict JSON (an undefined
+    ``gap_recovered``, the SE of one document)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def run() -> None:

@@ -40,7 +40,14 @@ def print_text(length: str, row: dict, threshold: float) -> None:
             f"  {c:<10} {_pm(v['nll']):>16} {_pm(v['key_nll']):>16} {v['bpb']:7.4f} "
             f"{_ratio(gap['all'].get(c)):>8} {_ratio(gap['key'].get(c)):>12}"
         )
-    print("  paired differences (nats; ± SE over documents, bootstrap 95% interval):")
+    if row["documents"] < 2:
+        print("  (windows of one document: no standard error or interval)")
+    # Key tokens are picked where window does badly, so a key-token difference against window
+    # (or full) flatters the other side by selection; those between MC conditions do not.
+    print(
+        "  paired differences (nats; ± SE over documents, bootstrap 95% interval; key-token"
+        " differences against window are biased by the selection):"
+    )
     for name, d in row["differences"].items():
         key = _interval(d["key"]) if d["key"]["n"] else "-"
         print(f"    {name:<20} all {_interval(d['all'])}   key {key}")
@@ -140,7 +147,7 @@ def plot(results: dict, path: Path) -> list[Path]:
         written.append(
             _plot_budget(plt, results["budget"], path.with_name(path.stem + "_budget.png"))
         )
-    if passkey:
+    if any("by_depth" in r for r in passkey.values()):
         written.append(_plot_depth(plt, passkey, path.with_name(path.stem + "_depth.png")))
     return written
 

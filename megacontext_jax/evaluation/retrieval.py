@@ -82,6 +82,8 @@ def make_probes(
 ) -> tuple[list[tasks.Probe], list[float | None]]:
     """``count`` probes of ``n + 1`` tokens (BOS, then ``n``) and the depth of each needle
     (stratified: probe i's in ``[i / count, (i + 1) / count)``; None for MQAR)."""
+    if not task.prose and len(filler) < n:
+        raise ValueError(f"the held-out text has {len(filler)} tokens, fewer than a probe's {n}")
     probes, depths = [], []
     for i in range(count):
         if task.prose:
@@ -119,7 +121,7 @@ def retrieval(
     s, k = setting.layout.scored, setting.layout.block_size
     spec = TASKS[task]
     probes, depths = make_probes(spec, filler, n, count, setting, tokenizer, rng)
-    span = n + 1 - probes[0].answer.min()
+    span = max(n + 1 - p.answer.min() for p in probes)  # answers vary with a BPE tokenizer
     if span > s:
         return {"skipped": f"answers span {span} tokens > S={s}"}
     hits: dict[str, list[bool]] = {}

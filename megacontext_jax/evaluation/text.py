@@ -1,9 +1,13 @@
 """Next-token NLL of held-out text under each condition: a length's row, key tokens, the budget
 curve and the substitutability of gists (DESIGN section 8).
 
-Key tokens (as LongPPL selects them): the scored tokens where ``full`` beats ``window`` by more
-than a threshold, the tokens that only long context predicts; their NLL is reported beside that
-of all scored tokens, and ``gap_recovered`` on both.
+Key tokens (after LongPPL, which picks them with a separate evaluator model; here the model
+itself): the scored tokens where ``full`` beats ``window`` by more than a threshold, the tokens
+that only long context predicts; their NLL is reported beside that of all scored tokens, and
+``gap_recovered`` on both. Being picked where ``window`` does badly, they flatter any other
+condition against ``window`` (regression to the mean: a context that differs from the window in
+ways unrelated to what it keeps gains on them too); the differences between MC conditions
+(``mc_focus - mc_static``, ``mc_focus - mc_random``) carry no such bias.
 """
 
 import dataclasses
@@ -134,7 +138,7 @@ def budget_curve(
     trained = setting.layout.capacity
     names = tuple(c for c in CONDITIONS if c != "full")
     curve: dict = {"budgets": [], "nll": {}, "se": {}, "skipped": {}}
-    for w in budgets:
+    for w in sorted(budgets):
         try:
             at = setting.with_budget(w)
         except ValueError as e:

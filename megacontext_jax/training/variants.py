@@ -74,7 +74,7 @@ def sinks(cursor: int, layout: Layout, count: int) -> Entries:
     """The first ``count`` tokens and the newest ones, ``context_capacity`` in all (StreamingLLM's
     attention sinks); the window where the history fits whole."""
     newest = window(cursor, layout)
-    if not newest or newest[0][1] <= count:
+    if not newest or newest[0][1] == 0:
         return newest
     return [(0, t) for t in range(count)] + newest[count:]
 
@@ -134,18 +134,21 @@ def random_variant(
 def random_edits(
     ents: Entries, cursor: int, layout: Layout, edits: int, rng: np.random.Generator
 ) -> Entries:
-    """``ents`` after random legal edits (``random_variant``) until they make ``edits``
-    elementary edits (an expansion or a collapse each, as the allocator counts them), or until
-    none is legal."""
+    """``ents`` after random legal edits (``random_variant``) making ``edits`` elementary edits
+    (an expansion or a collapse each, as the allocator counts them): a variant that would
+    exceed the count is drawn again, and the edits stop early only where none is legal."""
     k = layout.block_size
-    made = 0
-    while made < edits:
-        new, lod = random_variant(ents, cursor, layout, rng)
-        if new == ents:
+    made, misses = 0, 0
+    while made < edits and misses < 64:
+        if not _expandable(ents, cursor, layout) and not _legal_groups(ents, cursor, layout, set()):
             break
+        new, lod = random_variant(ents, cursor, layout, rng)
         # An expansion adds K - 1 entries and each collapse that made room removes K - 1.
-        made += 1 if lod < 0 else 1 + (len(ents) + k - 1 - len(new)) // (k - 1)
-        ents = new
+        cost = 1 if lod < 0 else 1 + (len(ents) + k - 1 - len(new)) // (k - 1)
+        if new == ents or made + cost > edits:
+            misses += 1  # the coin chose an edit that cannot be made, or one too many
+            continue
+        made, misses, ents = made + cost, 0, new
     return ents
 
 
