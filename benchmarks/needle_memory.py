@@ -33,7 +33,6 @@ compiles first (not in the table; ``--no-warmup`` times compilation too). Each p
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -326,22 +325,6 @@ def print_table(results: dict) -> None:
 
 
 # -- the run ---------------------------------------------------------------------------------
-def versions() -> dict:
-    import flax
-    import jax
-
-    import megacontext_jax
-
-    return {
-        "megacontext_jax": megacontext_jax.__version__,
-        "jax": jax.__version__,
-        "flax": flax.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
-        "device": str(jax.devices()[0].device_kind),
-    }
-
-
 def check_output(path: Path) -> None:
     """Creates ``path``'s directory and checks that ``path`` can be written, before any compute."""
     try:
@@ -355,7 +338,7 @@ def check_output(path: Path) -> None:
 
 
 def run_header(model, args: argparse.Namespace, argv: list[str], filler: np.ndarray) -> dict:
-    from megacontext_jax.evaluation import config_hash
+    from megacontext_jax.evaluation.protocol import config_hash, versions
 
     mc = model.config.mc
     arguments = {

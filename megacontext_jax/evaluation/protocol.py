@@ -169,6 +169,21 @@ def config_hash(config: ml_collections.ConfigDict) -> str:
     return hashlib.sha256(to_json(config).encode()).hexdigest()[:16]
 
 
+def versions() -> dict[str, str]:
+    """What a result was computed with: the package, Python, JAX, Flax, NumPy and the device."""
+    import megacontext_jax
+
+    return {
+        "megacontext_jax": megacontext_jax.__version__,
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "numpy": np.__version__,
+        "backend": jax.default_backend(),
+        "device": str(jax.devices()[0].device_kind),
+    }
+
+
 def provenance(
     config: ml_collections.ConfigDict, protocol: Protocol, started: float, **run: object
 ) -> dict:
@@ -177,12 +192,6 @@ def provenance(
     return run | {
         "config_hash": config_hash(config),
         "arguments": dataclasses.asdict(protocol),
-        "versions": {
-            "python": platform.python_version(),
-            "jax": jax.__version__,
-            "flax": flax.__version__,
-            "numpy": np.__version__,
-            "backend": jax.default_backend(),
-        },
+        "versions": versions(),
         "seconds": round(time.perf_counter() - started, 1),
     }
