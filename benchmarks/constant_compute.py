@@ -61,7 +61,7 @@ def worker(config, directory: Path, tokens: int) -> dict:
     model = _model(config)
     tree = Tree.open(directory, gister_for(model, config))
     session = Session(model, config, tree)
-    fixed = CachedContext(model.base, session.capacity, session.k, session.sigma_scale)
+    fixed = CachedContext(model.base, session.capacity, session.layout.positions)
     base, n = list(session.entries), session.num_tokens
     token_row = tree.gister.embed(np.array([32], np.int32))
 

@@ -95,6 +95,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.mc.block_size = 32  # K: children per gist (DESIGN section 2)
     c.mc.max_level = 4  # coarsest gist level kept in the tree (K^4 = 1M tokens per node at K=32)
     c.mc.sigma_scale = 12**-0.5  # gist RoPE width = sigma_scale * span (std of a uniform span)
+    # "absolute": entries at their span's place in time; "slots": at their WC slot, so every
+    # distance is below W however long the history (focus.positions).
+    c.mc.positions = "absolute"
     c.mc.gist_dtype = "bfloat16"  # storage dtype of gists in the tree
     c.mc.ingest_chunk = 64  # blocks per GistNet call while ingesting (fixed shape, aligned)
     c.mc.wc_size = 512  # W: working-context capacity in entries

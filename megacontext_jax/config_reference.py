@@ -71,6 +71,8 @@ FIELDS: dict[str, str] = {
     "mc.block_size": "K: children per gist (a power of two)",
     "mc.max_level": "coarsest gist level kept in the tree",
     "mc.sigma_scale": "Gaussian-RoPE width of a gist = sigma_scale * span (1/sqrt(12))",
+    "mc.positions": "absolute (entries at their span's place in time) or slots (at their WC "
+    "slot: distances bounded by W)",
     "mc.gist_dtype": "storage dtype of gists in the tree",
     "mc.ingest_chunk": "blocks per GistNet call while ingesting (a decode refocus gists one)",
     "mc.wc_size": "W: working-context capacity in entries",

@@ -15,6 +15,7 @@ and raises ``ConfigError`` naming the first field that is wrong.
 import dataclasses
 
 from megacontext_jax.errors import ConfigError, Group, positive, require
+from megacontext_jax.focus import positions
 from megacontext_jax.nets.specs import DTYPES, GistConfig, LensConfig
 
 LENS_WEIGHTINGS = ("uniform", "gap")
@@ -33,10 +34,16 @@ class Layout:
     recent_tail: int  # R: context tokens kept at LOD0 before the cursor
     pyramid: str = "proportional"  # the baseline's shape (PYRAMIDS)
     sigma_scale: float = 12**-0.5  # a gist's RoPE width per token of its span
+    position_mode: str = "absolute"  # focus.positions.MODES
 
     @property
     def context_capacity(self) -> int:
         return self.capacity - self.scored
+
+    @property
+    def positions(self) -> positions.Positions:
+        """How the entries of these WCs get their Gaussian-RoPE ``(mu, sigma)``."""
+        return positions.Positions(self.position_mode, self.block_size, self.sigma_scale)
 
     def with_capacity(self, capacity: int) -> "Layout":
         """This layout at a budget of ``capacity`` entries, the same S scored tokens, and a
@@ -64,6 +71,7 @@ class Layout:
             mc.recent_tail,
             mc.pyramid,
             mc.sigma_scale,
+            mc.positions,
         )
 
     @staticmethod
@@ -75,6 +83,15 @@ class Layout:
             k >= 2 and (k & (k - 1)) == 0, "mc.block_size", f"must be a power of two >= 2, got {k}"
         )
         require(mc.sigma_scale >= 0, "mc.sigma_scale", f"must be >= 0, got {mc.sigma_scale}")
+        modes = positions.MODES
+        require(mc.positions in modes, "mc.positions", f"must be one of {modes}")
+        # The pyramid pass holds every token and gist of a sequence at once: entries have no
+        # working-context slots to sit at.
+        require(
+            mc.positions == "absolute" or mc.loss.pyramid == 0,
+            "mc.loss.pyramid",
+            f"needs mc.positions='absolute' (the pass has no WC slots), got {mc.positions!r}",
+        )
         require(mc.gist_dtype in DTYPES, "mc.gist_dtype", f"must be one of {DTYPES}")
         require(
             0 <= mc.recent_tail < mc.wc_size,

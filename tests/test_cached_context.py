@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from megacontext_jax.focus.positions import entry_positions
+from megacontext_jax.focus.positions import Positions
 from megacontext_jax.focus.rules import collapse, expand, recency_pyramid
 from megacontext_jax.focus.working_context import entries, from_entries
 from megacontext_jax.nets.gpt import GPT
@@ -33,11 +33,13 @@ def _forward(model: GPT, embeddings, mu, sigma):
     return model(embeddings=embeddings, mu=mu, sigma=sigma)
 
 
-def test_cache_across_edits_matches_recomputing_from_scratch():
+@pytest.mark.parametrize("mode", ["absolute", "slots"])
+def test_cache_across_edits_matches_recomputing_from_scratch(mode):
     config = mc_config(block_size=K, max_level=2)
     model = GPT(ModelConfig.from_config(config.model), rngs=nnx.Rngs(0))
     table = np.asarray(jax.random.normal(jax.random.key(1), (997, config.model.width)))
-    cached = CachedContext(model, W, K, 12**-0.5)
+    positions = Positions(mode, K)
+    cached = CachedContext(model, W, positions)
     embed = _embedder(table)
     rng = np.random.default_rng(0)
     n_tokens = 60
@@ -66,7 +68,7 @@ def test_cache_across_edits_matches_recomputing_from_scratch():
         logits, count = cached.update(ents, embed)
         recomputed.append(count)
         lod, start = (jnp.asarray(a) for a in np.array(ents).T)
-        mu, sigma = entry_positions(lod, start, K, 12**-0.5)
+        mu, sigma = positions(lod, start)
         full = _forward(model, jnp.asarray(embed(ents))[None], mu[None], sigma[None])
         np.testing.assert_allclose(logits, full[0, -1], atol=2e-4, err_msg=f"step {step} ({kind})")
     # Appends recompute one entry; edits recompute only from the first changed entry on.
@@ -77,7 +79,7 @@ def test_unchanged_context_is_free_and_errors():
     config = mc_config(block_size=K, max_level=2)
     model = GPT(ModelConfig.from_config(config.model), rngs=nnx.Rngs(0))
     table = np.ones((997, config.model.width), np.float32)
-    cached = CachedContext(model, W, K, 12**-0.5)
+    cached = CachedContext(model, W, Positions("absolute", K))
     asked = []
     embed = _embedder(table, asked)
     ents = [(0, t) for t in range(5)]

@@ -45,6 +45,11 @@ def test_overrides_are_typed():
         ("--config.data.val_fraction=1.5", r"config.data.val_fraction: must be in \(0, 1\)"),
         ("--config.model=3", "config.model is a group of fields"),
         ("--config.mc.sigma_scale=-1", r"config.mc.sigma_scale: must be >= 0, got -1.0"),
+        ("--config.mc.positions=relative", "config.mc.positions: must be one of"),
+        (
+            "--config.mc.positions=slots --config.mc.loss.pyramid=0.5",
+            "config.mc.loss.pyramid: needs mc.positions='absolute' .* got 'slots'",
+        ),
         ("--config.mc.deep_fraction=1.5", r"config.mc.deep_fraction: must be in \[0, 1\]"),
         ("--config.mc.loss.lens_weighting=loss", "config.mc.loss.lens_weighting: must be one of"),
         ("--config.data.seq_len=100", "passkey tasks need data.seq_len >= 128, got 100"),

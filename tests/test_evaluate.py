@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 import subprocess
@@ -80,6 +81,21 @@ def test_all_token_context_equals_full_attention(model_and_setting):
         nll, pred = score_wc(model, table, table_offsets(20, layout, True), tokens, wc, layout, ())
         np.testing.assert_allclose(nll, full_nll, atol=1e-4)
         np.testing.assert_array_equal(pred, full_pred)
+
+
+def test_slot_positions_make_the_window_a_plain_lm_over_the_last_w_tokens(model_and_setting):
+    """With bounded positions a window far into a long history sits at slots 0 .. W-1: the
+    plain LM over those W tokens alone."""
+    model, setting = model_and_setting
+    layout = dataclasses.replace(setting.layout, position_mode="slots")
+    n, w, s = 200, layout.capacity, layout.scored
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 256, (2, n + 1)), jnp.int32)
+    table = tree_table(model, tokens[:, :n], layout)
+    wc = contexts([condition_entries("window", n - s, layout)] * 2, n - s, layout)
+    nll, pred = score_wc(model, table, table_offsets(n, layout, True), tokens, wc, layout, ())
+    plain_nll, plain_pred = score_full(model, tokens[:, n - w :], s)
+    np.testing.assert_allclose(nll, plain_nll, atol=1e-5)
+    np.testing.assert_array_equal(pred, plain_pred)
 
 
 def test_static_table_offsets_are_the_node_tables(model_and_setting):

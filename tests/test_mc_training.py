@@ -21,6 +21,7 @@ from megacontext_jax.megacontext import (
     node_table,
 )
 from megacontext_jax.nets.gistnet import build_levels
+from megacontext_jax.nets.lensnet import entry_features
 from megacontext_jax.specs import AllocatorConfig, Layout, MCTraining, span_counts
 from megacontext_jax.training import variants
 from megacontext_jax.training.checkpoint import Checkpointer
@@ -221,11 +222,26 @@ def test_guided_variant_is_rounds_of_lensnet_and_allocator(rounds):
         assert int(edits[b]) == made == rounds
 
 
-@pytest.mark.parametrize("lens_start,lens_grads", [(0, True), (10, False)])
-def test_gradients_reach_every_part(lens_start, lens_grads):
+def test_lens_features_measure_distance_in_tokens_or_in_slots():
+    k = 4
+    wc = from_entries([(2, 0), (1, 16), (0, 20), (0, 21)], 6)
+    cursor = jnp.array(22)
+    tokens = entry_features(wc, cursor, k, 2)
+    np.testing.assert_allclose(tokens[:4, 2], np.log1p([6, 2, 1, 0]) / np.log1p(22), rtol=1e-6)
+    slots = entry_features(wc, cursor, k, 2, slots=True)
+    np.testing.assert_allclose(slots[:4, 2], np.log1p([3, 2, 1, 0]) / np.log1p(6), rtol=1e-6)
+    np.testing.assert_array_equal(slots[:, :2], tokens[:, :2])  # lod and span alike
+
+
+@pytest.mark.parametrize(
+    "lens_start,lens_grads,positions",
+    [(0, True, "absolute"), (10, False, "absolute"), (0, True, "slots")],
+)
+def test_gradients_reach_every_part(lens_start, lens_grads, positions):
     config = tiny_mc_config("/unused", "/unused")
     config.unlock()
     config.mc.lens_start = lens_start
+    config.mc.positions = positions
     model = MegaContext(config, rngs=nnx.Rngs(0))
     batch = _batch(config)
     # Jitted: op by op, the eager gradient of the whole objective took over a minute on CPU.

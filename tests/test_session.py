@@ -3,7 +3,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from megacontext_jax.focus.positions import entry_positions
 from megacontext_jax.focus.rules import check, recency_pyramid
 from megacontext_jax.focus.working_context import entries, from_entries
 from megacontext_jax.megacontext import MegaContext
@@ -15,10 +14,11 @@ from tests.conftest import tiny_mc_config
 K, L, R = 4, 2, 4
 
 
-def _config(**allocator):
+def _config(positions="absolute", **allocator):
     """W=24, K=4, R=4: a refocus every 4 tokens keeps 20 entries; low thresholds force edits."""
     c = tiny_mc_config("/unused", "/unused")
     c.unlock()
+    c.mc.positions = positions
     c.mc.allocator.tau_expand = c.mc.allocator.tau_collapse = 0.005
     for key, value in allocator.items():
         c.mc.allocator[key] = value
@@ -43,14 +43,16 @@ def _recompute(model, session):
     """Next-token logits from scratch: the whole WC through the base model, no cache (jitted:
     op by op it took most of the test's time)."""
     lod, start = (jnp.asarray(a)[None] for a in np.array(session.entries).T)
-    mu, sigma = entry_positions(lod, start, K, session.layout.sigma_scale)
+    mu, sigma = session.layout.positions(lod, start)
     emb = jnp.asarray(session._embed(session.entries))[None]
     return _forward(model.base, emb, mu, sigma)[0, -1]
 
 
-@pytest.mark.parametrize("use_lens", [True, False])
-def test_decoding_keeps_invariants_and_matches_recomputation(use_lens, tmp_path):
-    config = _config()
+@pytest.mark.parametrize(
+    "use_lens, positions", [(True, "absolute"), (False, "absolute"), (True, "slots")]
+)
+def test_decoding_keeps_invariants_and_matches_recomputation(use_lens, positions, tmp_path):
+    config = _config(positions)
     model = _model(config)
     tree = Tree.in_memory(gister_for(model, config), L, config.model.vocab_size)
     telemetry = Telemetry(tmp_path / "t.jsonl")

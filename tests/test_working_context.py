@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from megacontext_jax.focus import rules
-from megacontext_jax.focus.positions import entry_positions
+from megacontext_jax.focus.positions import Positions
 from megacontext_jax.focus.rules import WCInvariantError, check
 from megacontext_jax.focus.working_context import entries, from_entries
 
@@ -136,6 +136,23 @@ def test_host_and_array_edit_rules_agree(setup, data):
 def test_entry_positions():
     lod = jnp.array([0, 1, 2])
     start = jnp.array([7, 8, 16])
-    mu, sigma = entry_positions(lod, start, 4, 0.5)
+    mu, sigma = Positions("absolute", 4, 0.5)(lod, start)
     np.testing.assert_array_equal(mu, [7.0, 9.5, 23.5])
     np.testing.assert_array_equal(sigma, [0.0, 2.0, 8.0])
+
+
+def test_slot_positions_are_bounded_by_the_capacity_whatever_the_history():
+    # A pyramid over a million tokens: absolute positions put its gists up to ~1M tokens back,
+    # slots put every entry within W of every other.
+    k, capacity, n = 4, 32, 1_000_000
+    wc = rules.recency_pyramid(n, capacity, k, 9, 4)
+    mu, sigma = Positions("slots", k)(wc.lod, wc.start)
+    np.testing.assert_array_equal(mu, np.arange(capacity))
+    np.testing.assert_array_equal(sigma, 0.0)
+    absolute, _ = Positions("absolute", k)(wc.lod, wc.start)
+    assert float(absolute[wc.valid].max() - absolute[wc.valid].min()) > 500_000
+    # A cached suffix continues from its first slot.
+    shifted, _ = Positions("slots", k)(wc.lod[5:], wc.start[5:], first_slot=5)
+    np.testing.assert_array_equal(shifted, mu[5:])
+    with pytest.raises(ValueError, match="unknown position mode 'relative'"):
+        Positions("relative", k)

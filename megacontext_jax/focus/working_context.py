@@ -8,13 +8,14 @@ what every reader of one needs (positions, labels, the kernels' metadata); host 
 legal edits) live in ``rules.py``.
 """
 
+import dataclasses
+
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from kernels.mixed_attention import Entries
-from megacontext_jax.focus.positions import entry_positions
 from megacontext_jax.specs import Layout
 
 
@@ -45,12 +46,15 @@ class WorkingContext:
         return self.start + self.span(block_size)
 
     def positions(self, layout: Layout) -> tuple[jax.Array, jax.Array]:
-        """Gaussian-RoPE ``(mu, sigma)`` float32 ``[..., W]`` (DESIGN section 5)."""
-        return entry_positions(self.lod, self.start, layout.block_size, layout.sigma_scale)
+        """Gaussian-RoPE ``(mu, sigma)`` float32 ``[..., W]`` in ``layout``'s position mode
+        (DESIGN section 5; ``focus.positions``)."""
+        return layout.positions(self.lod, self.start)
 
     def kernel_entries(self, layout: Layout) -> Entries:
         """The entries' metadata for a metadata-masked attention pass (``kernels``)."""
-        return Entries.make(self.lod, self.start, self.valid, layout.block_size, layout.sigma_scale)
+        ents = Entries.make(self.lod, self.start, self.valid, layout.block_size)
+        mu, sigma = self.positions(layout)
+        return dataclasses.replace(ents, mu=mu, sigma=sigma)
 
     def labels(
         self, tokens: jax.Array, block_size: int, ignore: tuple[int, ...]

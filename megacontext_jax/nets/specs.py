@@ -180,16 +180,18 @@ class GistConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LensConfig:
-    """LensNet (``config.mc.lens``; its features read K and the top level)."""
+    """LensNet (``config.mc.lens``; its features read K, the top level and the position mode)."""
 
     net: BlockConfig
     block_size: int
     max_level: int
+    position_mode: str = "absolute"  # focus.positions.MODES: how distances are measured
 
     @classmethod
     def from_config(cls, config: Group) -> "LensConfig":
         mc = config.mc
-        return cls(BlockConfig.sub(config.model, mc.lens), mc.block_size, mc.max_level)
+        net = BlockConfig.sub(config.model, mc.lens)
+        return cls(net, mc.block_size, mc.max_level, mc.positions)
 
     @staticmethod
     def validate(lens: Group, width: int) -> None:

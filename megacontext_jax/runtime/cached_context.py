@@ -14,15 +14,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from megacontext_jax.focus.positions import entry_positions
+from megacontext_jax.focus.positions import Positions
 from megacontext_jax.nets.gpt import GPT
 
 Entry = tuple[int, int]  # (lod, start)
 
 
-@partial(nnx.jit, donate_argnames=("cache",), static_argnames=("block_size", "sigma_scale"))
-def _run_suffix(model: GPT, cache, index, embeddings, lod, start, block_size, sigma_scale):
-    mu, sigma = entry_positions(lod, start, block_size, sigma_scale)
+@partial(nnx.jit, donate_argnames=("cache",), static_argnames=("positions",))
+def _run_suffix(model: GPT, cache, index, embeddings, lod, start, positions: Positions):
+    mu, sigma = positions(lod, start, first_slot=index)
     return model.decode(cache, index, embeddings=embeddings, mu=mu, sigma=sigma)
 
 
@@ -33,14 +33,13 @@ def _bucket(n: int) -> int:
 class CachedContext:
     """Keeps ``model``'s KV cache in step with a working context of at most ``capacity`` entries.
 
-    Entries are identified by ``(lod, start)``; their Gaussian-RoPE positions follow from
-    ``block_size`` and ``sigma_scale``. ``update`` returns the logits ``[V]`` of the last entry and
+    Entries are identified by ``(lod, start)``; ``positions`` gives their Gaussian-RoPE
+    positions (from the entry, or from its slot). ``update`` returns the logits ``[V]`` of the last entry and
     how many entries it had to recompute.
     """
 
-    def __init__(self, model: GPT, capacity: int, block_size: int, sigma_scale: float):
-        self.model, self.capacity = model, capacity
-        self.block_size, self.sigma_scale = block_size, sigma_scale
+    def __init__(self, model: GPT, capacity: int, positions: Positions):
+        self.model, self.capacity, self.positions = model, capacity, positions
         self.cache = model.init_cache(1, 2 * capacity)
         self.entries: list[Entry] = []
         self.last_logits = None
@@ -84,8 +83,7 @@ class CachedContext:
             emb,
             lod_start[0],
             lod_start[1],
-            self.block_size,
-            self.sigma_scale,
+            self.positions,
         )
         self.entries = list(entries)
         self.last_logits = logits[0, count - 1]

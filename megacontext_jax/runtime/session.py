@@ -121,7 +121,7 @@ class Session:
         self.budget = self.capacity - self.every  # entries kept after a refocus
         self.layout = Layout.from_config(config)  # its positions: the same as training's
         self.alloc = AllocatorConfig.from_config(config)
-        self.cached = CachedContext(model.base, self.capacity, self.k, mc.sigma_scale)
+        self.cached = CachedContext(model.base, self.capacity, self.layout.positions)
         self.lens_graph, self.lens_state = nnx.split(model.lensnet)
         self.pending: list[int] = []  # decoded tokens not yet in the tree
         self.entries: list[Entry] = []
