@@ -120,6 +120,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.mc.mode = "e2e"  # "e2e": all parts from scratch; "frozen_base": base restored and frozen
     c.mc.base_checkpoint = ""  # frozen_base: workdir of a trained base model
     c.mc.scored_tokens = 32  # S: newest tokens whose predictions every condition scores
+    # > 0: each MC training sequence ends at a random point, so its history before the S
+    # scored tokens is drawn uniformly from [min_history, T - S] (0: always T - S)
+    c.mc.min_history = 0
     c.mc.num_random_variants = 3  # counterfactual variants per training sequence
     # Of training baselines and random variants: deep ones (K tokens under gists brought to LOD0,
     # a level at a time: variants.deep_variant)

@@ -80,6 +80,7 @@ FIELDS: dict[str, str] = {
     "mc.pyramid": "default WC: recent (newest gist expanded first) or proportional",
     "mc.refocus_every": "decode: tokens between refocus steps (0: every K tokens)",
     "mc.scored_tokens": "S: newest tokens of a sequence that every condition scores",
+    "mc.min_history": "> 0: training histories drawn from [min_history, T - S] (0: T - S)",
     "mc.num_random_variants": "random expand/collapse variants per training sequence",
     "mc.deep_fraction": "share of baselines and random variants with a block brought to LOD0",
     "mc.train_temperature": "allocator exploration of the LensNet-guided variant",

@@ -129,21 +129,27 @@ def read_wc(
     return logits.reshape(*wc.lod.shape, -1), labels, label_mask
 
 
+def per_row(cursor: int | jax.Array, rows: int) -> jax.Array:
+    """``cursor`` (one for all, or one per row) as int32 ``[rows]``."""
+    return jnp.broadcast_to(jnp.asarray(cursor, jnp.int32), (rows,))
+
+
 def lens_scores(
     model: MegaContext,
     table: jax.Array,
     offsets: tuple[int, ...],
     wc: WorkingContext,
-    cursor: int,
+    cursor: int | jax.Array,
     layout: Layout,
 ) -> jax.Array:
-    """LensNet scores ``[B, W]`` of the context entries of ``[B, W]`` WCs.
+    """LensNet scores ``[B, W]`` of the context entries of ``[B, W]`` WCs that end at
+    ``cursor`` (one for all, or ``[B]``).
 
     LensNet reads the entries as the base model would, but its loss never reaches the tree.
     """
     ctx = wc.only_context()
     emb, mu, sigma = wc_inputs(table, offsets, ctx, layout)
-    cursor_b = jnp.full(wc.lod.shape[:1], cursor, jnp.int32)
+    cursor_b = per_row(cursor, wc.lod.shape[0])
     return model.lensnet(jax.lax.stop_gradient(emb), ctx, mu, sigma, ctx.valid, cursor_b)
 
 
@@ -152,7 +158,7 @@ def focus_rounds(
     table: jax.Array,
     offsets: tuple[int, ...],
     wc: WorkingContext,
-    cursor: int,
+    cursor: int | jax.Array,
     layout: Layout,
     cfg: AllocatorConfig,
     rounds: int,
@@ -160,18 +166,20 @@ def focus_rounds(
     scores: jax.Array | None = None,
 ) -> tuple[WorkingContext, jax.Array]:
     """``rounds`` refocus steps of the contexts ``wc [B, Wc]``: LensNet scores them, the allocator
-    edits them, the cooldown carries over. ``scores [B, Wc]``: the first round's, where the caller
-    has them. Returns the refocused contexts and the edits made per example ``[B]``.
+    edits them, the cooldown carries over. ``cursor``: where the contexts end (one for all, or
+    ``[B]``). ``scores [B, Wc]``: the first round's, where the caller has them. Returns the
+    refocused contexts and the edits made per example ``[B]``.
     """
     b, capacity = wc.lod.shape
+    cursors = per_row(cursor, b)
     cooldown = jnp.zeros((b, capacity), jnp.int32)
     edits = jnp.zeros(b, jnp.int32)
     keys = jax.random.split(jax.random.key(0) if key is None else key, (rounds, b))
     for r in range(rounds):
         if scores is None or r > 0:
-            scores = lens_scores(model, table, offsets, wc, cursor, layout)
-        result = jax.vmap(lambda w, s, c, k: refocus(w, s, c, cursor, cfg, k))(
-            wc, jax.lax.stop_gradient(scores), cooldown, keys[r]
+            scores = lens_scores(model, table, offsets, wc, cursors, layout)
+        result = jax.vmap(lambda w, s, c, k, n: refocus(w, s, c, n, cfg, k))(
+            wc, jax.lax.stop_gradient(scores), cooldown, keys[r], cursors
         )
         wc, cooldown = result.wc, result.cooldown
         edits = edits + result.expands + result.collapses

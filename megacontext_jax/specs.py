@@ -127,6 +127,13 @@ class Layout:
                 f"{seq_len} must exceed mc.scored_tokens + mc.recent_tail",
             )
             require(mc.scored_tokens >= 1, "mc.scored_tokens", "must be >= 1")
+            longest = seq_len - mc.scored_tokens
+            require(
+                mc.min_history == 0 or mc.recent_tail < mc.min_history <= longest,
+                "mc.min_history",
+                f"must be 0 or in (mc.recent_tail={mc.recent_tail}, data.seq_len - "
+                f"mc.scored_tokens={longest}], got {mc.min_history}",
+            )
 
 
 def gistable(num_tokens: int, block_size: int) -> int:
@@ -284,6 +291,16 @@ def validate_mc(config: Group) -> None:
     """Every group of ``config.mc`` (checked whether or not ``mc.enabled``: decode reads them)."""
     mc, width, seq_len = config.mc, config.model.width, config.data.seq_len
     Layout.validate(mc, seq_len)
+    shortest = mc.min_history + mc.scored_tokens + 1  # a passkey is planted into stop + 1 tokens
+    require(
+        not mc.enabled
+        or mc.min_history == 0
+        or config.data.passkey_fraction == 0
+        or shortest >= 128,
+        "mc.min_history",
+        f"passkey tasks need sequences of >= 128 tokens: min_history + scored_tokens + 1 is "
+        f"{shortest}",
+    )
     GistConfig.validate(mc.gist, width)
     LensConfig.validate(mc.lens, width)
     LossWeights.validate(mc, seq_len)

@@ -46,6 +46,8 @@ def test_overrides_are_typed():
         ("--config.model=3", "config.model is a group of fields"),
         ("--config.mc.sigma_scale=-1", r"config.mc.sigma_scale: must be >= 0, got -1.0"),
         ("--config.mc.positions=relative", "config.mc.positions: must be one of"),
+        ("--config.mc.min_history=600", r"config.mc.min_history: must be 0 or in \(mc.recent_tail"),
+        ("--config.mc.min_history=40", "passkey tasks need sequences of >= 128 tokens: min_hist"),
         (
             "--config.mc.positions=slots --config.mc.loss.pyramid=0.5",
             "config.mc.loss.pyramid: needs mc.positions='absolute' .* got 'slots'",

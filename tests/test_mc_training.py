@@ -56,15 +56,17 @@ def test_training_contexts_keep_every_invariant(k, max_level, seed, data):
     scored = data.draw(st.integers(1, 8))
     tail = data.draw(st.integers(0, capacity - scored - 2 * k))
     layout = Layout(k, max_level, capacity, scored, tail)
-    cursor = data.draw(st.integers(1, 3000))
+    cursors = data.draw(st.lists(st.integers(1, 3000), min_size=3, max_size=3))
     deep = data.draw(st.sampled_from([0.0, 0.5, 1.0]))
     arrays, expand_lod, from_pyramid = variants.training_contexts(
-        3, 3, cursor, layout, np.random.default_rng(seed), deep
+        cursors, 3, layout, np.random.default_rng(seed), deep
     )
-    pyramid = variants.pyramid(cursor, layout)
-    for b in range(3):
-        assert (_rows(arrays, b, 0) == pyramid) == from_pyramid[b]
+    for b, cursor in enumerate(cursors):  # each example has its own cursor
+        assert (_rows(arrays, b, 0) == variants.pyramid(cursor, layout)) == from_pyramid[b]
         assert from_pyramid[b] or deep > 0
+        tail_starts = arrays["start"][b][arrays["valid"][b] & ~arrays["context"][b]]
+        rows = arrays["start"].shape[1]
+        np.testing.assert_array_equal(tail_starts, np.tile(np.arange(scored) + cursor, rows))
         for v in (0, 2, 3, 4):  # the window (1) drops history on purpose
             context = _rows(arrays, b, v)
             check(from_entries(context, layout.context_capacity), cursor, k, max_level, tail)
@@ -144,7 +146,7 @@ def test_bring_to_lod0_puts_the_tokens_at_lod0(k, max_level, seed, data):
 
 def test_labels_are_the_first_token_after_each_span():
     cursor = 60
-    arrays, *_ = variants.training_contexts(2, 2, cursor, LAYOUT, np.random.default_rng(0))
+    arrays, *_ = variants.training_contexts([cursor] * 2, 2, LAYOUT, np.random.default_rng(0))
     tokens = jnp.broadcast_to(jnp.arange(65), (2, 65))  # token value == position
     wc = WorkingContext(*(jnp.asarray(arrays[n]) for n in ("lod", "start", "valid")))
     labels, mask = wc.labels(tokens, 4, (256, 257))
@@ -176,6 +178,32 @@ def _batch(config, step=0, seed=0):
     seq = rng.integers(0, 256, (2, config.data.seq_len + 1)).astype(np.int32)
     raw = {"inputs": seq[:, :-1], "targets": seq[:, 1:], "mask": np.ones_like(seq[:, 1:], bool)}
     return {k: jnp.asarray(v) for k, v in mc_batch(raw, step, config).items()}
+
+
+def test_a_stop_inside_the_sequence_is_the_sequence_cut_there():
+    """A sequence read up to its ``stop`` (``mc.min_history``: a random cursor) gives the
+    objective's scored terms of the sequence cut at the stop: the teacher, every variant, the
+    KL and LensNet read nothing after it."""
+    config = tiny_mc_config("/unused", "/unused")  # T = 64, S = 4
+    model = MegaContext(config, rngs=nnx.Rngs(0))
+    spec = MCTraining.from_config(config)
+    seq = np.random.default_rng(0).integers(0, 256, (2, 65)).astype(np.int32)
+    stop = 44
+
+    def batch_of(tokens, stops=None):
+        raw = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+        raw["mask"] = np.ones_like(raw["targets"], bool)
+        if stops is not None:
+            raw["stop"] = np.full(2, stops, np.int32)
+        return {k: jnp.asarray(v) for k, v in mc_batch(raw, 0, config).items()}
+
+    metrics = nnx.jit(lambda m, b: mc_loss(m, b, jnp.int32(0), jax.random.key(0), spec)[1])
+    inside, cut = metrics(model, batch_of(seq, stop)), metrics(model, batch_of(seq[:, : stop + 1]))
+    assert batch_of(seq, stop)["cursor"].tolist() == [40, 40]
+    names = ("loss/full", "loss/window", "loss/mc_static", "loss/random", "loss/mc_focus")
+    for name in (*names, "kl", "lm_wc", "lens"):
+        np.testing.assert_allclose(inside[name], cut[name], rtol=2e-5, atol=1e-6, err_msg=name)
+    assert abs(float(inside["lm_tokens"]) - float(cut["lm_tokens"])) > 1e-3  # reads everything
 
 
 @pytest.mark.parametrize("rounds", [1, 3])
@@ -440,9 +468,16 @@ def test_checkpoint_restores_all_three_parts(tmp_path, corpus_dir):
 
 
 def test_mc_resume_is_exact(tmp_path, corpus_dir):
-    straight = train(tiny_mc_config(tmp_path / "a", corpus_dir, steps=4), progress=False)
-    train(tiny_mc_config(tmp_path / "b", corpus_dir, steps=4), stop_at=2, progress=False)
-    resumed = train(tiny_mc_config(tmp_path / "b", corpus_dir, steps=4), progress=False)
+    def config(workdir):  # with random stops and bounded positions: their draws resume too
+        c = tiny_mc_config(workdir, corpus_dir, steps=4)
+        c.unlock()
+        c.mc.min_history, c.mc.positions = 20, "slots"
+        c.lock()
+        return c
+
+    straight = train(config(tmp_path / "a"), progress=False)
+    train(config(tmp_path / "b"), stop_at=2, progress=False)
+    resumed = train(config(tmp_path / "b"), progress=False)
     for key in ("mc/objective", "mc/lens", "mc/loss/mc_focus", "val/loss"):
         assert resumed[key] == straight[key], key
 

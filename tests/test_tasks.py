@@ -80,6 +80,24 @@ def test_training_plants_only_the_training_phrasings(corpus_dir):
         assert "assert " not in text and not any(s in text for s in tasks.SENTENCES)
 
 
+def test_passkeys_end_at_each_sequences_stop(corpus_dir):
+    """With random stops (``mc.min_history``) every sequence draws its stop in [low, L], and a
+    passkey planted into it asks its question just before the stop: the scored tokens there
+    hold the answer."""
+    docs = data.load_documents(str(corpus_dir))
+    ds = data.train_dataset(docs, 256, 8, seed=0, passkey_fraction=1.0, min_stop=140)
+    stops = []
+    for batch in itertools.islice(iter(ds), 4):
+        for i, stop in enumerate(batch["stop"]):
+            stops.append(int(stop))
+            text = TOK.decode(np.append(batch["inputs"][i], batch["targets"][i, -1])[: stop + 1])
+            (asked,) = [p for p in tasks.PHRASINGS["train"] if p.question in text]
+            key = text[-5:]
+            assert text.endswith(asked.question + key) and key.isdigit()
+            assert text.count(key) >= 2  # the needle, planted earlier
+    assert min(stops) >= 140 and max(stops) <= 256 and len(set(stops)) > 8
+
+
 def test_mqar_answers_are_the_queried_values():
     probe = tasks.mqar(FILLER, 600, np.random.default_rng(1), pairs=6, queries=2)
     text = TOK.decode(probe.tokens)

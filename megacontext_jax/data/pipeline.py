@@ -219,9 +219,23 @@ def example_of(tokens: np.ndarray, bos: int, pad: int) -> dict[str, np.ndarray]:
     return {"inputs": tokens[:-1], "targets": targets, "mask": (targets != pad) & (targets != bos)}
 
 
+class DrawStop(grain.transforms.RandomMap):
+    """Adds ``"stop"``, int32 drawn uniformly in ``[low, L]``: the example is read as the
+    sequence ``inputs[:stop]`` ending there (the MegaContext objective scores the tokens just
+    before it, so its history length varies), and a passkey is planted to end there."""
+
+    def __init__(self, low: int):
+        self.low = low
+
+    def random_map(self, example: dict[str, np.ndarray], rng: np.random.Generator):
+        stop = int(rng.integers(self.low, len(example["inputs"]) + 1))
+        return {**example, "stop": np.int32(stop)}
+
+
 class PlantTask(grain.transforms.RandomMap):
     """With probability ``fraction``, turns an example into a synthetic task over its own text:
-    ``"passkey"`` (``tasks.plant_passkey``) or ``"repeats"`` (``tasks.plant_repeats``)."""
+    ``"passkey"`` (``tasks.plant_passkey``, over ``inputs[:stop]`` where the example has a
+    ``"stop"``) or ``"repeats"`` (``tasks.plant_repeats``)."""
 
     def __init__(self, task: str, fraction: float, tokenizer: ByteTokenizer | HFTokenizer = BYTES):
         self.task, self.fraction, self.tokenizer = task, fraction, tokenizer
@@ -233,10 +247,12 @@ class PlantTask(grain.transforms.RandomMap):
 
         tokens = np.append(example["inputs"], example["targets"][-1])
         if self.task == "passkey":
-            tokens = tasks.plant_passkey(tokens, rng, self.tokenizer)
+            end = int(example.get("stop", len(tokens) - 1)) + 1
+            tokens[:end] = tasks.plant_passkey(tokens[:end], rng, self.tokenizer)
         else:
             tokens = tasks.plant_repeats(tokens, rng)
-        return example_of(tokens, self.tokenizer.bos_id, self.tokenizer.pad_id)
+        out = example_of(tokens, self.tokenizer.bos_id, self.tokenizer.pad_id)
+        return {**example, **out}
 
 
 def train_dataset(
@@ -249,11 +265,13 @@ def train_dataset(
     passkey_fraction: float = 0.0,
     tokenizer: ByteTokenizer | HFTokenizer = BYTES,
     repeat_fraction: float = 0.0,
+    min_stop: int = 0,
 ) -> grain.IterDataset:
     """Endless, reshuffled-every-epoch batches of this process's shard of the examples.
 
     ``batch_size`` is per process; ``repeat_fraction`` of the sequences get random spans written
-    twice (copy practice), then ``passkey_fraction`` of them become passkey tasks.
+    twice (copy practice), then ``passkey_fraction`` of them become passkey tasks. With
+    ``min_stop`` > 0 each example also gets a ``"stop"`` in ``[min_stop, seq_len]`` (``DrawStop``).
     Iterators of the result checkpoint with Grain/Orbax.
     """
     examples = make_examples([len(d.data) + 1 for d in docs], seq_len)
@@ -266,6 +284,8 @@ def train_dataset(
     ds = ds.shuffle(seed=seed).repeat()
     materialize = Materialize(docs, seq_len, tokenizer=tokenizer)
     ds = ds.random_map(materialize, seed=seed + 1 + 7919 * process_index)
+    if min_stop > 0:
+        ds = ds.random_map(DrawStop(min_stop), seed=seed + 4 + 7919 * process_index)
     for offset, task, fraction in (
         (3, "repeats", repeat_fraction),
         (2, "passkey", passkey_fraction),

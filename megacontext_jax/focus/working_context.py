@@ -81,13 +81,16 @@ class WorkingContext:
             self.lod[..., take], self.start[..., take], self.context_mask[..., take]
         )
 
-    def with_tail(self, cursor: int, scored: int, capacity: int) -> "WorkingContext":
+    def with_tail(self, cursor: int | jax.Array, scored: int, capacity: int) -> "WorkingContext":
         """These context entries ``[..., Wc]`` followed by the ``scored`` tokens
-        ``[cursor, cursor + scored)`` at LOD0, in ``capacity`` slots."""
+        ``[cursor, cursor + scored)`` at LOD0, in ``capacity`` slots. ``cursor``: one for all,
+        or one per context of the leading axes (``[B]`` for contexts ``[B, ..., Wc]``)."""
         pad = [(0, 0)] * (self.lod.ndim - 1) + [(0, capacity - self.capacity)]
         lod, start, ctx = (jnp.pad(a, pad) for a in (self.lod, self.start, self.valid))
         tail = jnp.arange(capacity) - ctx.sum(-1, keepdims=True)
         is_tail = (tail >= 0) & (tail < scored)
+        cursor = jnp.asarray(cursor, jnp.int32)
+        cursor = cursor.reshape(cursor.shape + (1,) * (lod.ndim - cursor.ndim))
         return WorkingContext(
             lod=jnp.where(is_tail, 0, lod),
             start=jnp.where(is_tail, cursor + tail, start),

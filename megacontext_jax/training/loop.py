@@ -38,26 +38,30 @@ def _local_rows(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray
 def mc_batch(
     batch: dict[str, np.ndarray], step: int, config: ml_collections.ConfigDict
 ) -> dict[str, np.ndarray]:
-    """Adds the tokens and the host-built working contexts of a MegaContext training step.
+    """Adds the tokens, each sequence's ``cursor`` (where its S scored tokens start: before the
+    batch's ``stop`` where it has one, else at the end) and the host-built working contexts of
+    a MegaContext training step.
 
     The contexts' randomness derives from (seed, step, process), so a resumed run repeats it.
     """
     layout = Layout.from_config(config)
     rows, seq_len = batch["inputs"].shape
+    stops = batch.get("stop", np.full(rows, seq_len, np.int32))
+    cursors = np.asarray(stops, np.int32) - layout.scored
     rng = np.random.default_rng([config.seed, step, jax.process_index()])
     contexts, expand_lod, from_pyramid = variants.training_contexts(
-        rows,
+        cursors.tolist(),
         config.mc.num_random_variants,
-        seq_len - layout.scored,
         layout,
         rng,
         config.mc.deep_fraction,
     )
     tokens = np.concatenate([batch["inputs"], batch["targets"][:, -1:]], axis=1)
     out = {
-        **batch,
+        **{k: v for k, v in batch.items() if k != "stop"},
         **contexts,
         "tokens": tokens,
+        "cursor": cursors,
         "expand_lod": expand_lod,
         "from_pyramid": from_pyramid,
     }
@@ -219,9 +223,10 @@ def _data(config: ml_collections.ConfigDict, tokenizer, stop: Stop):
 def _stage_batches(config: ml_collections.ConfigDict, train_docs, tokenizer, after_step: int):
     """The training iterator of the step after ``after_step`` (the curriculum's or the main
     one); its state is what a checkpoint at ``after_step`` records."""
-    cur = config.curriculum
+    cur, mc = config.curriculum, config.mc
     in_curriculum = after_step < cur.steps
     global_bs = cur.batch_size if in_curriculum else config.train.batch_size
+    draws_stops = mc.enabled and mc.min_history > 0 and not in_curriculum
     dataset = data.train_dataset(
         train_docs,
         cur.seq_len if in_curriculum else config.data.seq_len,
@@ -232,6 +237,7 @@ def _stage_batches(config: ml_collections.ConfigDict, train_docs, tokenizer, aft
         config.data.passkey_fraction,
         tokenizer,
         config.data.repeat_fraction,
+        mc.min_history + mc.scored_tokens if draws_stops else 0,
     )
     return iter(dataset)
 

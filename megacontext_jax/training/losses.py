@@ -111,12 +111,13 @@ def guided_contexts(
     table: jax.Array,
     offsets: tuple[int, ...],
     baseline: WorkingContext,
-    cursor: int,
+    cursor: jax.Array,
     spec: MCTraining,
     key: jax.Array,
 ) -> tuple[WorkingContext, jax.Array, jax.Array]:
-    """LensNet scores of the baselines ``[B, W]`` and ``spec.refocus_steps`` rounds of the
-    allocator's refocus of them (as at evaluation, where a needle descends a level per round).
+    """LensNet scores of the baselines ``[B, W]`` (whose contexts end at ``cursor [B]``) and
+    ``spec.refocus_steps`` rounds of the allocator's refocus of them (as at evaluation, where a
+    needle descends a level per round).
 
     Returns the refocused contexts followed by the scored tail ``[B, W]``, the scores ``[B, W]``
     and the number of edits per example.
@@ -190,13 +191,14 @@ def preference_loss(
     return loss, prefer, du
 
 
-def _scored_kl(logits, scored_mask, contexts: WorkingContext, full_logits, cursor: int, s_len: int):
+def _scored_kl(logits, scored_mask, contexts: WorkingContext, teacher_logits):
     """KL(full-token teacher || WC model) on the S scored tokens of every variant: logits
-    ``[B, V, W, V]``, the teacher ``full_logits [B, T, V]``."""
+    ``[B, V, W, V]``, the teacher's on the scored tokens ``teacher_logits [B, S, V]``."""
+    s_len = teacher_logits.shape[1]
     first = contexts.context.sum(-1)  # [B, V]: index of the first scored entry
     rows = first[..., None] + jnp.arange(s_len)  # [B, V, S]
     student = jnp.take_along_axis(logits, rows[..., None], axis=2)
-    teacher = sg(jax.nn.log_softmax(full_logits[:, cursor : cursor + s_len], axis=-1))[:, None]
+    teacher = sg(jax.nn.log_softmax(teacher_logits, axis=-1))[:, None]
     kl_tok, _ = _kl(teacher, student)
     return _masked_mean(kl_tok, jnp.take_along_axis(scored_mask, rows, axis=2))
 
@@ -263,22 +265,24 @@ def mc_loss(
     key: jax.Array,
     spec: MCTraining,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Total loss and metrics. ``batch``: ``tokens [B, T+1]``, contexts ``[B, V, W]`` in the
-    order of ``variants.Rows``, ``expand_lod [B, V - 2]`` and ``from_pyramid [B]`` (as
+    """Total loss and metrics. ``batch``: ``tokens [B, T+1]``, ``cursor [B]`` (where each
+    sequence's S scored tokens start), contexts ``[B, V, W]`` in the order of
+    ``variants.Rows``, ``expand_lod [B, V - 2]`` and ``from_pyramid [B]`` (as
     ``training.loop.mc_batch`` builds them)."""
     layout, weights = spec.layout, spec.weights
-    s_len = layout.scored
-    tokens = batch["tokens"]
+    tokens, cursor = batch["tokens"], batch["cursor"]
     t = tokens.shape[1] - 1
-    cursor = t - s_len
     inputs = tokens[:, :t]
 
     full_logits = model.base(inputs)
     targets, target_mask = tokens[:, 1:], batch["mask"]
     nll_sum, count = cross_entropy(full_logits, targets, target_mask)
     lm_tokens = nll_sum / jnp.maximum(count, 1)
+    scored_at = cursor[:, None] + jnp.arange(layout.scored)  # [B, S]
+    teacher_logits = jnp.take_along_axis(full_logits, scored_at[..., None], axis=1)
     teacher_nll = _masked_mean(
-        token_nll(full_logits[:, cursor:t], targets[:, cursor:t]), target_mask[:, cursor:t]
+        token_nll(teacher_logits, jnp.take_along_axis(targets, scored_at, axis=1)),
+        jnp.take_along_axis(target_mask, scored_at, axis=1),
     )
 
     table, offsets = node_table(
@@ -297,7 +301,7 @@ def mc_loss(
     lm_wc = _masked_mean(nll, label_mask)
     scored_mask = label_mask & ~contexts.context
     variant_loss = _masked_mean(nll, scored_mask, axis=-1)  # [B, V]
-    kl = _scored_kl(logits, scored_mask, contexts, full_logits, cursor, s_len)
+    kl = _scored_kl(logits, scored_mask, contexts, teacher_logits)
     lens, lens_metrics = _lens_terms(scores, contexts, variant_loss, rows, spec)
 
     lens_on = (step >= spec.lens_start).astype(jnp.float32)

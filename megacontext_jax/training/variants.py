@@ -202,20 +202,23 @@ def deep_variant(
     return bring_to_lod0(ents, (token, last), cursor, layout, rng)
 
 
-def to_arrays(contexts: list[Entries], cursor: int, layout: Layout) -> dict[str, np.ndarray]:
-    """Contexts, each followed by the S scored tokens, as a batch's ``lod``/``start``/``valid``/
-    ``context`` arrays ``[n, W]`` (``WorkingContext.from_batch`` reads them; on the device,
-    ``WorkingContext.with_tail`` makes the same layout)."""
+def to_arrays(
+    contexts: list[Entries], cursor: int | list[int], layout: Layout
+) -> dict[str, np.ndarray]:
+    """Contexts, each followed by the S scored tokens from its ``cursor`` (one for all, or one
+    per context), as a batch's ``lod``/``start``/``valid``/``context`` arrays ``[n, W]``
+    (``WorkingContext.from_batch`` reads them; on the device, ``WorkingContext.with_tail`` makes
+    the same layout)."""
     n, w = len(contexts), layout.capacity
+    cursors = [cursor] * n if isinstance(cursor, int) else cursor
     lod = np.zeros((n, w), np.int32)
     start = np.zeros((n, w), np.int32)
     valid = np.zeros((n, w), bool)
     context = np.zeros((n, w), bool)
-    tail = [(0, t) for t in range(cursor, cursor + layout.scored)]
-    for row, ents in enumerate(contexts):
+    for row, (ents, c) in enumerate(zip(contexts, cursors, strict=True)):
         if len(ents) > layout.context_capacity:
             raise ValueError(f"{len(ents)} context entries exceed {layout.context_capacity}")
-        full = ents + tail
+        full = ents + [(0, t) for t in range(c, c + layout.scored)]
         lod[row, : len(full)] = [l for l, _ in full]
         start[row, : len(full)] = [s for _, s in full]
         valid[row, : len(full)] = True
@@ -224,14 +227,14 @@ def to_arrays(contexts: list[Entries], cursor: int, layout: Layout) -> dict[str,
 
 
 def training_contexts(
-    batch: int,
+    cursors: list[int],
     num_random: int,
-    cursor: int,
     layout: Layout,
     rng: np.random.Generator,
     deep_fraction: float = 0.0,
 ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """Per example: a baseline, the window, then ``num_random`` random variants of the baseline.
+    """Per example (one per cursor: where its scored tokens start): a baseline, the window,
+    then ``num_random`` random variants of the baseline.
 
     The baseline is the pyramid, or with probability ``deep_fraction`` a ``deep_variant`` of it,
     so that LensNet also learns to score contexts focus has already changed (LOD0 blocks and
@@ -242,21 +245,22 @@ def training_contexts(
     ``[batch, num_random]`` (-1 for a collapse-only variant), and whether each baseline is the
     pyramid ``[batch]``.
     """
-    pyr = pyramid(cursor, layout)
-
-    def deep_or(ents, fallback):
-        if deep_fraction > 0 and rng.random() < deep_fraction:
-            deep = deep_variant(ents, cursor, layout, rng)
-            if deep is not None:
-                return deep
-        return fallback(ents)
-
     order = Rows(num_random)
+    pyramids: dict[int, Entries] = {}
     rows, lods, from_pyramid = [], [], []
-    for _ in range(batch):
+    for cursor in cursors:
+        pyr = pyramids.setdefault(cursor, pyramid(cursor, layout))
+
+        def deep_or(ents, fallback, cursor=cursor):
+            if deep_fraction > 0 and rng.random() < deep_fraction:
+                deep = deep_variant(ents, cursor, layout, rng)
+                if deep is not None:
+                    return deep
+            return fallback(ents)
+
         base, _ = deep_or(pyr, lambda e: (e, -1))
         variants = [
-            deep_or(base, lambda e: random_variant(e, cursor, layout, rng))
+            deep_or(base, lambda e, c=cursor: random_variant(e, c, layout, rng))
             for _ in range(num_random)
         ]
         example = [None] * order.guided  # every row but the guided one, made in-graph
@@ -265,7 +269,8 @@ def training_contexts(
         rows.extend(example)
         lods.append([l for _, l in variants])
         from_pyramid.append(base == pyr)
-    arrays = to_arrays(rows, cursor, layout)
+    arrays = to_arrays(rows, [c for c in cursors for _ in range(order.guided)], layout)
+    batch = len(cursors)
     shape = (batch, order.guided, layout.capacity)
     return (
         {k: v.reshape(shape) for k, v in arrays.items()},
