@@ -272,6 +272,20 @@ def test_gap_recovered_needs_a_gap_the_sample_resolves():
         assert np.isnan(got["mc_static"]), (gap, se)
 
 
+def test_gap_recovered_interval_resamples_documents():
+    rng = np.random.default_rng(0)
+    gap = rng.uniform(0.5, 1.5, 200)
+    docs = np.repeat(np.arange(20), 10)
+    # The same share of the gap in every document: every resample gives it.
+    np.testing.assert_allclose(stats.ratio_interval(0.25 * gap, gap, docs), [0.25, 0.25])
+    # Documents that disagree: an interval around the pooled ratio.
+    share = np.where(docs < 10, 0.0, 0.5)
+    lo, hi = stats.ratio_interval(share * gap, gap, docs)
+    pooled = (share * gap).sum() / gap.sum()
+    assert lo < pooled < hi and hi - lo > 0.1
+    assert np.isnan(stats.ratio_interval(gap[:10], gap[:10], docs[:10])).all()
+
+
 def test_effective_window_interpolates_in_log_budget():
     budgets, nll = [32, 64, 128, 256], [2.0, 1.8, 1.7, 1.65]
     assert stats.effective_window(budgets, nll, 1.8)["value"] == pytest.approx(64)

@@ -40,6 +40,13 @@ def print_text(length: str, row: dict, threshold: float) -> None:
             f"  {c:<10} {_pm(v['nll']):>16} {_pm(v['key_nll']):>16} {v['bpb']:7.4f} "
             f"{_ratio(gap['all'].get(c)):>8} {_ratio(gap['key'].get(c)):>12}"
         )
+    intervals = [
+        f"{c} {_ratio(lo)}..{_ratio(hi)}"
+        for c, (lo, hi) in row["gap_recovered_ci95"]["all"].items()
+        if not math.isnan(lo)
+    ]
+    if intervals:
+        print("  gap recovered, bootstrap 95% intervals (all tokens): " + ", ".join(intervals))
     if row["documents"] < 2:
         print("  (windows of one document: no standard error or interval)")
     # Key tokens are picked where window does badly, so a key-token difference against window

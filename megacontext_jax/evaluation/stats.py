@@ -60,6 +60,23 @@ def gap_recovered(
     }
 
 
+def ratio_interval(
+    numerator: np.ndarray, denominator: np.ndarray, clusters: np.ndarray, seed: int = 0
+) -> list[float]:
+    """Bootstrap 95% interval of ``sum(numerator) / sum(denominator)`` (per-token values
+    ``[N]``; ``gap_recovered`` is such a ratio of paired differences) that resamples whole
+    ``clusters``; NaNs with fewer than two clusters or no values."""
+    if len(numerator) == 0 or len(np.unique(clusters)) < 2:
+        return [math.nan, math.nan]
+    _, groups = np.unique(clusters, return_inverse=True)
+    num = np.bincount(groups, weights=np.asarray(numerator, np.float64))
+    den = np.bincount(groups, weights=np.asarray(denominator, np.float64))
+    pick = np.random.default_rng(seed).integers(0, len(num), (RESAMPLES, len(num)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        boot = num[pick].sum(1) / den[pick].sum(1)
+    return [float(x) for x in np.quantile(boot, [0.025, 0.975])]
+
+
 def effective_window(budgets: list[int], window_nll: list[float], target: float) -> dict:
     """The budget W' at which ``window`` would score ``target`` NLL: interpolated linearly in
     log2 W between the first two budgets whose window NLLs bracket it.

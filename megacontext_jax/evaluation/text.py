@@ -107,12 +107,21 @@ def text_row(
             d = nll[a] - nll[b]
             row["differences"][f"{a} - {b}"] = {"all": mean(d), "key": mean(d, key)}
     full_minus_window = row["differences"]["full - window"]
-    row["gap_recovered"] = {}
+    row["gap_recovered"], row["gap_recovered_ci95"] = {}, {}
     for part, field in (("all", "nll"), ("key", "key_nll")):
         means = {c: v[field]["mean"] for c, v in row["conditions"].items()}
-        row["gap_recovered"][part] = stats.gap_recovered(
-            means, full_minus_window[part], ("sinks", *MC_CONDITIONS)
-        )
+        gaps = stats.gap_recovered(means, full_minus_window[part], ("sinks", *MC_CONDITIONS))
+        row["gap_recovered"][part] = gaps
+        where = key if part == "key" else np.ones_like(key)
+        gap = (nll["window"] - nll["full"]).ravel()[where]
+        row["gap_recovered_ci95"][part] = {
+            c: stats.ratio_interval(
+                (nll["window"] - nll[c]).ravel()[where], gap, clusters[where], seed
+            )
+            if not math.isnan(value)
+            else [math.nan, math.nan]
+            for c, value in gaps.items()
+        }
     return row
 
 
