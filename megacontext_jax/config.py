@@ -127,6 +127,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Of training baselines and random variants: deep ones (K tokens under gists brought to LOD0,
     # a level at a time: variants.deep_variant)
     c.mc.deep_fraction = 0.0
+    # Of each passkey sequence: the first random variant brings the key's digits to LOD0 where
+    # the budget allows, so every such sequence gives LensNet a variant that answers it
+    c.mc.needle_variants = False
     c.mc.train_temperature = 0.5  # allocator exploration for the LensNet-guided variant
     c.mc.train_refocus_steps = 1  # refocus rounds that make the guided variant
     c.mc.lens_start = 0  # step at which the LensNet loss switches on

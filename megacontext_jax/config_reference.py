@@ -83,6 +83,7 @@ FIELDS: dict[str, str] = {
     "mc.min_history": "> 0: training histories drawn from [min_history, T - S] (0: T - S)",
     "mc.num_random_variants": "random expand/collapse variants per training sequence",
     "mc.deep_fraction": "share of baselines and random variants with a block brought to LOD0",
+    "mc.needle_variants": "passkey sequences: the first random variant brings the key to LOD0",
     "mc.train_temperature": "allocator exploration of the LensNet-guided variant",
     "mc.train_refocus_steps": "refocus rounds (scores and edits) that make the guided variant",
     "mc.lens_start": "step at which LensNet's loss switches on",

@@ -144,6 +144,35 @@ def test_bring_to_lod0_puts_the_tokens_at_lod0(k, max_level, seed, data):
     assert root_lod == max(l for l, s in ents if any(s <= t < s + k**l for t in at))
 
 
+def test_needle_variants_bring_the_key_to_lod0_where_it_fits():
+    layout = Layout(block_size=4, max_level=3, capacity=40, scored=4, recent_tail=4)
+    cursors, sources = [200, 200, 160], [(10, 15), (-1, -1), (100, 105)]
+    arrays, *_ = variants.training_contexts(
+        cursors, 2, layout, np.random.default_rng(0), 0.0, sources
+    )
+    for b, (cursor, (first, stop)) in enumerate(zip(cursors, sources, strict=True)):
+        needle = _rows(arrays, b, 2)  # the first random variant
+        check(from_entries(needle, layout.context_capacity), cursor, 4, 3, 4)
+        if first >= 0:
+            assert {(0, t) for t in range(first, stop)} <= set(needle)
+    # mc_batch reads the data's sources with mc.needle_variants on.
+    config = tiny_mc_config("/unused", "/unused")
+    config.unlock()
+    config.mc.needle_variants = True
+    seq = np.zeros((2, 65), np.int32)
+    raw = {"inputs": seq[:, :-1], "targets": seq[:, 1:], "mask": np.ones((2, 64), bool)}
+    batch = mc_batch({**raw, "source": np.array([[8, 13], [-1, -1]], np.int32)}, 0, config)
+    assert "source" not in batch
+    assert {(0, t) for t in range(8, 13)} <= set(_rows(batch, 0, 2))
+    # Without a needle anywhere, the contexts are the ones made without sources.
+    plain = variants.training_contexts([200] * 2, 2, layout, np.random.default_rng(1))[0]
+    none = variants.training_contexts(
+        [200] * 2, 2, layout, np.random.default_rng(1), 0.0, [(-1, -1)] * 2
+    )[0]
+    for name in plain:
+        np.testing.assert_array_equal(plain[name], none[name])
+
+
 def test_labels_are_the_first_token_after_each_span():
     cursor = 60
     arrays, *_ = variants.training_contexts([cursor] * 2, 2, LAYOUT, np.random.default_rng(0))

@@ -94,7 +94,8 @@ def test_passkeys_end_at_each_sequences_stop(corpus_dir):
             (asked,) = [p for p in tasks.PHRASINGS["train"] if p.question in text]
             key = text[-5:]
             assert text.endswith(asked.question + key) and key.isdigit()
-            assert text.count(key) >= 2  # the needle, planted earlier
+            first, last = batch["source"][i]  # the key's digits in the needle
+            assert text[first:last] == key and last < stop - len(asked.question)
     assert min(stops) >= 140 and max(stops) <= 256 and len(set(stops)) > 8
 
 

@@ -234,25 +234,30 @@ class DrawStop(grain.transforms.RandomMap):
 
 class PlantTask(grain.transforms.RandomMap):
     """With probability ``fraction``, turns an example into a synthetic task over its own text:
-    ``"passkey"`` (``tasks.plant_passkey``, over ``inputs[:stop]`` where the example has a
-    ``"stop"``) or ``"repeats"`` (``tasks.plant_repeats``)."""
+    ``"passkey"`` (``tasks.passkey``, over ``inputs[:stop]`` where the example has a ``"stop"``)
+    or ``"repeats"`` (``tasks.plant_repeats``). The passkey task adds ``"source"`` to every
+    example: int32 ``[2]``, the token span of the key's digits in the needle (``-1, -1``: no
+    passkey), which training's needle variants bring to LOD0."""
 
     def __init__(self, task: str, fraction: float, tokenizer: ByteTokenizer | HFTokenizer = BYTES):
         self.task, self.fraction, self.tokenizer = task, fraction, tokenizer
 
     def random_map(self, example: dict[str, np.ndarray], rng: np.random.Generator):
+        none = {"source": np.full(2, -1, np.int32)} if self.task == "passkey" else {}
         if rng.random() >= self.fraction:
-            return example
+            return {**example, **none}
         from megacontext_jax.data import tasks
 
         tokens = np.append(example["inputs"], example["targets"][-1])
         if self.task == "passkey":
             end = int(example.get("stop", len(tokens) - 1)) + 1
-            tokens[:end] = tasks.plant_passkey(tokens[:end], rng, self.tokenizer)
+            probe = tasks.passkey(tokens[:end], end, rng, tokenizer=self.tokenizer)
+            tokens[:end] = probe.tokens
+            planted = {"source": np.array(probe.source, np.int32)}
         else:
-            tokens = tasks.plant_repeats(tokens, rng)
+            tokens, planted = tasks.plant_repeats(tokens, rng), {}
         out = example_of(tokens, self.tokenizer.bos_id, self.tokenizer.pad_id)
-        return {**example, **out}
+        return {**example, **out, **planted}
 
 
 def train_dataset(

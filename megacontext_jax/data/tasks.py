@@ -210,13 +210,6 @@ def mqar(
     return Probe(tokens, length - len(suffix) + np.array(value_at), (first, last), source)
 
 
-def plant_passkey(
-    tokens: np.ndarray, rng: np.random.Generator, tokenizer: ByteTokenizer | HFTokenizer = BYTES
-) -> np.ndarray:
-    """A training example: a passkey planted into (a copy of) a text window."""
-    return passkey(tokens, len(tokens), rng, tokenizer=tokenizer).tokens
-
-
 def plant_repeats(
     tokens: np.ndarray, rng: np.random.Generator, count: int = 4, longest: int = 32
 ) -> np.ndarray:

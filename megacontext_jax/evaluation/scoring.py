@@ -238,9 +238,8 @@ def oracle_rows(
     the pyramid itself where they do not fit the budget; and whether they fit ``[B]``."""
     pyramid = variants.pyramid(cursor, layout)
     rows, fits = [], []
-    for first, stop in sources:
-        at = (*range(first, stop, layout.block_size), stop - 1)  # every block the span touches
-        out = variants.bring_to_lod0(pyramid, at, cursor, layout, rng)
+    for source in sources:
+        out = variants.needle_variant(pyramid, source, cursor, layout, rng)
         rows.append(pyramid if out is None else out[0])
         fits.append(out is not None)
     return rows, np.array(fits)

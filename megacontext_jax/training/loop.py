@@ -49,16 +49,18 @@ def mc_batch(
     stops = batch.get("stop", np.full(rows, seq_len, np.int32))
     cursors = np.asarray(stops, np.int32) - layout.scored
     rng = np.random.default_rng([config.seed, step, jax.process_index()])
+    sources = batch.get("source") if config.mc.needle_variants else None
     contexts, expand_lod, from_pyramid = variants.training_contexts(
         cursors.tolist(),
         config.mc.num_random_variants,
         layout,
         rng,
         config.mc.deep_fraction,
+        None if sources is None else np.asarray(sources).tolist(),
     )
     tokens = np.concatenate([batch["inputs"], batch["targets"][:, -1:]], axis=1)
     out = {
-        **{k: v for k, v in batch.items() if k != "stop"},
+        **{k: v for k, v in batch.items() if k not in ("stop", "source")},
         **contexts,
         "tokens": tokens,
         "cursor": cursors,

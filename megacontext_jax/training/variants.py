@@ -226,15 +226,29 @@ def to_arrays(
     return {"lod": lod, "start": start, "valid": valid, "context": context}
 
 
+def needle_variant(
+    ents: Entries, source: tuple[int, int], cursor: int, layout: Layout, rng: np.random.Generator
+) -> tuple[Entries, int] | None:
+    """``ents`` with every block of the token span ``source`` (a needle's key) at LOD0
+    (``bring_to_lod0``), or None where the budget cannot hold them."""
+    first, stop = source
+    at = (*range(first, stop, layout.block_size), stop - 1)
+    return bring_to_lod0(ents, at, cursor, layout, rng)
+
+
 def training_contexts(
     cursors: list[int],
     num_random: int,
     layout: Layout,
     rng: np.random.Generator,
     deep_fraction: float = 0.0,
+    sources: list[tuple[int, int]] | None = None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """Per example (one per cursor: where its scored tokens start): a baseline, the window,
-    then ``num_random`` random variants of the baseline.
+    then ``num_random`` random variants of the baseline. With ``sources`` (per example, the
+    token span of a needle's key, or ``(-1, -1)``), the first variant of an example with a
+    needle brings it to LOD0 where the budget allows (``needle_variant``): a variant that
+    answers the question, so LensNet sees a positive pair in every such example.
 
     The baseline is the pyramid, or with probability ``deep_fraction`` a ``deep_variant`` of it,
     so that LensNet also learns to score contexts focus has already changed (LOD0 blocks and
@@ -248,7 +262,7 @@ def training_contexts(
     order = Rows(num_random)
     pyramids: dict[int, Entries] = {}
     rows, lods, from_pyramid = [], [], []
-    for cursor in cursors:
+    for row, cursor in enumerate(cursors):
         pyr = pyramids.setdefault(cursor, pyramid(cursor, layout))
 
         def deep_or(ents, fallback, cursor=cursor):
@@ -263,6 +277,10 @@ def training_contexts(
             deep_or(base, lambda e, c=cursor: random_variant(e, c, layout, rng))
             for _ in range(num_random)
         ]
+        source = None if sources is None else tuple(sources[row])
+        if num_random and source is not None and source[0] >= 0:
+            needle = needle_variant(base, source, cursor, layout, rng)
+            variants[0] = variants[0] if needle is None else needle
         example = [None] * order.guided  # every row but the guided one, made in-graph
         example[order.baseline], example[order.window] = base, window(cursor, layout)
         example[order.random] = [v for v, _ in variants]
