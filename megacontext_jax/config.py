@@ -145,6 +145,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Preference pairs weighted alike, or each by its loss gap, what misordering it costs ("gap"
     # needs lens_prior, or the scores saturate).
     c.mc.loss.lens_weighting = "uniform"
+    # The KL on the scored tokens with tokens alike, or each weighted by how much the full
+    # context beats the window on it (as LongCE): the few tokens distant context predicts.
+    c.mc.loss.kl_weighting = "uniform"
     c.mc.loss.pyramid = 0.0  # weight of the pyramid pass (DESIGN 6.2); 0 leaves it out
     c.mc.loss.span_kl = 0.0  # weight of the close-range substitutability pass; 0 leaves it out
     c.mc.span_kl = ml_collections.ConfigDict()

@@ -19,6 +19,7 @@ from megacontext_jax.focus import positions
 from megacontext_jax.nets.specs import DTYPES, GistConfig, LensConfig
 
 LENS_WEIGHTINGS = ("uniform", "gap")
+KL_WEIGHTINGS = ("uniform", "gap")  # training.losses.gap_weights
 PYRAMIDS = ("recent", "proportional")  # focus.rules.expand_priority's shapes
 
 
@@ -171,6 +172,7 @@ class LossWeights:
     lens_margin: float
     lens_prior: float
     lens_weighting: str
+    kl_weighting: str
     pyramid: float
     span_kl: float
 
@@ -186,6 +188,11 @@ class LossWeights:
             loss.lens_weighting in LENS_WEIGHTINGS,
             "mc.loss.lens_weighting",
             f"must be one of {LENS_WEIGHTINGS}",
+        )
+        require(
+            loss.kl_weighting in KL_WEIGHTINGS,
+            "mc.loss.kl_weighting",
+            f"must be one of {KL_WEIGHTINGS}",
         )
         require(loss.pyramid >= 0, "mc.loss.pyramid", "must be >= 0 (0 leaves the pass out)")
         require(loss.span_kl >= 0, "mc.loss.span_kl", "must be >= 0 (0 leaves the pass out)")

@@ -26,7 +26,13 @@ from megacontext_jax.specs import AllocatorConfig, Layout, MCTraining, span_coun
 from megacontext_jax.training import variants
 from megacontext_jax.training.checkpoint import Checkpointer
 from megacontext_jax.training.loop import mc_batch, train
-from megacontext_jax.training.losses import guided_contexts, mc_loss, preference_loss, span_kl
+from megacontext_jax.training.losses import (
+    gap_weights,
+    guided_contexts,
+    mc_loss,
+    preference_loss,
+    span_kl,
+)
 from megacontext_jax.training.metrics import read_metrics
 from megacontext_jax.training.restore import load_model
 from megacontext_jax.training.sharding import make_mesh
@@ -317,6 +323,30 @@ def test_gradients_reach_every_part(lens_start, lens_grads, positions):
     assert norm(grads.base) > 0
     assert norm(grads.gistnet) > 0
     assert (norm(grads.lensnet) > 0) == lens_grads
+
+
+def test_gap_weights_follow_what_full_context_gains_on_each_token():
+    window = jnp.array([[2.0, 1.0, 5.0, 9.0]])
+    full = jnp.array([[1.0, 1.5, 2.0, 0.0]])
+    mask = jnp.array([[True, True, True, False]])
+    # Gaps 1, 0 (full worse), 3 and a masked token: mean 4/3 over the three scored tokens.
+    np.testing.assert_allclose(gap_weights(window, full, mask), [[0.75, 0.0, 2.25, 0.0]])
+    np.testing.assert_array_equal(gap_weights(full, full, mask), mask)  # no gap: alike
+
+
+def test_kl_weighting_changes_the_kl_term_alone():
+    metrics = {}
+    for weighting in ("uniform", "gap"):
+        config = tiny_mc_config("/unused", "/unused")
+        config.unlock()
+        config.mc.loss.kl_weighting = weighting
+        spec = MCTraining.from_config(config)
+        model = MegaContext(config, rngs=nnx.Rngs(0))
+        run = nnx.jit(lambda m, b, s=spec: mc_loss(m, b, jnp.int32(0), jax.random.key(0), s)[1])
+        metrics[weighting] = run(model, _batch(config))
+    gap, uniform = metrics["gap"], metrics["uniform"]
+    same = {k for k in gap if np.isclose(gap[k], uniform[k], rtol=1e-6, atol=0, equal_nan=True)}
+    assert set(gap) - same - {"loss"} == {"kl"}  # the total moves by the KL's change
 
 
 def test_condition_metrics_average_the_pyramid_baselines_only():

@@ -191,16 +191,33 @@ def preference_loss(
     return loss, prefer, du
 
 
-def _scored_kl(logits, scored_mask, contexts: WorkingContext, teacher_logits):
+def _scored_rows(contexts: WorkingContext, s_len: int) -> jax.Array:
+    """``[B, V, S]`` WC index of each variant's scored tokens (they follow its context)."""
+    return contexts.context.sum(-1)[..., None] + jnp.arange(s_len)
+
+
+def _scored_kl(logits, scored_mask, contexts: WorkingContext, teacher_logits, weights=None):
     """KL(full-token teacher || WC model) on the S scored tokens of every variant: logits
-    ``[B, V, W, V]``, the teacher's on the scored tokens ``teacher_logits [B, S, V]``."""
-    s_len = teacher_logits.shape[1]
-    first = contexts.context.sum(-1)  # [B, V]: index of the first scored entry
-    rows = first[..., None] + jnp.arange(s_len)  # [B, V, S]
+    ``[B, V, W, V]``, the teacher's on the scored tokens ``teacher_logits [B, S, V]``;
+    ``weights [B, S]``: each scored token's weight (None: alike)."""
+    rows = _scored_rows(contexts, teacher_logits.shape[1])
     student = jnp.take_along_axis(logits, rows[..., None], axis=2)
     teacher = sg(jax.nn.log_softmax(teacher_logits, axis=-1))[:, None]
     kl_tok, _ = _kl(teacher, student)
-    return _masked_mean(kl_tok, jnp.take_along_axis(scored_mask, rows, axis=2))
+    mask = jnp.take_along_axis(scored_mask, rows, axis=2)
+    if weights is None:
+        return _masked_mean(kl_tok, mask)
+    w = jnp.where(mask, weights[:, None], 0.0)
+    return jnp.sum(jnp.where(w > 0, kl_tok, 0.0) * w) / jnp.maximum(jnp.sum(w), 1e-6)
+
+
+def gap_weights(window_nll: jax.Array, teacher_nll: jax.Array, mask: jax.Array) -> jax.Array:
+    """``[B, S]`` weights of the scored tokens by how much the full context beats the window on
+    each, ``max(window - full, 0)`` (stop-gradient, as LongCE weighs tokens), scaled to mean 1
+    over the ``mask``ed tokens; alike where no token has a gap."""
+    gap = jnp.maximum(sg(window_nll - teacher_nll), 0.0) * mask
+    mean = gap.sum() / jnp.maximum(mask.sum(), 1.0)
+    return jnp.where(mean > 0, gap / jnp.where(mean > 0, mean, 1.0), mask.astype(jnp.float32))
 
 
 def _lens_terms(scores, contexts: WorkingContext, variant_loss, rows: Rows, spec: MCTraining):
@@ -280,10 +297,9 @@ def mc_loss(
     lm_tokens = nll_sum / jnp.maximum(count, 1)
     scored_at = cursor[:, None] + jnp.arange(layout.scored)  # [B, S]
     teacher_logits = jnp.take_along_axis(full_logits, scored_at[..., None], axis=1)
-    teacher_nll = _masked_mean(
-        token_nll(teacher_logits, jnp.take_along_axis(targets, scored_at, axis=1)),
-        jnp.take_along_axis(target_mask, scored_at, axis=1),
-    )
+    teacher_tok = token_nll(teacher_logits, jnp.take_along_axis(targets, scored_at, axis=1))
+    teacher_mask = jnp.take_along_axis(target_mask, scored_at, axis=1)
+    teacher_nll = _masked_mean(teacher_tok, teacher_mask)
 
     table, offsets = node_table(
         model.gistnet, model.base.embed(inputs), layout.block_size, layout.max_level
@@ -301,7 +317,12 @@ def mc_loss(
     lm_wc = _masked_mean(nll, label_mask)
     scored_mask = label_mask & ~contexts.context
     variant_loss = _masked_mean(nll, scored_mask, axis=-1)  # [B, V]
-    kl = _scored_kl(logits, scored_mask, contexts, teacher_logits)
+    kl_weights = None
+    if weights.kl_weighting == "gap":
+        rows_s = _scored_rows(contexts, layout.scored)[:, rows.window]  # [B, S]
+        window_nll = jnp.take_along_axis(nll[:, rows.window], rows_s, axis=1)
+        kl_weights = gap_weights(window_nll, teacher_tok, teacher_mask)
+    kl = _scored_kl(logits, scored_mask, contexts, teacher_logits, kl_weights)
     lens, lens_metrics = _lens_terms(scores, contexts, variant_loss, rows, spec)
 
     lens_on = (step >= spec.lens_start).astype(jnp.float32)
