@@ -59,8 +59,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.jsonl_field = "text"
     c.data.seq_len = 256
     c.data.val_fraction = 0.05  # fraction of documents (by file) held out for validation
-    c.data.passkey_fraction = 0.0  # training sequences turned into passkey tasks (tasks.py)
-    c.data.repeat_fraction = 0.0  # training sequences with random spans written twice (copying)
+    c.data.passkey_fraction = 0.0  # main-phase sequences turned into passkey tasks (tasks.py)
+    c.data.repeat_fraction = 0.0  # main-phase sequences with spans written twice (copying)
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 1000
@@ -86,6 +86,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.curriculum.steps = 0  # 0: no curriculum
     c.curriculum.seq_len = 128
     c.curriculum.batch_size = 32  # global, like train.batch_size
+    # The curriculum's data mix (data.passkey_fraction / data.repeat_fraction are the main
+    # phase's), so the base can practise copying without the MC phase spending its signal on it
+    c.curriculum.passkey_fraction = 0.0
+    c.curriculum.repeat_fraction = 0.0
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: every device not used by the other axes
@@ -362,8 +366,10 @@ def _validate_curriculum(config: ml_collections.ConfigDict) -> None:
         "curriculum.steps",
         f"must be in [0, train.steps={steps}], got {cur.steps} (0 turns the curriculum off)",
     )
+    for field in ("passkey_fraction", "repeat_fraction"):
+        require(0.0 <= cur[field] <= 1.0, f"curriculum.{field}", "must be in [0, 1]")
     require(
-        cur.steps == 0 or config.data.passkey_fraction == 0 or cur.seq_len >= 128,
+        cur.steps == 0 or cur.passkey_fraction == 0 or cur.seq_len >= 128,
         "curriculum.seq_len",
         f"passkey tasks need sequences of >= 128 tokens, got {cur.seq_len}",
     )

@@ -236,9 +236,9 @@ def _stage_batches(config: ml_collections.ConfigDict, train_docs, tokenizer, aft
         config.seed,
         jax.process_index(),
         jax.process_count(),
-        config.data.passkey_fraction,
+        (cur if in_curriculum else config.data).passkey_fraction,
         tokenizer,
-        config.data.repeat_fraction,
+        (cur if in_curriculum else config.data).repeat_fraction,
         mc.min_history + mc.scored_tokens if draws_stops else 0,
     )
     return iter(dataset)
