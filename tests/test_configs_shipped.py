@@ -7,11 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from megacontext_jax.config import config_module, parse_args, validate
+from megacontext_jax.config import apply_override, config_module, parse_args, validate
 from megacontext_jax.nets.llama import sync_config
+from megacontext_jax.sweep import load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.py"))
+SWEEPS = sorted((ROOT / "configs" / "sweeps").glob("*.py"))
 NEEDS_ARG = {"imported.py"}  # get_config(hf_path): parsed below with a generated checkpoint
 
 
@@ -44,3 +46,12 @@ def test_imported_config_parses_and_fits_its_checkpoint(hf_dir):
     sync_config(config)
     validate(config)
     assert (config.model.width, config.model.depth, config.model.num_tokens) == (32, 2, 300)
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_shipped_sweep_points_are_valid_tiny_configs(path):
+    for overrides in load_sweep(str(path)):
+        config, _ = parse_args(["--config", str(ROOT / "configs" / "tiny.py")])
+        for key, value in overrides.items():
+            apply_override(config, key, str(value))
+        validate(config)

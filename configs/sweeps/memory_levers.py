@@ -1,0 +1,28 @@
+"""Issue 24's levers, one at a time against the default (``{}``), each behind its config field.
+
+    python -m megacontext_jax.sweep --config configs/tiny.py --sweep configs/sweeps/memory_levers.py \\
+        --root runs/sweep_levers [--seeds 3] [--retrieval-lengths 4,8,16,32,64]
+
+Each run is the default run (about 40 minutes on 2 idle cores) with one change:
+
+* ``mc.positions = slots``: bounded positions, every entry at its WC slot (``focus.positions``);
+* ``mc.min_history = 128``: training histories drawn from 128 to T - S tokens, not always T - S;
+* ``mc.needle_variants``: a variant that brings a passkey's digits to LOD0 in every passkey
+  sequence;
+* ``mc.loss.kl_weighting = gap``: the KL weighted by what full context gains on each token;
+* ``data.passkey_fraction / data.repeat_fraction = 0.25``: less synthetic text in the MC phase
+  (the curriculum keeps ``configs/tiny.py``'s mix);
+* ``mc.gist.depth = 0``: the mean-pooled gist baseline (``configs/tiny.py:mean_gist``).
+"""
+
+
+def sweep() -> list[dict]:
+    return [
+        {},
+        {"mc.positions": "slots"},
+        {"mc.min_history": 128},
+        {"mc.needle_variants": True},
+        {"mc.loss.kl_weighting": "gap"},
+        {"data.passkey_fraction": 0.25, "data.repeat_fraction": 0.25},
+        {"mc.gist.depth": 0, "mc.gist.pooling": "mean", "mc.gist.projection": "linear"},
+    ]
