@@ -165,6 +165,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.mc.lens.mlp_ratio = 4
 
     c.mc.allocator = ml_collections.ConfigDict()
+    # "thresholds": the edits below; "ranked": no thresholds, the best-scoring gist expands
+    # while it fits or beats the weakest collapsible group (which collapses to make room)
+    c.mc.allocator.mode = "thresholds"
     c.mc.allocator.tau_expand = 0.2  # expand a gist scoring >= tau_expand
     c.mc.allocator.tau_collapse = 0.2  # collapse K siblings whose mean score <= -tau_collapse
     c.mc.allocator.max_edits = 8  # per refocus

@@ -111,6 +111,7 @@ FIELDS: dict[str, str] = {
     "mc.lens.depth": "LensNet transformer blocks",
     "mc.lens.num_heads": "LensNet attention heads",
     "mc.lens.mlp_ratio": "LensNet MLP hidden width / width",
+    "mc.allocator.mode": "thresholds (tau_expand / tau_collapse) or ranked (best gist vs weakest group)",
     "mc.allocator.tau_expand": "expand a gist scoring >= tau_expand",
     "mc.allocator.tau_collapse": "collapse K siblings whose mean score <= -tau_collapse",
     "mc.allocator.max_edits": "edits per refocus",

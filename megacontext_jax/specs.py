@@ -20,6 +20,7 @@ from megacontext_jax.nets.specs import DTYPES, GistConfig, LensConfig
 
 LENS_WEIGHTINGS = ("uniform", "gap")
 KL_WEIGHTINGS = ("uniform", "gap")  # training.losses.gap_weights
+ALLOCATOR_MODES = ("thresholds", "ranked")  # focus.allocator
 PYRAMIDS = ("recent", "proportional")  # focus.rules.expand_priority's shapes
 
 
@@ -229,6 +230,7 @@ class AllocatorConfig:
     max_edits: int = 8
     cooldown: int = 2
     temperature: float = 0.0
+    mode: str = "thresholds"  # ALLOCATOR_MODES
 
     @classmethod
     def from_config(cls, config: Group) -> "AllocatorConfig":
@@ -242,10 +244,13 @@ class AllocatorConfig:
             max_edits=a.max_edits,
             cooldown=a.cooldown,
             temperature=a.temperature,
+            mode=a.mode,
         )
 
     @staticmethod
     def validate(a: Group) -> None:
+        modes = ALLOCATOR_MODES
+        require(a.mode in modes, "mc.allocator.mode", f"must be one of {modes}")
         positive(a, "mc.allocator", "tau_expand", "tau_collapse")
         require(a.max_edits >= 0, "mc.allocator.max_edits", "must be >= 0")
         require(a.cooldown >= 0, "mc.allocator.cooldown", "must be >= 0")

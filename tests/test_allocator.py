@@ -39,7 +39,7 @@ def _first_max(ranked):
 
 def reference_refocus(ents, scores, cooldown, num_tokens, capacity, cfg):
     """The allocator's rules, written plainly over Python lists (the spec the jit code must match)."""
-    k = cfg.block_size
+    k, ranked = cfg.block_size, cfg.mode == "ranked"
     state = {"ents": list(ents), "scores": list(scores), "cooldown": list(cooldown)}
     state["touched"] = [False] * len(ents)
     expands = collapses = 0
@@ -76,9 +76,13 @@ def reference_refocus(ents, scores, cooldown, num_tokens, capacity, cfg):
             if editable[i]
             and state["cooldown"][i] >= 0
             and ents[i][0] > 0
-            and scores[i] >= cfg.tau_expand
+            and (ranked or scores[i] >= cfg.tau_expand)
         ]
-        col = [(-means[i], i) for i in range(n) if legal[i] and means[i] <= -cfg.tau_collapse]
+        col = [
+            (-means[i], i)
+            for i in range(n)
+            if not ranked and legal[i] and means[i] <= -cfg.tau_collapse
+        ]
         e, c = _first_max(exp), _first_max(col)
         do_expand = e is not None and (c is None or e[0] >= c[0])
         skip = make_room = False
@@ -117,6 +121,7 @@ CONFIGS = [
     (AllocatorConfig(4, 3, 8, tau_expand=0.25, tau_collapse=0.25, max_edits=6, cooldown=2), 48),
     (AllocatorConfig(2, 4, 4, tau_expand=0.0, tau_collapse=0.5, max_edits=12, cooldown=0), 24),
     (AllocatorConfig(8, 2, 16, tau_expand=0.5, tau_collapse=0.0, max_edits=3, cooldown=1), 64),
+    (AllocatorConfig(4, 3, 8, max_edits=6, cooldown=2, mode="ranked"), 48),
 ]
 
 
@@ -208,6 +213,25 @@ def test_budget_collapses_to_make_room():
     # No group scores below the expansion: it is skipped rather than exceed the budget.
     out = _run(ents, [0.0, 0.0, 0.0, 0.9] + [0.95] * 8, n, capacity=capacity, tail=4)
     assert entries(out.wc) == ents
+
+
+def test_ranked_mode_trades_the_best_gist_for_the_weakest_group_whatever_the_scale():
+    ents, n = _tokens_and_gists()
+    capacity = len(ents)  # full: every expansion needs room
+    # Scores far below any threshold: gist (1, 12) at 0.02 beats the tokens 16..19 at -0.01.
+    scores = [0.0, 0.0, 0.0, 0.02, -0.01, -0.01, -0.01, -0.01] + [0.0] * 4
+    out = _run(ents, scores, n, capacity=capacity, mode="ranked", max_edits=2)
+    assert entries(out.wc)[3:8] == [(0, 12), (0, 13), (0, 14), (0, 15), (1, 16)]
+    assert (int(out.expands), int(out.collapses)) == (1, 1)
+    # The thresholds mode does nothing with those scores; nor does ranked when no group is
+    # weaker than the best gist, and it never collapses a group for its own sake.
+    assert entries(_run(ents, scores, n, capacity=capacity).wc) == ents
+    flat = [0.02] * 4 + [0.05] * 4 + [-0.9] * 4  # the coldest group sits in the tail
+    assert entries(_run(ents, flat, n, capacity=capacity, mode="ranked").wc) == ents
+    # With room to spare the best gist expands without a collapse.
+    out = _run(ents, scores, n, capacity=capacity + 3, mode="ranked", max_edits=1)
+    assert entries(out.wc)[3:7] == [(0, 12), (0, 13), (0, 14), (0, 15)]
+    assert (int(out.expands), int(out.collapses)) == (1, 0)
 
 
 def test_max_edits_and_cooldown():

@@ -10,6 +10,7 @@ Each run is the default run (about 40 minutes on 2 idle cores) with one change:
 * ``mc.needle_variants``: a variant that brings a passkey's digits to LOD0 in every passkey
   sequence;
 * ``mc.loss.kl_weighting = gap``: the KL weighted by what full context gains on each token;
+* ``mc.allocator.mode = ranked``: the best gist against the weakest group, no thresholds;
 * ``data.passkey_fraction / data.repeat_fraction = 0.25``: less synthetic text in the MC phase
   (the curriculum keeps ``configs/tiny.py``'s mix);
 * ``mc.gist.depth = 0``: the mean-pooled gist baseline (``configs/tiny.py:mean_gist``).
@@ -23,6 +24,7 @@ def sweep() -> list[dict]:
         {"mc.min_history": 128},
         {"mc.needle_variants": True},
         {"mc.loss.kl_weighting": "gap"},
+        {"mc.allocator.mode": "ranked"},
         {"data.passkey_fraction": 0.25, "data.repeat_fraction": 0.25},
         {"mc.gist.depth": 0, "mc.gist.pooling": "mean", "mc.gist.projection": "linear"},
     ]

@@ -1,10 +1,16 @@
 """The Focus Allocator: turns LensNet scores into legal expand/collapse edits (DESIGN section 8).
 
-Deterministic and jit-able (fixed shapes; the edit loop is a ``lax.while_loop``). Candidates:
+Deterministic and jit-able (fixed shapes; the edit loop is a ``lax.while_loop``). Candidates, in
+the ``thresholds`` mode:
 
 * expand gist i (replace it by its K children) if ``score[i] >= tau_expand``;
 * collapse K aligned siblings ``i .. i + K - 1`` (replace them by their parent) if their mean score
   is ``<= -tau_collapse``.
+
+The ``ranked`` mode has no thresholds, so the scale of the scores does not matter (a LensNet
+prior that keeps them small fights fixed thresholds): every gist is a candidate for expansion
+and no group collapses on its own, so the best gist expands while it fits, or while it outscores
+the weakest collapsible group, which collapses to make room (the rule below).
 
 Edits are applied one at a time in order of |score|, each keeping every WC invariant: nothing in the
 recent tail is touched, an entry created or changed in this refocus is not edited again (no
@@ -72,6 +78,7 @@ def refocus(
 ) -> RefocusResult:
     """Applies up to ``cfg.max_edits`` edits to ``wc`` given ``scores [W]`` in [-1, 1]."""
     k, capacity = cfg.block_size, wc.capacity
+    ranked = cfg.mode == "ranked"
     if key is None:
         key = jax.random.key(0)
 
@@ -88,8 +95,9 @@ def refocus(
         expand_p, legal, mean = _candidates(
             wc, scores, editable & (cooldown >= 0), editable & (cooldown <= 0), cfg
         )
-        expand_rank = jnp.where(expand_p >= cfg.tau_expand, expand_p + noise(k1, (capacity,)), NEG)
-        collapse_ok = legal & (mean <= -cfg.tau_collapse)
+        expand_ok = expand_p > NEG if ranked else expand_p >= cfg.tau_expand
+        expand_rank = jnp.where(expand_ok, expand_p + noise(k1, (capacity,)), NEG)
+        collapse_ok = legal & (mean <= -cfg.tau_collapse) & (not ranked)
         collapse_rank = jnp.where(collapse_ok, -mean + noise(k2, (capacity,)), NEG)
         e, c = jnp.argmax(expand_rank), jnp.argmax(collapse_rank)
         has_e, has_c = expand_rank[e] > NEG, collapse_rank[c] > NEG
