@@ -3,6 +3,7 @@
     python benchmarks/attention.py                   # the full table (T = 4K..32K, Dh 64 and 128)
     python benchmarks/attention.py --quick           # T = 4K only
     python benchmarks/attention.py --out results.json
+    python benchmarks/attention.py --tiles           # tile-list tightness only (no GPU needed)
 
 Every row is measured in this one run, side by side, bf16, batch 1, 16 heads:
   * forward and forward+backward TFLOP/s (causal FLOPs: 2 matmuls x T^2/2 x Dh x heads, x2.5
@@ -14,9 +15,14 @@ Every row is measured in this one run, side by side, bf16, batch 1, 16 heads:
 Before timing, each implementation's output is checked against the float32 reference at T=1K
 (relative error printed). A failure in one implementation is reported in its row and the run goes
 on. Without a GPU it says so and exits 0.
+
+``--tiles`` prints, for the same pyramid and the forward and backward tiles, how many tile pairs
+the block-sparse lists (``kernels.tiles``) visit, partial and full, against the pairs that hold a
+visible pair, counted exactly from the dense mask one query tile at a time.
 """
 
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -27,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels.mask import visible
 from kernels.mixed_attention import (
     BlockSizes,
     Entries,
@@ -34,6 +41,7 @@ from kernels.mixed_attention import (
     mixed_attention,
     mixed_attention_reference,
 )
+from kernels.tiles import EMPTY, FULL, key_tile_bounds, query_tile_bounds, tile_kinds
 
 HEADS = 16
 BLOCKS = BlockSizes(block_q=128, block_k=64, block_q_bwd=64, block_k_bwd=64)
@@ -156,12 +164,73 @@ def pyramid_vs_dense(n: int = 65536, k: int = 32, levels: int = 3, window: int =
     return out
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _tile_visibility(meta: Entries, spec: MaskSpec, bq: int, bk: int):
+    """``[nq, nk]`` whether some / every pair of each tile pair of batch row 0 is visible."""
+    nq, nk = meta.lod.shape[1] // bq, meta.lod.shape[1] // bk
+
+    def one_tile(q_end):
+        mask = visible(q_end, meta.lod[0], meta.start[0], meta.end[0], meta.valid[0], spec)
+        tiles = mask.reshape(bq, nk, bk)
+        return tiles.any((0, 2)), tiles.all((0, 2))
+
+    return jax.lax.map(one_tile, meta.end[0].reshape(nq, bq))
+
+
+def tile_report(
+    n: int = 65536, k: int = 32, levels: int = 3, window: int = 512, blocks: BlockSizes = BLOCKS
+) -> list[dict]:
+    """Listed vs needed tile pairs of the pyramid for the forward and backward tile sizes.
+
+    ``needed``: pairs holding a visible pair; ``all_visible``: pairs whose every pair is visible
+    (what a perfect pre-pass would list as full). Exact, from ``kernels.mask.visible`` one query
+    tile at a time, so memory stays at one ``[block_q, T]`` mask.
+    """
+    meta = pyramid_meta(n, k, levels)
+    spec = MaskSpec("pyramid", window=window, block_size=k, max_level=levels)
+    t = meta.lod.shape[1]
+    rows = []
+    for phase, bq, bk in (
+        ("fwd", blocks.block_q, blocks.block_k),
+        ("bwd", blocks.block_q_bwd, blocks.block_k_bwd),
+    ):
+        if t % bq or t % bk:
+            raise ValueError(f"{t} entries are not whole tiles of {bq} x {bk}")
+        nq, nk = t // bq, t // bk
+        kinds = tile_kinds(query_tile_bounds(meta.end, bq), key_tile_bounds(meta, bk), spec)
+        kinds = np.asarray(kinds)[0, :nq, :nk]
+        start = time.perf_counter()
+        some, every = (np.asarray(x) for x in _tile_visibility(meta, spec, bq, bk))
+        row = {
+            "N": n,
+            "entries": t,
+            "phase": phase,
+            "tiles": f"{bq}x{bk}",
+            "listed": int((kinds != EMPTY).sum()),
+            "listed_full": int((kinds == FULL).sum()),
+            "needed": int(some.sum()),
+            "all_visible": int(every.sum()),
+            "causal": nq * nk // 2,
+            "unsound": int((some & (kinds == EMPTY)).sum()),  # needed but not listed: a bug
+            "exact_count_s": round(time.perf_counter() - start, 1),
+        }
+        row["listed_per_needed"] = round(row["listed"] / row["needed"], 3)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="T = 4K only, head dim 128")
     p.add_argument("--skip-pyramid", action="store_true")
     p.add_argument("--out", help="also write the results as JSON here")
+    p.add_argument("--tiles", action="store_true", help="only the tile-list tightness report")
+    p.add_argument("--tiles-n", type=int, default=65536, help="tokens of the --tiles pyramid")
     args = p.parse_args()
+    if args.tiles:
+        tile_report(args.tiles_n)
+        return
     if jax.default_backend() != "gpu":
         print(f"no GPU (backend {jax.default_backend()!r}): nothing to time")
         return

@@ -9,9 +9,10 @@ float32; GQA maps query head h to key head ``h // (Hq // Hkv)``. A query that se
 zeros.
 
 Here the inputs are checked and padded (lengths to whole tiles, each rotary half to a power of
-two) and the kernels wrapped in a ``custom_vjp``; the layers below are ``kernels.tiles`` (which
-tiles may see anything), ``kernels.mixed_kernels`` (the kernel bodies) and
-``kernels.mixed_launch`` (their ``pallas_call`` launches).
+two) and the kernels wrapped in a ``custom_vjp``; the layers below are ``kernels.tiles`` (the
+block-sparse tile lists: which tiles are visited, with or without a mask),
+``kernels.mixed_kernels`` (the kernel bodies) and ``kernels.mixed_launch`` (their ``pallas_call``
+launches).
 """
 
 import functools

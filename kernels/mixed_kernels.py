@@ -2,18 +2,20 @@
 
 Three kernels, each one program per (tile, batch row, query head):
 
-* ``fwd_kernel``: one query tile against the key tiles of its visit range; online softmax,
-  writes the output and the log-sum-exp (``inf`` for a query that sees no key, whose output is 0).
-* ``dkdv_kernel``: one key tile against the query tiles of its visit range; dk and dv per query
-  head (GQA groups are summed by the caller).
+* ``fwd_kernel``: one query tile against the key tiles of its list; online softmax, writes the
+  output and the log-sum-exp (``inf`` for a query that sees no key, whose output is 0).
+* ``dkdv_kernel``: one key tile against the query tiles of its list; dk and dv per query head
+  (GQA groups are summed by the caller).
 * ``dq_kernel``: one query tile against its key tiles, as the forward.
 
-Each visits only the tiles of its range that ``kernels.tiles.tile_may_see`` and masks pairs with
-``kernels.mask.visible``. With ``rope=True`` the kernels rotate q and k themselves (Gaussian RoPE
-from ``mu`` / ``sigma``, half-split pairs as ``kernels.rope``), else q and k come rotated. Logits,
-softmax and accumulation are float32; matmul operands are in the input dtype (bf16 feeds the matrix
-units). Inputs come padded by ``kernels.mixed_attention``: lengths to whole tiles, each rotary
-half to a power of two; ``kernels.mixed_launch`` builds the grids and blocks.
+Each program walks its row of the block-sparse tile lists (``kernels.tiles.TileLists``) in two
+loops with no conditional inside: the partial tiles, masked pair by pair with
+``kernels.mask.visible``, then the full tiles with no mask arithmetic at all. With ``rope=True``
+the kernels rotate q and k themselves (Gaussian RoPE from ``mu`` / ``sigma``, half-split pairs as
+``kernels.rope``), else q and k come rotated. Logits, softmax and accumulation are float32; matmul
+operands are in the input dtype (bf16 feeds the matrix units). Inputs come padded by
+``kernels.mixed_attention``: lengths to whole tiles, each rotary half to a power of two;
+``kernels.mixed_launch`` builds the grids and blocks.
 """
 
 import dataclasses
@@ -24,7 +26,6 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from kernels.mask import MaskSpec, visible
-from kernels.tiles import KEY_FIELDS, tile_may_see
 
 NEG_INF = float("-inf")
 
@@ -123,48 +124,54 @@ def _key_mask(q_end, k_meta_refs, cols, spec):
     return visible(q_end, lod_ref[cols], start_ref[cols], end_ref[cols], valid_ref[cols] > 0, spec)
 
 
-def _tile(kt_ref, j):
-    return tuple(kt_ref[f, j] for f in range(KEY_FIELDS))
+def _walk(list_ref, count_ref, visit, init):
+    """``visit(tile, carry, masked)`` over this program's list: its partial tiles with the mask,
+    then its full tiles without (``kernels.tiles``: no conditional inside either loop)."""
+    t = pl.program_id(0)
+    n_partial, n_listed = count_ref[0, t], count_ref[1, t]
+
+    def body(masked):
+        return lambda n, carry: visit(list_ref[n], carry, masked)
+
+    carry = jax.lax.fori_loop(0, n_partial, body(True), init)
+    return jax.lax.fori_loop(n_partial, n_listed, body(False), carry)
 
 
 def fwd_kernel(
     q_ref, k_ref, v_ref, qe_ref, qmu_ref, qsig_ref, kl_ref, ks_ref, ke_ref, kv_ref, kmu_ref,
-    ksig_ref, kt_ref, range_ref, o_ref, lse_ref, *, cfg: KernelConfig
+    ksig_ref, list_ref, count_ref, o_ref, lse_ref, *, cfg: KernelConfig
 ):  # fmt: skip
     """Output ``o [bq, Dv]`` and log-sum-exp ``lse [bq]`` of one query tile (refs: q tile; all
-    of k, v and key metadata; the key tile bounds; this batch row's query-tile visit ranges)."""
+    of k, v and key metadata; this tile's key-tile list; this batch row's query-tile counts)."""
     bq, bk = cfg.blocks.block_q, cfg.blocks.block_k
     rows = pl.ds(0, bq)
     qs, _ = _load(q_ref, rows, (qmu_ref, qsig_ref), cfg)
     q_end = qe_ref[rows]
-    q_min, q_max = jnp.min(q_end), jnp.max(q_end)
     dv = v_ref.shape[-1]
 
-    def body(j, carry):
-        def visit(carry):
-            o, m, l = carry
-            cols = pl.ds(j * bk, bk)
-            ks, _ = _load(k_ref, cols, (kmu_ref, ksig_ref), cfg)
+    def visit(j, carry, masked):
+        o, m, l = carry
+        cols = pl.ds(j * bk, bk)
+        ks, _ = _load(k_ref, cols, (kmu_ref, ksig_ref), cfg)
+        s = _logits(qs, ks, cfg)
+        if masked:
             mask = _key_mask(q_end, (kl_ref, ks_ref, ke_ref, kv_ref), cols, cfg.spec)
-            s = jnp.where(mask, _logits(qs, ks, cfg), NEG_INF)
-            m_next = jnp.maximum(m, jnp.max(s, axis=1))
-            m_safe = jnp.where(m_next == NEG_INF, 0.0, m_next)
-            correction = jnp.exp(m - m_safe)
-            p = jnp.exp(s - m_safe[:, None])
-            v = v_ref[cols, :]
-            o = o * correction[:, None] + _dot_nn(p, v, cfg.dtype)
-            return o, m_next, l * correction + jnp.sum(p, axis=1)
-
-        may = tile_may_see(q_min, q_max, _tile(kt_ref, j), cfg.spec)
-        return jax.lax.cond(may, visit, lambda c: c, carry)
+            s = jnp.where(mask, s, NEG_INF)
+        m_next = jnp.maximum(m, jnp.max(s, axis=1))
+        # Only a masked tile can leave a row's max at -inf: every row sees a key of a full tile.
+        m_safe = jnp.where(m_next == NEG_INF, 0.0, m_next) if masked else m_next
+        correction = jnp.exp(m - m_safe)
+        p = jnp.exp(s - m_safe[:, None])
+        v = v_ref[cols, :]
+        o = o * correction[:, None] + _dot_nn(p, v, cfg.dtype)
+        return o, m_next, l * correction + jnp.sum(p, axis=1)
 
     init = (
         jnp.zeros((bq, dv), jnp.float32),
         jnp.full((bq,), NEG_INF, jnp.float32),
         jnp.zeros((bq,), jnp.float32),
     )
-    i = pl.program_id(0)
-    o, m, l = jax.lax.fori_loop(range_ref[0, i], range_ref[1, i], body, init)
+    o, m, l = _walk(list_ref, count_ref, visit, init)
     seen = l > 0
     o_ref[...] = (o / jnp.where(seen, l, 1.0)[:, None]).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), jnp.inf)
@@ -172,71 +179,63 @@ def fwd_kernel(
 
 def dkdv_kernel(
     q_ref, k_ref, v_ref, qe_ref, qmu_ref, qsig_ref, kl_ref, ks_ref, ke_ref, kv_ref, kmu_ref,
-    ksig_ref, kt_ref, qt_ref, range_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
+    ksig_ref, list_ref, count_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
     cfg: KernelConfig,
 ):  # fmt: skip
     """dk, dv ``[bk, .]`` of one key tile for one query head (refs: all of q, its metadata, do,
-    lse and ``delta = sum(out * do)``; the key tile; both tile bounds; the key-tile ranges)."""
+    lse and ``delta = sum(out * do)``; the key tile; its query-tile list; the key-tile counts)."""
     bq, bk = cfg.blocks.block_q_bwd, cfg.blocks.block_k_bwd
-    j = pl.program_id(0)
     cols = pl.ds(0, bk)
     ks, k_tables = _load(k_ref, cols, (kmu_ref, ksig_ref), cfg)
     v = v_ref[cols, :].astype(jnp.float32)
-    kt = _tile(kt_ref, j)
 
-    def body(i, carry):
-        def visit(carry):
-            dks, dv = carry
-            rows = pl.ds(i * bq, bq)
-            qs, _ = _load(q_ref, rows, (qmu_ref, qsig_ref), cfg)
+    def visit(i, carry, masked):
+        dks, dv = carry
+        rows = pl.ds(i * bq, bq)
+        qs, _ = _load(q_ref, rows, (qmu_ref, qsig_ref), cfg)
+        s = _logits(qs, ks, cfg)
+        if masked:
             mask = _key_mask(qe_ref[rows], (kl_ref, ks_ref, ke_ref, kv_ref), cols, cfg.spec)
-            s = jnp.where(mask, _logits(qs, ks, cfg), NEG_INF)
-            p = jnp.exp(s - lse_ref[rows][:, None])  # [bq, bk]
-            do = do_ref[rows, :].astype(jnp.float32)
-            dv = dv + _dot_nn(p.T, do, cfg.dtype)
-            ds = p * (_dot(do, v, cfg.dtype) - delta_ref[rows][:, None]) * cfg.scale
-            return [dk + _dot_nn(ds.T, x, cfg.dtype) for dk, x in zip(dks, qs, strict=True)], dv
-
-        may = tile_may_see(qt_ref[0, i], qt_ref[1, i], kt, cfg.spec)
-        return jax.lax.cond(may, visit, lambda c: c, carry)
+            s = jnp.where(mask, s, NEG_INF)
+        p = jnp.exp(s - lse_ref[rows][:, None])  # [bq, bk]
+        do = do_ref[rows, :].astype(jnp.float32)
+        dv = dv + _dot_nn(p.T, do, cfg.dtype)
+        ds = p * (_dot(do, v, cfg.dtype) - delta_ref[rows][:, None]) * cfg.scale
+        return [dk + _dot_nn(ds.T, x, cfg.dtype) for dk, x in zip(dks, qs, strict=True)], dv
 
     init = (
         [jnp.zeros(x.shape, jnp.float32) for x in ks],
         jnp.zeros((bk, v_ref.shape[-1]), jnp.float32),
     )
-    dks, dv = jax.lax.fori_loop(range_ref[0, j], range_ref[1, j], body, init)
+    dks, dv = _walk(list_ref, count_ref, visit, init)
     _store(dk_ref, _unrotate(dks, k_tables))
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
 def dq_kernel(
     q_ref, k_ref, v_ref, qe_ref, qmu_ref, qsig_ref, kl_ref, ks_ref, ke_ref, kv_ref, kmu_ref,
-    ksig_ref, kt_ref, range_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg: KernelConfig
+    ksig_ref, list_ref, count_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg: KernelConfig
 ):  # fmt: skip
     """dq ``[bq, Dh]`` of one query tile (refs as the forward's, with its do, lse and delta)."""
     bq, bk = cfg.blocks.block_q_bwd, cfg.blocks.block_k_bwd
     rows = pl.ds(0, bq)
     qs, q_tables = _load(q_ref, rows, (qmu_ref, qsig_ref), cfg)
     q_end = qe_ref[rows]
-    q_min, q_max = jnp.min(q_end), jnp.max(q_end)
     do = do_ref[rows, :].astype(jnp.float32)
     lse, delta = lse_ref[rows], delta_ref[rows]
 
-    def body(j, dqs):
-        def visit(dqs):
-            cols = pl.ds(j * bk, bk)
-            ks, _ = _load(k_ref, cols, (kmu_ref, ksig_ref), cfg)
+    def visit(j, dqs, masked):
+        cols = pl.ds(j * bk, bk)
+        ks, _ = _load(k_ref, cols, (kmu_ref, ksig_ref), cfg)
+        s = _logits(qs, ks, cfg)
+        if masked:
             mask = _key_mask(q_end, (kl_ref, ks_ref, ke_ref, kv_ref), cols, cfg.spec)
-            s = jnp.where(mask, _logits(qs, ks, cfg), NEG_INF)
-            p = jnp.exp(s - lse[:, None])
-            v = v_ref[cols, :]
-            ds = p * (_dot(do, v, cfg.dtype) - delta[:, None]) * cfg.scale
-            return [dq + _dot_nn(ds, x, cfg.dtype) for dq, x in zip(dqs, ks, strict=True)]
-
-        may = tile_may_see(q_min, q_max, _tile(kt_ref, j), cfg.spec)
-        return jax.lax.cond(may, visit, lambda c: c, dqs)
+            s = jnp.where(mask, s, NEG_INF)
+        p = jnp.exp(s - lse[:, None])
+        v = v_ref[cols, :]
+        ds = p * (_dot(do, v, cfg.dtype) - delta[:, None]) * cfg.scale
+        return [dq + _dot_nn(ds, x, cfg.dtype) for dq, x in zip(dqs, ks, strict=True)]
 
     init = [jnp.zeros(x.shape, jnp.float32) for x in qs]
-    i = pl.program_id(0)
-    dqs = jax.lax.fori_loop(range_ref[0, i], range_ref[1, i], body, init)
+    dqs = _walk(list_ref, count_ref, visit, init)
     _store(dq_ref, _unrotate(dqs, q_tables))

@@ -1,10 +1,11 @@
 """The ``pallas_call`` launchers of the mixed-attention kernels (DESIGN section 6).
 
-``forward`` and ``backward`` run the tile-bounds pre-pass (``kernels.tiles``) and launch the
+``forward`` and ``backward`` run the tile-list pre-pass (``kernels.tiles``) and launch the
 kernels of ``kernels.mixed_kernels`` on grids ``(tiles, B, Hq)``: the forward and dq walk query
-tiles, dk/dv key tiles. A program's own tile comes in a block; the other side (all keys, or all
-queries for dk/dv) comes whole, and the kernel slices the tiles of its visit range out of it. GQA:
-query head h reads key head ``h // (Hq // Hkv)``. Interpreted on CPU, compiled for Triton elsewhere.
+tiles, dk/dv key tiles. A program's own tile and its own row of the tile lists come in blocks, the
+list counts of its batch row whole; the other side (all keys, or all queries for dk/dv) comes
+whole, and the kernel slices the listed tiles out of it. GQA: query head h reads key head
+``h // (Hq // Hkv)``. Interpreted on CPU, compiled for Triton elsewhere.
 
 Inputs come padded by ``kernels.mixed_attention``: lengths to whole tiles of both the forward and
 the backward block sizes, each rotary half of the head dim to a power of two, metadata ``[B, T]``.
@@ -18,7 +19,7 @@ from jax.experimental import pallas as pl
 
 from kernels.mask import Entries
 from kernels.mixed_kernels import BlockSizes, KernelConfig, dkdv_kernel, dq_kernel, fwd_kernel
-from kernels.tiles import KEY_ROWS, key_tile_bounds, query_tile_bounds, visit_ranges
+from kernels.tiles import TileLists, key_tile_bounds, query_tile_bounds, tile_kinds, tile_lists
 
 
 def _compiler_params(blocks: BlockSizes, interpret: bool):
@@ -38,6 +39,15 @@ def _meta_arrays(meta: Entries) -> list[jax.Array]:
         meta.valid.astype(jnp.int32),
         meta.mu.astype(jnp.float32),
         meta.sigma.astype(jnp.float32),
+    ]
+
+
+def _list_specs(lists: TileLists) -> list[pl.BlockSpec]:
+    """BlockSpecs of a program's own list row and of its batch row's counts (grid ``(n, B, Hq)``)."""
+    n, n_other = lists.lists.shape[1:]
+    return [
+        pl.BlockSpec((None, None, n_other), lambda t, b, h: (b, t, 0)),
+        pl.BlockSpec((None, 2, n), lambda t, b, h: (b, 0, 0)),
     ]
 
 
@@ -90,14 +100,9 @@ def forward(
     tk, hkv, dvp = k.shape[1], k.shape[2], v.shape[-1]
     bq = cfg.blocks.block_q
     kt = key_tile_bounds(k_meta, cfg.blocks.block_k)
-    q_ranges, _ = visit_ranges(query_tile_bounds(q_meta.end, bq), kt, cfg.spec)
-    nk, nq = kt.shape[-1], q_ranges.shape[-1]
+    lists = tile_lists(tile_kinds(query_tile_bounds(q_meta.end, bq), kt, cfg.spec))
     q_arrays = [q_meta.end, q_meta.mu.astype(jnp.float32), q_meta.sigma.astype(jnp.float32)]
-    in_specs = [
-        *_specs(cfg, tq, tk, dp, dvp, hq // hkv, bq, grid_q=True),
-        pl.BlockSpec((None, KEY_ROWS, nk), lambda i, b, h: (b, 0, 0)),
-        pl.BlockSpec((None, 2, nq), lambda i, b, h: (b, 0, 0)),
-    ]
+    in_specs = [*_specs(cfg, tq, tk, dp, dvp, hq // hkv, bq, grid_q=True), *_list_specs(lists)]
     return pl.pallas_call(
         functools.partial(fwd_kernel, cfg=cfg),
         grid=(tq // bq, b, hq),
@@ -113,7 +118,7 @@ def forward(
         interpret=interpret,
         compiler_params=_compiler_params(cfg.blocks, interpret),
         name="mixed_attention_fwd",
-    )(q, k, v, *q_arrays, *_meta_arrays(k_meta), kt, q_ranges)
+    )(q, k, v, *q_arrays, *_meta_arrays(k_meta), *lists)
 
 
 def backward(
@@ -135,12 +140,10 @@ def backward(
     group = hq // hkv
     bq, bk = cfg.blocks.block_q_bwd, cfg.blocks.block_k_bwd
     delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), do.astype(jnp.float32))
-    kt = key_tile_bounds(k_meta, bk)
-    qt = query_tile_bounds(q_meta.end, bq)
-    q_ranges, k_ranges = visit_ranges(qt, kt, cfg.spec)
+    kinds = tile_kinds(query_tile_bounds(q_meta.end, bq), key_tile_bounds(k_meta, bk), cfg.spec)
+    q_lists, k_lists = tile_lists(kinds), tile_lists(jnp.swapaxes(kinds, 1, 2))
     q_arrays = [q_meta.end, q_meta.mu.astype(jnp.float32), q_meta.sigma.astype(jnp.float32)]
     k_arrays = _meta_arrays(k_meta)
-    nk, nq = kt.shape[-1], qt.shape[-1]
 
     # dk, dv: one program per key tile and query head; GQA groups are summed afterwards.
     specs = _specs(cfg, tq, tk, dp, dvp, group, bq, grid_q=False)
@@ -150,9 +153,7 @@ def backward(
         grid=(tk // bk, b, hq),
         in_specs=[
             *specs,
-            pl.BlockSpec((None, KEY_ROWS, nk), lambda j, b, h: (b, 0, 0)),
-            pl.BlockSpec((None, 2, nq), lambda j, b, h: (b, 0, 0)),
-            pl.BlockSpec((None, 2, nk), lambda j, b, h: (b, 0, 0)),
+            *_list_specs(k_lists),
             pl.BlockSpec((None, tq, None, dvp), lambda j, b, h: (b, 0, h, 0)),
             pl.BlockSpec((None, None, tq), lambda j, b, h: (b, h, 0)),
             pl.BlockSpec((None, None, tq), lambda j, b, h: (b, h, 0)),
@@ -168,7 +169,7 @@ def backward(
         interpret=interpret,
         compiler_params=_compiler_params(cfg.blocks, interpret),
         name="mixed_attention_dkdv",
-    )(q, k, v, *q_arrays, *k_arrays, kt, qt, k_ranges, do, lse, delta)
+    )(q, k, v, *q_arrays, *k_arrays, *k_lists, do, lse, delta)
     dk = dk.reshape(b, tk, hkv, group, dp).sum(3).astype(k.dtype)
     dv = dv.reshape(b, tk, hkv, group, dvp).sum(3).astype(v.dtype)
 
@@ -178,8 +179,7 @@ def backward(
         grid=(tq // bq, b, hq),
         in_specs=[
             *specs,
-            pl.BlockSpec((None, KEY_ROWS, nk), lambda i, b, h: (b, 0, 0)),
-            pl.BlockSpec((None, 2, nq), lambda i, b, h: (b, 0, 0)),
+            *_list_specs(q_lists),
             pl.BlockSpec((None, bq, None, dvp), lambda i, b, h: (b, i, h, 0)),
             pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i)),
             pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i)),
@@ -189,5 +189,5 @@ def backward(
         interpret=interpret,
         compiler_params=_compiler_params(cfg.blocks, interpret),
         name="mixed_attention_dq",
-    )(q, k, v, *q_arrays, *k_arrays, kt, q_ranges, do, lse, delta)
+    )(q, k, v, *q_arrays, *k_arrays, *q_lists, do, lse, delta)
     return dq, dk, dv

@@ -4,7 +4,6 @@ The same suite runs interpreted on CPU and compiled on a GPU (``interpret`` is c
 backend); compiled float32 dots may use TF32, hence the looser tolerance there.
 """
 
-import itertools
 import zlib
 
 import jax
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 
 import kernels
-from kernels.mask import visible
+from kernels.mask import FAR, visible
 from kernels.mixed_attention import (
     BlockSizes,
     Entries,
@@ -22,7 +21,16 @@ from kernels.mixed_attention import (
     mixed_attention,
     mixed_attention_reference,
 )
-from kernels.tiles import KEY_FIELDS, key_tile_bounds, query_tile_bounds, tile_may_see
+from kernels.tiles import (
+    EMPTY,
+    FULL,
+    PARTIAL,
+    TileLists,
+    key_tile_bounds,
+    query_tile_bounds,
+    tile_kinds,
+    tile_lists,
+)
 from megacontext_jax.focus.rules import recency_pyramid
 from megacontext_jax.focus.working_context import entries
 from megacontext_jax.nets.specs import ModelConfig
@@ -47,10 +55,12 @@ def _wc_meta(rng, batch: int, capacity: int) -> Entries:
     return Entries.make(lod, start, valid, K)
 
 
-def _pyramid_meta(batch: int, num_tokens: int, max_level: int, rng) -> Entries:
-    """Every token and complete gist of a sequence, in a random order (the mask reads metadata)."""
+def _pyramid_meta(batch: int, num_tokens: int, max_level: int, rng=None) -> Entries:
+    """Every token and complete gist of a sequence, in a random order (the mask reads metadata),
+    or without ``rng`` level-major (each level in time order, finest first)."""
     nodes = [(l, i * K**l) for l in range(max_level + 1) for i in range(num_tokens // K**l)]
-    rows = np.array([[nodes[i] for i in rng.permutation(len(nodes))] for _ in range(batch)])
+    order = lambda: rng.permutation(len(nodes)) if rng is not None else range(len(nodes))
+    rows = np.array([[nodes[i] for i in order()] for _ in range(batch)])
     valid = np.ones(rows.shape[:2], bool)
     return Entries.make(rows[..., 0], rows[..., 1], valid, K)
 
@@ -72,6 +82,13 @@ def _case(mask: str, rng, batch: int = 2) -> tuple[Entries, Entries, MaskSpec]:
     if mask == "decode":
         queries, keys = _decode_meta(rng, batch, 45, 5)
         return queries, keys, MaskSpec("decode")
+    if mask == "key_holes":  # invalid keys amid valid ones, as in a cache with freed slots
+        meta = Entries.tokens(batch, 64)
+        meta.valid = jnp.broadcast_to(jnp.arange(64) % 23 != 5, (batch, 64))
+        return meta, meta, MaskSpec("wc_causal")
+    if mask == "pyramid_level_major":  # a wide window over a time-ordered layout: full tiles
+        meta = _pyramid_meta(batch, 64, 2)
+        return meta, meta, MaskSpec("pyramid", window=32, block_size=K, max_level=2)
     meta = _pyramid_meta(batch, 44, 2, rng)
     return meta, meta, MaskSpec("pyramid", window=6, block_size=K, max_level=2)
 
@@ -90,6 +107,7 @@ GRID = [
     ("decode", (4, 1), 16, True),
     ("pyramid", (4, 2), 16, True),
     ("pyramid", (3, 3), 8, False),
+    ("pyramid_level_major", (2, 1), 16, True),
 ]
 
 
@@ -164,31 +182,82 @@ def test_pyramid_sees_one_representation_of_each_past_region():
         assert all(lod[i] == 0 for i in recent)  # the newest window tokens are raw tokens
 
 
-def test_tile_bounds_are_sound_and_skip_most_pyramid_tiles():
+def _kinds_of(lists: TileLists) -> np.ndarray:
+    """The ``[B, n, n_other]`` kinds that ``lists`` encode, checking their order and padding."""
+    rows, counts = np.asarray(lists.lists), np.asarray(lists.counts)
+    kinds = np.full(rows.shape, EMPTY)
+    for b, t in np.ndindex(counts.shape[0], counts.shape[2]):
+        partial, listed = counts[b, :, t]
+        row = rows[b, t]
+        for kind, group in ((PARTIAL, row[:partial]), (FULL, row[partial:listed])):
+            assert (np.diff(group) > 0).all(), (b, t, row)  # ascending, each tile once
+            assert (kinds[b, t, group] == EMPTY).all(), (b, t, row)  # in one group only
+            kinds[b, t, group] = kind
+        assert (row[listed:] == 0).all(), (b, t, row)
+    return kinds
+
+
+def _checked_kinds(q_meta, k_meta, spec, bq: int, bk: int) -> tuple[np.ndarray, np.ndarray]:
+    """Tile kinds of the metadata padded as ``mixed_attention`` pads it, and which tile pairs
+    hold a visible pair, after checking the lists against the dense mask:
+
+    * both sides' lists encode the same kind matrix, and the power-of-two padding is empty;
+    * sound: a tile pair holding a visible pair is listed (partial or full);
+    * exact for full tiles: every pair of a full tile is visible;
+    * a partial tile has a pair not visible, or (pyramid only) a key tile mixing levels, the one
+      case ``tile_sees_all`` does not prove.
+    """
+    tq = -(-q_meta.lod.shape[1] // bq) * bq
+    tk = -(-k_meta.lod.shape[1] // bk) * bk
+    nq, nk = tq // bq, tk // bk
+
+    @jax.jit  # one compiled pass: op by op, the eager dispatch would take seconds
+    def prepass(q_meta, k_meta):
+        qp, kp = _pad_meta(q_meta, tq, -1), _pad_meta(k_meta, tk, FAR)
+        mask = visible(qp.end, kp.lod, kp.start, kp.end, kp.valid, spec)
+        tiles = mask.reshape(mask.shape[0], nq, bq, nk, bk)
+        kt = key_tile_bounds(kp, bk)
+        kinds = tile_kinds(query_tile_bounds(qp.end, bq), kt, spec)
+        lists = tile_lists(kinds), tile_lists(jnp.swapaxes(kinds, 1, 2))
+        return tiles.any((2, 4)), tiles.all((2, 4)), kt, lists
+
+    some, every, kt, (q_lists, k_lists) = jax.device_get(prepass(q_meta, k_meta))
+    by_query = _kinds_of(q_lists)
+    np.testing.assert_array_equal(by_query, _kinds_of(k_lists).mT)
+    assert (by_query[:, nq:] == EMPTY).all() and (by_query[:, :, nk:] == EMPTY).all()
+    listed = by_query[:, :nq, :nk]
+    assert not (some & (listed == EMPTY)).any(), np.argwhere(some & (listed == EMPTY))
+    assert not (~every & (listed == FULL)).any(), np.argwhere(~every & (listed == FULL))
+    lods = kt[:, 4:6, None, :nk]  # min and max lod of each key tile
+    provable = (lods[:, 0] == lods[:, 1]) | (spec.kind != "pyramid")
+    missed = every & provable & (listed == PARTIAL)
+    assert not missed.any(), np.argwhere(missed)
+    return listed, some
+
+
+@pytest.mark.parametrize(
+    "mask", ["wc_causal", "decode", "key_holes", "pyramid", "pyramid_level_major"]
+)
+def test_tile_lists_are_sound_and_exact_for_full_tiles(mask):
+    q_meta, k_meta, spec = _case(mask, np.random.default_rng(4))
+    for bq, bk in ((BLOCKS.block_q, BLOCKS.block_k), (BLOCKS.block_q_bwd, BLOCKS.block_k_bwd)):
+        listed, _ = _checked_kinds(q_meta, k_meta, spec, bq, bk)
+        if mask not in ("decode", "pyramid"):  # both kernel loops have tiles to walk
+            assert (listed == FULL).any() and (listed == PARTIAL).any()
+        if mask == "decode":  # padded query rows see nothing: their tiles are never full
+            assert not (listed == FULL).any()
+
+
+def test_tile_lists_skip_most_pyramid_tiles():
     spec = MaskSpec("pyramid", window=16, block_size=K, max_level=3)
-    n = 1024
-    nodes = [(l, i * K**l) for l in range(4) for i in range(n // K**l)]  # level-major layout
-    lod, start = np.array(nodes).T
-    meta = Entries.make(lod[None], start[None], np.ones((1, len(nodes)), bool), K)
-    block = 32
-    padded = _pad_meta(meta, -(-len(nodes) // block) * block, 1 << 30)
-    mask = np.asarray(
-        visible(padded.end, padded.lod, padded.start, padded.end, padded.valid, spec)
-    )[0]
-    kt, qt = (
-        np.asarray(key_tile_bounds(padded, block))[0],
-        np.asarray(query_tile_bounds(padded.end, block))[0],
-    )
-    tiles = kt.shape[-1]
-    visited = needed = 0
-    for i, j in itertools.product(range(tiles), range(tiles)):
-        may = bool(tile_may_see(qt[0, i], qt[1, i], tuple(kt[:KEY_FIELDS, j]), spec))
-        any_visible = mask[i * block : (i + 1) * block, j * block : (j + 1) * block].any()
-        assert may or not any_visible, (i, j)  # sound: a tile with a visible pair is visited
-        visited += may
-        needed += any_visible
-    print(f"visited {visited}, needed {needed}, causal {tiles * (tiles + 1) // 2}")
-    assert visited <= 1.2 * needed  # tight: the bounds visit little beyond the needed tiles
+    meta = _pyramid_meta(1, 1024, 3)
+    for block in (32, 8):
+        listed, some = _checked_kinds(meta, meta, spec, block, block)
+        tiles = listed.shape[-1]
+        visits, needed, full = (listed != EMPTY).sum(), some.sum(), (listed == FULL).sum()
+        print(f"{block=}: listed {visits} ({full} full), needed {needed}, causal {tiles**2 // 2}")
+        assert visits <= 1.2 * needed  # tight: the bounds list little beyond the needed tiles
+    assert full > 0  # at block 8, tiles fit inside the bands
 
 
 def test_dispatcher_pallas_matches_reference():
