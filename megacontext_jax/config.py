@@ -90,6 +90,9 @@ def base_config() -> ml_collections.ConfigDict:
     # phase's), so the base can practise copying without the MC phase spending its signal on it
     c.curriculum.passkey_fraction = 0.0
     c.curriculum.repeat_fraction = 0.0
+    # A workdir whose curriculum this run shares (training/shared_curriculum.py): the run starts
+    # at step curriculum.steps from that run's checkpoint there, as if it had trained it itself.
+    c.curriculum.reuse_from = ""
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: every device not used by the other axes
@@ -375,6 +378,11 @@ def _validate_curriculum(config: ml_collections.ConfigDict) -> None:
         cur.steps == 0 or cur.passkey_fraction == 0 or cur.seq_len >= 128,
         "curriculum.seq_len",
         f"passkey tasks need sequences of >= 128 tokens, got {cur.seq_len}",
+    )
+    require(
+        not cur.reuse_from or cur.steps > 0,
+        "curriculum.reuse_from",
+        "needs curriculum.steps > 0 (the step it starts from)",
     )
     require(
         cur.steps == 0 or not (config.mc.enabled and config.mc.mode == "frozen_base"),

@@ -1,7 +1,8 @@
 """Runs a grid of config overrides, each in its own workdir, and tabulates the results.
 
     python -m megacontext_jax.sweep --config configs/tiny.py --sweep configs/sweeps/X.py \\
-        [--root runs/sweep_X] [--seeds 3] [--config.train.steps=200 ...] [--lengths 8] [--windows 64]
+        [--root runs/sweep_X] [--seeds 3] [--share-curriculum] [--config.train.steps=200 ...] \
+        [--lengths 8] [--windows 64]
 
 The sweep file's ``sweep()`` returns a list of ``{"dotted.key": value}`` dicts, each set at most
 once. Every run trains (or resumes) in ``ROOT/<run_name>``, a name unique to its override set, is
@@ -11,7 +12,11 @@ runs is written to ``ROOT/results.csv`` and ``ROOT/results.md`` after each one. 
 order; the held-out data is the same), in ``ROOT/<run_name>,seed=<seed>``, and
 ``ROOT/results_by_config.csv`` and ``.md`` give one row per override set: ``seeds`` (its runs),
 ``failed``, ``n`` (the others, the only ones in the statistics) and each numeric metric's
-``mean``, sample ``std`` and ``se`` (std / sqrt(n)). A finished run is not repeated. A run that
+``mean``, sample ``std`` and ``se`` (std / sqrt(n)). With ``--share-curriculum`` a run whose
+curriculum is an earlier run's (same seed, model, curriculum and optimizer: the overrides change
+the MegaContext phase alone) starts from that run's curriculum checkpoint
+(``curriculum.reuse_from``): it trains only its main phase, and ends as it would from step 0.
+A finished run is not repeated. A run that
 raises becomes a row with its one-line ``error`` and the sweep goes on; it is not marked
 finished, so the same command retries it. Exit status: 0 when every run finished, 1 when any
 failed (listed at the end), 2 for a bad command line, config or sweep file, 130 when interrupted.
@@ -286,7 +291,31 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="evaluation LensNet + allocator rounds (default: %(default)s)",
     )
+    p.add_argument(
+        "--share-curriculum",
+        action="store_true",
+        help="runs whose curriculum is an earlier run's start from its checkpoint, training "
+        "their main phase only (curriculum.reuse_from)",
+    )
     return p
+
+
+def share_curricula(configs: list[ml_collections.ConfigDict]) -> None:
+    """Points each config's ``curriculum.reuse_from`` at the first earlier run that trains the
+    same curriculum and does not reuse one itself."""
+    from megacontext_jax.training import shared_curriculum
+
+    owners: list[ml_collections.ConfigDict] = []
+    for config in configs:
+        if not config.curriculum.steps or config.curriculum.reuse_from:
+            continue
+        owner = next((o for o in owners if shared_curriculum.difference(config, o) is None), None)
+        if owner is None:
+            owners.append(config)
+            continue
+        config.unlock()
+        config.curriculum.reuse_from = owner.workdir
+        config.lock()
 
 
 def sweep_run(
@@ -330,6 +359,8 @@ def main(argv: list[str]) -> int:
             config.workdir = str(root / name)
             config.lock()
             configs.append(config)
+        if args.share_curriculum:
+            share_curricula(configs)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

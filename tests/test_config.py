@@ -59,6 +59,10 @@ def test_overrides_are_typed():
         ("--config.curriculum.steps=1 --config.curriculum.seq_len=64", "need sequences of >= 128"),
         ("--config.curriculum.steps=1 --config.mc.mode=frozen_base", "keeps frozen"),
         (
+            "--config.curriculum.steps=0 --config.curriculum.reuse_from=runs/tiny",
+            r"config.curriculum.reuse_from: needs curriculum.steps > 0",
+        ),
+        (
             "--config.mc.span_kl.fractions=(0.6,0.5)",
             "config.mc.span_kl.fractions: 512 tokens hold only 31 free level-1 nodes, 38 asked",
         ),

@@ -84,12 +84,13 @@ def test_sweep_runs_grid_and_tabulates(tmp_path, corpus_dir, capsys, monkeypatch
 
 
 class FakeStack:
-    """Stands in for ``train``, ``load_model`` and ``evaluate``: records the workdirs and seeds
-    trained and raises ``raises[(stage, config.train.lr)]`` where one is set."""
+    """Stands in for ``train``, ``load_model`` and ``evaluate``: records the workdirs, seeds and
+    reused curricula trained and raises ``raises[(stage, config.train.lr)]`` where one is set."""
 
     def __init__(self):
         self.trained: list[str] = []
         self.seeds: list[int] = []
+        self.reused: list[str] = []
         self.raises: dict[tuple[str, float], BaseException] = {}
 
     def _maybe_raise(self, stage: str, config) -> None:
@@ -99,6 +100,7 @@ class FakeStack:
     def train(self, config, **_):
         self.trained.append(Path(config.workdir).name)
         self.seeds.append(config.seed)
+        self.reused.append(Path(config.curriculum.reuse_from).name)
         Path(config.workdir).mkdir(parents=True, exist_ok=True)
         self._maybe_raise("train", config)
         return {"val/bpb": 10.0 * config.mc.gist.depth + config.mc.lens.depth + config.seed}
@@ -203,6 +205,26 @@ def test_seeds_run_apart_resume_and_are_tabulated_by_config(tmp_path, corpus_dir
     assert run_sweep(tmp_path, corpus_dir, [{"seed": 1}], "--seeds", "2") == 2
     err = capsys.readouterr().err
     assert err == "error: --seeds 2 sets every run's seed, but run 1 of sweep() sets seed itself\n"
+
+
+def test_runs_share_the_curriculum_of_the_first_run_that_trains_it(tmp_path, corpus_dir, stack):
+    runs = [{}, {"mc.lens.depth": 3}, {"train.lr": 0.001}, {"data.repeat_fraction": 0.25}]
+    assert run_sweep(tmp_path, corpus_dir, runs, "--seeds", "2", "--share-curriculum") == 0
+    trained = dict(zip(stack.trained, stack.reused, strict=True))
+    assert trained == {
+        "base,seed=0": "",
+        "base,seed=1": "",
+        "mc.lens.depth=3,seed=0": "base,seed=0",
+        "mc.lens.depth=3,seed=1": "base,seed=1",
+        "train.lr=0.001,seed=0": "",  # the optimizer shapes the curriculum too
+        "train.lr=0.001,seed=1": "",
+        "data.repeat_fraction=0.25,seed=0": "base,seed=0",  # the main phase's data mix only
+        "data.repeat_fraction=0.25,seed=1": "base,seed=1",
+    }
+    stack.reused.clear()
+    (tmp_path / "plain").mkdir()
+    assert run_sweep(tmp_path / "plain", corpus_dir, runs[1:2]) == 0
+    assert stack.reused == [""]  # without the flag every run trains its own curriculum
 
 
 def test_aggregate_leaves_failed_runs_out_of_the_statistics():

@@ -1,9 +1,10 @@
 """Issue 24's levers, one at a time against the default (``{}``), each behind its config field.
 
     python -m megacontext_jax.sweep --config configs/tiny.py --sweep configs/sweeps/memory_levers.py \\
-        --root runs/sweep_levers [--seeds 3] [--retrieval-lengths 4,8,16,32,64]
+        --root runs/sweep_levers --share-curriculum [--seeds 3]
 
-Each run is the default run (about 40 minutes on 2 idle cores) with one change:
+Each run is the default run (about 40 minutes on 2 idle cores; with ``--share-curriculum`` the
+levers train only their MC phase from the default's curriculum checkpoint) with one change:
 
 * ``mc.positions = slots``: bounded positions, every entry at its WC slot (``focus.positions``);
 * ``mc.min_history = 128``: training histories drawn from 128 to T - S tokens, not always T - S;

@@ -165,18 +165,25 @@ def _arrays(tree: Any) -> dict[str, tuple[str, tuple[int, ...]]]:
 
 
 class Checkpointer:
-    """Saves and restores ``(state, data iterator)`` under ``workdir/checkpoints``."""
+    """Saves and restores ``(state, data iterator)`` under ``workdir/checkpoints``: the newest
+    ``keep`` steps, and every step of ``keep_steps`` (the curriculum's last, which another run
+    can start from: ``shared_curriculum``)."""
 
-    def __init__(self, workdir: Path, keep: int = 2, create: bool = True):
+    def __init__(
+        self, workdir: Path, keep: int = 2, create: bool = True, keep_steps: tuple[int, ...] = ()
+    ):
         directory = Path(workdir).absolute() / "checkpoints"
         if not create and not directory.is_dir():
             raise CheckpointError(f"no checkpoint at {workdir}: {directory} not found")
         self.directory = directory
+        policies = ocp.checkpoint_managers
         self._writer = writer = create and jax.process_index() == 0
         self.manager = ocp.CheckpointManager(
             directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep,
+                preservation_policy=policies.AnyPreservationPolicy(
+                    [policies.LatestN(keep), policies.CustomSteps(list(keep_steps))]
+                ),
                 create=create,
                 async_options=ocp.AsyncOptions(
                     post_finalization_callback=self._digest_finalized if writer else None
@@ -231,14 +238,22 @@ class Checkpointer:
         abstract_state: Any,
         data_iter_at: Callable[[int], grain.DatasetIterator] | None = None,
         warn: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
+        step: int | None = None,
     ) -> Restored:
-        """Restores the newest intact step into ``abstract_state`` and, with ``data_iter_at``
-        (the data iterator to resume a step with), into that step's iterator. Damaged steps are
-        skipped with one line to ``warn``; a step whose digests hold but that fails to restore
-        does not match this model (``CheckpointError``)."""
+        """Restores the newest intact step (or ``step`` alone) into ``abstract_state`` and, with
+        ``data_iter_at`` (the data iterator to resume a step with), into that step's iterator.
+        Damaged steps are skipped with one line to ``warn``; a step whose digests hold but that
+        fails to restore does not match this model (``CheckpointError``)."""
         steps = sorted(self.manager.all_steps(), reverse=True)
         if not steps:
             raise CheckpointError(f"no checkpoint saved under {self.directory}")
+        if step is not None:
+            if step not in steps:
+                kept = ", ".join(map(str, sorted(steps)))
+                raise CheckpointError(
+                    f"no checkpoint of step {step} under {self.directory} ({kept})"
+                )
+            steps = [step]
         skipped, damaged = [], []  # "step N (why)" and N of each damaged step, newest first
         for step in steps:
             problem = self.damage(step)

@@ -15,7 +15,7 @@ from megacontext_jax.data import pipeline as data
 from megacontext_jax.data.tokenizer import tokenizer_for
 from megacontext_jax.nets.decoder import count_params
 from megacontext_jax.specs import Layout
-from megacontext_jax.training import sharding, variants
+from megacontext_jax.training import sharding, shared_curriculum, variants
 from megacontext_jax.training.checkpoint import Checkpointer, check_resume, write_config
 from megacontext_jax.training.metrics import MetricsWriter, latest_metrics, plot_loss_curve
 from megacontext_jax.training.progress import Phase, PhaseBar, startup_block
@@ -191,7 +191,9 @@ def train(
                 f"config.{field}={p.batch_size} must be divisible by the {mesh.size} devices "
                 f"and {jax.process_count()} processes"
             )
-    with Checkpointer(workdir, keep=config.train.keep_checkpoints) as checkpointer:
+    # The curriculum's last step is kept: another run can start from it (shared_curriculum).
+    kept = (config.curriculum.steps,) if config.curriculum.steps else ()
+    with Checkpointer(workdir, config.train.keep_checkpoints, keep_steps=kept) as checkpointer:
         start = checkpointer.latest_step() or 0
         # (A damaged last step is no finished run: the restore below falls back from it.)
         if start >= config.train.steps and start and checkpointer.damage(start) is None:
@@ -284,17 +286,25 @@ def _run(
     stop.check()
     trainable = make_trainable(config, mesh)
     restored_pending: list[dict[str, float]] = []
+    reused_rows: list[dict] | None = None  # the curriculum's metric rows of the run reused
     if start:
         # The newest intact step: a damaged latest one is skipped with a line saying so.
         abstract = checkpointed(trainable.abstract_state(), config)
         restored = stop.wait_for(lambda: checkpointer.restore(abstract, stage_batches, tqdm.write))
         state, start, data_iter, restored_pending = restored
+    elif config.curriculum.reuse_from:
+        state, reused_rows = stop.wait_for(
+            lambda: shared_curriculum.restore(config, trainable, mesh)
+        )
+        start, data_iter = curriculum, stage_batches(curriculum)
     else:
         state, data_iter = stop.wait_for(trainable.init), stage_batches(0)
     if frozen_base(config):
         state = stop.wait_for(lambda: attach_base(state, trainable, config))
     stop.check()
     write_config(workdir, config)  # only now: a resume that failed above changed nothing
+    if reused_rows is not None:  # the run's own record of where it starts (and resumes from)
+        checkpointer.save(start, checkpointed(state, config), data_iter)
     train_step, eval_step = make_train_step(trainable), make_eval_step(trainable)
     base_step = make_train_step(trainable, base_only=True) if curriculum else None
     process0 = jax.process_index() == 0
@@ -304,6 +314,7 @@ def _run(
             startup_block(
                 workdir=str(workdir),
                 resumed_from=start or None,
+                reused=None if reused_rows is None else config.curriculum.reuse_from,
                 mesh=mesh,
                 params=counts,
                 phases=run_phases,
@@ -311,10 +322,13 @@ def _run(
                 diff=diff,
             )
         )
-    writer = MetricsWriter(workdir, start, log=tqdm.write)
-    if start == 0:
+    fresh = start == 0 or reused_rows is not None
+    writer = MetricsWriter(workdir, 0 if fresh else start, log=tqdm.write)
+    if fresh:
         writer.write(0, {"params": sum(counts.values()), "val/unigram_bpb": unigram_bpb})
         writer.text("config", to_json(config))
+        for row in reused_rows or ():
+            writer.write(row["step"], {k: v for k, v in row.items() if k != "step"})
 
     end = config.train.steps if stop_at is None else min(stop_at, config.train.steps)
     summary: dict[str, float] = {**latest_metrics(workdir), "val/unigram_bpb": unigram_bpb}

@@ -91,6 +91,7 @@ def startup_block(
     *,
     workdir: str,
     resumed_from: int | None,
+    reused: str | None = None,
     mesh: jax.sharding.Mesh,
     params: dict[str, int],
     phases: list[Phase],
@@ -98,10 +99,13 @@ def startup_block(
     diff: dict[str, tuple[object, object]],
 ) -> str:
     """The block a run prints before its first step: where it writes, on what, how big, what
-    each phase trains, and how its config differs from the config file's defaults."""
+    each phase trains, and how its config differs from the config file's defaults. ``reused``:
+    the workdir whose curriculum a new run starts from (``curriculum.reuse_from``)."""
     devices = jax.devices()
     kinds = sorted({d.device_kind for d in devices})
     run = "new run" if resumed_from is None else f"resuming from step {resumed_from}"
+    if reused is not None:
+        run = f"new run from the curriculum of {reused}"
     lines = [
         f"workdir   {workdir} ({run}; metrics.jsonl, tb/, loss.png, checkpoints/)",
         f"devices   {len(devices)} x {', '.join(kinds)} on {jax.process_count()} process(es); "
