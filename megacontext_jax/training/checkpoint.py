@@ -58,11 +58,13 @@ RESUME_FIXED = (
 RESUME_FREE = ("model.attention_impl", "model.dtype")
 
 
-def _fixed(field: str) -> bool:
-    def under(group: str) -> bool:
-        return field == group or field.startswith(f"{group}.")
+def under(field: str, groups: tuple[str, ...]) -> bool:
+    """Whether the dotted ``field`` is one of ``groups`` or lies in one."""
+    return any(field == g or field.startswith(f"{g}.") for g in groups)
 
-    return any(map(under, RESUME_FIXED)) and not any(map(under, RESUME_FREE))
+
+def _fixed(field: str) -> bool:
+    return under(field, RESUME_FIXED) and not under(field, RESUME_FREE)
 
 
 def check_resume(workdir: Path, config: ml_collections.ConfigDict) -> None:

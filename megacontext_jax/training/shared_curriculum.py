@@ -19,7 +19,7 @@ import jax
 import ml_collections
 
 from megacontext_jax.config import leaves, normalized
-from megacontext_jax.training.checkpoint import Checkpointer, CheckpointError, read_config
+from megacontext_jax.training.checkpoint import Checkpointer, CheckpointError, read_config, under
 from megacontext_jax.training.metrics import read_metrics
 from megacontext_jax.training.step import Trainable, TrainState, make_trainable
 
@@ -32,17 +32,13 @@ UNSHARED += ("train.checkpoint_every", "train.keep_checkpoints", "train.batch_si
 UNSHARED += ("model.attention_impl",)
 
 
-def _under(field: str, groups: tuple[str, ...]) -> bool:
-    return any(field == g or field.startswith(f"{g}.") for g in groups)
-
-
 def difference(config: ml_collections.ConfigDict, source: ml_collections.ConfigDict) -> str | None:
     """The first field the curriculum depends on where ``config`` and ``source`` differ, as
     ``field=<source's value>, this run <config's>``; None if ``config`` can reuse ``source``'s
     curriculum."""
     mine, theirs = leaves(config), leaves(source)
     for field in sorted(mine.keys() | theirs.keys()):
-        if not _under(field, SHARED) or _under(field, UNSHARED):
+        if not under(field, SHARED) or under(field, UNSHARED):
             continue
         a, b = normalized(mine.get(field)), normalized(theirs.get(field))
         if a != b:
