@@ -1,7 +1,7 @@
 """Runs a grid of config overrides, each in its own workdir, and tabulates the results.
 
     python -m megacontext_jax.sweep --config configs/tiny.py --sweep configs/sweeps/X.py \\
-        [--root runs/sweep_X] [--seeds 3] [--share-curriculum] [--config.train.steps=200 ...] \
+        [--root runs/sweep_X] [--seeds 3] [--share-curriculum] [--config.train.steps=200 ...] \\
         [--lengths 8] [--windows 64]
 
 The sweep file's ``sweep()`` returns a list of ``{"dotted.key": value}`` dicts, each set at most

@@ -18,7 +18,7 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from megacontext_jax.config import leaves, normalized
+from megacontext_jax.config import config_diff
 from megacontext_jax.training.checkpoint import Checkpointer, CheckpointError, read_config, under
 from megacontext_jax.training.metrics import read_metrics
 from megacontext_jax.training.step import Trainable, TrainState, make_trainable
@@ -36,13 +36,9 @@ def difference(config: ml_collections.ConfigDict, source: ml_collections.ConfigD
     """The first field the curriculum depends on where ``config`` and ``source`` differ, as
     ``field=<source's value>, this run <config's>``; None if ``config`` can reuse ``source``'s
     curriculum."""
-    mine, theirs = leaves(config), leaves(source)
-    for field in sorted(mine.keys() | theirs.keys()):
-        if not under(field, SHARED) or under(field, UNSHARED):
-            continue
-        a, b = normalized(mine.get(field)), normalized(theirs.get(field))
-        if a != b:
-            return f"{field}={b!r}, this run {a!r}"
+    for field, (theirs, mine) in sorted(config_diff(config, source).items()):
+        if under(field, SHARED) and not under(field, UNSHARED):
+            return f"{field}={theirs!r}, this run {mine!r}"
     return None
 
 
