@@ -49,7 +49,9 @@ def writer(directory: Path, seed: int) -> None:
     gister = random_gister(config, seed=0)
     tokens = stream(seed)
     rng = np.random.default_rng()
-    for level in range(1, MAX_LEVEL + 1):  # compile before "ready", so kills land mid-ingest
+    # Compile before "ready", so kills land mid-ingest.
+    gister.token_gists(0, np.zeros(config.mc.block_size, np.int32))
+    for level in range(2, MAX_LEVEL + 1):
         gister.gists(level, 0, np.zeros((1, config.mc.block_size, gister.dim), np.float32))
     with Tree.open_or_create(directory, gister, MAX_LEVEL, config.model.vocab_size) as tree:
         position = tree.num_tokens

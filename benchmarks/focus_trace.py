@@ -68,9 +68,7 @@ def main() -> None:
         probes.append(tasks.passkey(text, n + 1, rng, tokenizer=tokenizer))
     tokens = jnp.asarray(np.stack([p.tokens for p in probes]))
     cursor = n - layout.scored
-    table, offsets = node_table(
-        model.gistnet, model.base.embed(tokens[:, :n]), k, config.mc.max_level
-    )
+    table, offsets = node_table(model, tokens[:, :n], k, config.mc.max_level)
     pyramid = contexts(
         [condition_entries("mc_static", cursor, layout)] * len(probes), cursor, layout
     )

@@ -9,6 +9,7 @@ curriculum in which the base GPT alone learns to copy on short sequences.
     python train.py --config configs/tiny.py:retrieval   # a shorter raw tail: room for focus
     python train.py --config configs/tiny.py:quick   # a first look: ~5 minutes with decoding
     python train.py --config configs/tiny.py:mean_gist   # the baseline GistNet is measured against
+    python train.py --config configs/tiny.py:contextual   # LOD1 gists read the base's states
 
 ``quick`` is the same model trained for 300 steps instead of 3,500 (200 of curriculum in batches of
 16, then 100 of the whole model, LensNet from step 240): every part trains and decode runs over a
@@ -29,13 +30,19 @@ variants per sequence rather than 3: ``mc_focus`` found 15 / 5 passkeys of 32 at
 gist is the mean of its K normalised children through one linear projection, trained the same way
 (same steps, data and losses). Evaluated next to the default (``runs/tiny``), it says what the
 transformer over the children adds.
+
+``contextual`` is the default run with the language model as the LOD1 encoder (issue 24, Deliver
+2): GistNet reads the base GPT's residual stream after 2 of its 4 blocks, from causal passes over
+spans of 8 blocks (64 tokens, one W) aligned at absolute block indices, not context-free token
+embeddings; each level has its own GistNet, since LOD1 now reads states and the levels above read
+gists.
 """
 
 import ml_collections
 
 from megacontext_jax.config import ConfigError, base_config
 
-VARIANTS = ("retrieval", "quick", "mean_gist")
+VARIANTS = ("retrieval", "quick", "mean_gist", "contextual")
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
@@ -115,4 +122,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         c.mc.gist.depth = 0
         c.mc.gist.pooling = "mean"
         c.mc.gist.projection = "linear"
+    if variant == "contextual":
+        c.workdir = "runs/tiny_contextual"
+        c.mc.gist.read_layer = 2
+        c.mc.gist.read_blocks = 8
+        c.mc.gist.shared_levels = False
     return c

@@ -122,6 +122,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.mc.gist.pooling = "query"  # "mean", "query" (learned query) or "cls"
     c.mc.gist.projection = "mlp"  # "linear" or "mlp" into the base model's embedding space
     c.mc.gist.shared_levels = True  # one GistNet for every level, or one per level
+    # LOD1's input: 0 reads token embeddings; L >= 1 the base model's residual stream after its
+    # first L blocks, from causal passes over read_blocks blocks aligned at absolute block indices
+    # (the language model as the encoder; incremental ingest still equals a full rebuild).
+    c.mc.gist.read_layer = 0
+    c.mc.gist.read_blocks = 8
 
     c.mc.enabled = False  # train the MegaContext model (base + GistNet + LensNet), not a plain LM
     c.mc.mode = "e2e"  # "e2e": all parts from scratch; "frozen_base": base restored and frozen

@@ -109,6 +109,8 @@ FIELDS: dict[str, str] = {
     "mc.gist.pooling": "GistNet head: mean, query (a learned query) or cls",
     "mc.gist.projection": "linear or mlp, into the base model's embedding space",
     "mc.gist.shared_levels": "one GistNet for every level, or one per level",
+    "mc.gist.read_layer": "LOD1 reads: 0 token embeddings, L the base's stream after L blocks",
+    "mc.gist.read_blocks": "blocks per causal base pass a contextual LOD1 reads (aligned)",
     "mc.lens.depth": "LensNet transformer blocks",
     "mc.lens.num_heads": "LensNet attention heads",
     "mc.lens.mlp_ratio": "LensNet MLP hidden width / width",

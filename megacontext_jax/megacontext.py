@@ -17,7 +17,7 @@ from kernels.mixed_attention import MaskSpec
 from megacontext_jax.focus.allocator import refocus
 from megacontext_jax.focus.working_context import WorkingContext
 from megacontext_jax.nets.decoder import DecoderLM
-from megacontext_jax.nets.gistnet import GistNet, build_levels
+from megacontext_jax.nets.gistnet import GistNet, build_levels, contextual_inputs
 from megacontext_jax.nets.gpt import GPT
 from megacontext_jax.nets.lensnet import LensNet
 from megacontext_jax.nets.specs import GistConfig, LensConfig, ModelConfig
@@ -38,23 +38,39 @@ class MegaContext(nnx.Module):
     """The three learned parts, split and checkpointed together; built from a run's config."""
 
     def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+        gist = GistConfig.from_config(config)
         self.base = make_base(config, rngs)
-        self.gistnet = GistNet(GistConfig.from_config(config), rngs=rngs)
+        self.gistnet = GistNet(gist, rngs=rngs)
         self.lensnet = LensNet(LensConfig.from_config(config), rngs=rngs)
+        # Static: what LOD1 gists read (the base's stream after read_layer blocks, 0: embeddings)
+        # and over how many tokens each causal pass runs.
+        self.read_layer = gist.read_layer
+        self.read_span = gist.read_blocks * gist.block_size
+
+    def gist_reads(self, tokens: jax.Array, embeddings: jax.Array) -> jax.Array:
+        """LOD1 GistNet's children ``[B, T, D]`` for ``tokens [B, T]`` (whose input embeddings
+        are ``embeddings``): those embeddings, or the base's contextual states."""
+        if self.read_layer == 0:
+            return embeddings
+        return contextual_inputs(self.base, tokens, self.read_layer, self.read_span)
 
 
 def node_table(
-    gistnet: GistNet, embeddings: jax.Array, block_size: int, max_level: int
+    model: MegaContext, tokens: jax.Array, block_size: int, max_level: int
 ) -> tuple[jax.Array, tuple[int, ...]]:
     """All nodes of each sequence's tree in one table.
 
     Args:
-      embeddings: ``[B, T, D]`` token embeddings.
+      tokens: ``[B, T]`` token ids.
     Returns:
-      ``table [B, M, D]`` (level 0 rows first, then level 1, ...) and the static row offset of
-      each level (levels with no complete node get an offset past the end).
+      ``table [B, M, D]`` (level 0 rows, the token embeddings, first, then level 1, ...) and the
+      static row offset of each level (levels with no complete node get an offset past the end).
     """
-    levels = jax.vmap(lambda e: build_levels(gistnet, e, block_size, max_level))(embeddings)
+    embeddings = model.base.embed(tokens)
+    reads = model.gist_reads(tokens, embeddings)
+    levels = jax.vmap(lambda e, r: build_levels(model.gistnet, e, r, block_size, max_level))(
+        embeddings, reads
+    )
     offsets, total = [], 0
     for level in levels:
         offsets.append(total)

@@ -313,7 +313,7 @@ def validate_mc(config: Group) -> None:
         f"passkey tasks need sequences of >= 128 tokens: min_history + scored_tokens + 1 is "
         f"{shortest}",
     )
-    GistConfig.validate(mc.gist, width)
+    GistConfig.validate(mc.gist, width, config.model.depth, mc.ingest_chunk)
     LensConfig.validate(mc.lens, width)
     LossWeights.validate(mc, seq_len)
     MCTraining.validate(mc)

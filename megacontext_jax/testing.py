@@ -20,6 +20,7 @@ from flax import nnx
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from megacontext_jax.config import base_config, validate
+from megacontext_jax.megacontext import make_base
 from megacontext_jax.memory.gister import Gister
 from megacontext_jax.nets.gistnet import GistNet
 from megacontext_jax.nets.hf_weights import hf_names
@@ -68,11 +69,14 @@ def tiny_config(workdir: str | Path, corpus: str | Path, **train) -> ml_collecti
 
 
 def random_gister(config: ml_collections.ConfigDict, seed: int = 0) -> Gister:
-    """A ``Gister`` of freshly initialized embeddings and GistNet (same seed, same weights)."""
+    """A ``Gister`` of freshly initialized embeddings and GistNet, and for a contextual GistNet
+    a fresh base model (same seed, same weights)."""
     m = config.model
     table = jax.random.normal(jax.random.key(seed), (m.vocab_size, m.width))
-    gistnet = GistNet(GistConfig.from_config(config), rngs=nnx.Rngs(seed))
-    return Gister.from_config(table, gistnet, config)
+    gist = GistConfig.from_config(config)
+    gistnet = GistNet(gist, rngs=nnx.Rngs(seed))
+    base = make_base(config, nnx.Rngs(seed)) if gist.contextual else None
+    return Gister.from_config(table, gistnet, config, base)
 
 
 def random_checkpoint(

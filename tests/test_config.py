@@ -93,7 +93,8 @@ def test_tiny_retrieval_variant_changes_only_focus_fields():
     a, b = leaves(default), leaves(retrieval)
     assert {k for k in a if a[k] != b[k]} == changed
     with pytest.raises(
-        ConfigError, match="unknown variant 'fast'; known: \\('retrieval', 'quick', 'mean_gist'\\)"
+        ConfigError,
+        match="unknown variant 'fast'; known: \\('retrieval', 'quick', 'mean_gist', 'contextual'\\)",
     ):
         load_config(f"{TINY}:fast")
 

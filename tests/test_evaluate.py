@@ -102,8 +102,8 @@ def test_static_table_offsets_are_the_node_tables(model_and_setting):
     model, setting = model_and_setting
     layout = setting.layout
     for n in (3, 16, 37, 64):
-        emb = model.base.embed(jnp.zeros((1, n), jnp.int32))
-        _, offsets = node_table(model.gistnet, emb, layout.block_size, layout.max_level)
+        tokens = jnp.zeros((1, n), jnp.int32)
+        _, offsets = node_table(model, tokens, layout.block_size, layout.max_level)
         assert table_offsets(n, layout, True) == offsets, n
 
 

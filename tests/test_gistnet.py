@@ -7,7 +7,8 @@ import pytest
 from flax import nnx
 
 from megacontext_jax.config import ConfigError, base_config, leaves, parse_args, validate
-from megacontext_jax.nets.gistnet import GistNet, build_levels
+from megacontext_jax.megacontext import make_base
+from megacontext_jax.nets.gistnet import GistNet, build_levels, contextual_inputs
 from megacontext_jax.nets.specs import GistConfig
 from tests.conftest import mc_config
 
@@ -52,13 +53,13 @@ def test_shared_and_per_level_weights():
 def test_build_levels_and_gradients():
     net, _ = _gistnet()
     x = jax.random.normal(jax.random.key(4), (70, 32))
-    levels = build_levels(net, x, 4, 3)
+    levels = build_levels(net, x, x, 4, 3)
     assert [l.shape[0] for l in levels] == [70, 17, 4, 1]
     np.testing.assert_allclose(levels[1][5], net(x[20:24][None], 1)[0], atol=1e-5)
     np.testing.assert_allclose(levels[2][1], net(levels[1][4:8][None], 2)[0], atol=1e-5)
 
     def loss(net):
-        return jnp.sum(build_levels(net, x, 4, 3)[-1] ** 2)
+        return jnp.sum(build_levels(net, x, x, 4, 3)[-1] ** 2)
 
     grads = nnx.grad(loss)(net)
     norms = [float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads)]
@@ -104,12 +105,70 @@ def test_default_settings_keep_their_fingerprint_bytes():
     )
 
 
-def test_tiny_mean_gist_is_the_default_run_without_the_transformer():
-    """The variant is trained the same way: only its GistNet and its workdir differ."""
+@pytest.mark.parametrize(
+    "variant,changed",
+    [
+        (
+            "mean_gist",
+            {"mc.gist.depth": 0, "mc.gist.pooling": "mean", "mc.gist.projection": "linear"},
+        ),
+        ("contextual", {"mc.gist.read_layer": 2, "mc.gist.shared_levels": False}),
+    ],
+)
+def test_tiny_gist_variants_are_the_default_run_with_another_gistnet(variant, changed):
+    """Each variant is trained the same way: only its GistNet and its workdir differ."""
     tiny = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.py")
     default, _ = parse_args(["--config", tiny])
-    mean_gist, _ = parse_args(["--config", f"{tiny}:mean_gist"])
-    a, b = leaves(default), leaves(mean_gist)
-    changed = {"workdir", "mc.gist.depth", "mc.gist.pooling", "mc.gist.projection"}
-    assert {k for k in a if a[k] != b[k]} == changed
-    assert (b["workdir"], b["mc.gist.depth"]) == ("runs/tiny_mean_gist", 0)
+    other, _ = parse_args(["--config", f"{tiny}:{variant}"])
+    a, b = leaves(default), leaves(other)
+    assert {k: b[k] for k in a if a[k] != b[k]} == {"workdir": f"runs/tiny_{variant}", **changed}
+
+
+def _contextual_config(read_layer: int = 1, read_blocks: int = 2, depth: int = 2):
+    config = mc_config()
+    config.model.depth = depth
+    config.mc.gist.read_layer, config.mc.gist.read_blocks = read_layer, read_blocks
+    validate(config)
+    return config
+
+
+def test_contextual_inputs_read_their_own_span_causally():
+    """A token's state depends on the tokens before it in its span and on nothing else: not on
+    later tokens, not on another span's (spans of 8 tokens, aligned at multiples of 8)."""
+    config = _contextual_config()
+    base = make_base(config, nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(6), (1, 21), 0, 256)
+    states = np.asarray(contextual_inputs(base, tokens, 1, 8))
+    assert states.shape == (1, 21, 32) and states.dtype == np.float32
+
+    def changed_rows(at: int) -> set[int]:
+        other = np.asarray(contextual_inputs(base, tokens.at[0, at].add(1), 1, 8))
+        return {int(i) for i in np.flatnonzero(np.abs(other - states).max(-1)[0] > 1e-6)}
+
+    assert changed_rows(9) == set(range(9, 16))
+    assert changed_rows(7) == {7}
+    assert changed_rows(20) == {20}  # the padded last span
+    # One block of the base: the stream after it, as the whole model computes it on one span.
+    np.testing.assert_allclose(states[0, 8:16], base.hidden(tokens[:, 8:16], 1)[0], atol=1e-6)
+
+
+def test_contextual_inputs_pass_no_gradient_into_the_base():
+    config = _contextual_config()
+    base = make_base(config, nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(7), (2, 16), 0, 256)
+    grads = nnx.grad(lambda b: jnp.sum(contextual_inputs(b, tokens, 1, 8) ** 2))(base)
+    assert all(float(jnp.abs(g).sum()) == 0 for g in jax.tree.leaves(grads))
+
+
+def test_read_layer_and_read_blocks_are_checked():
+    _contextual_config(read_layer=2, read_blocks=8)  # mc_config's ingest_chunk is 8
+    with pytest.raises(
+        ConfigError, match=r"^config\.mc\.gist\.read_layer: must be in \[0, model\.depth=2\]"
+    ):
+        _contextual_config(read_layer=3)
+    with pytest.raises(ConfigError, match=r"^config\.mc\.gist\.read_blocks: 3 must divide"):
+        _contextual_config(read_blocks=3)
+    with pytest.raises(
+        ConfigError, match=r"^config\.mc\.gist\.read_blocks: must be positive, got 0$"
+    ):
+        _contextual_config(read_blocks=0)

@@ -46,6 +46,9 @@ def test_frozen_imported_base_trains_decodes_and_evaluates(
     config.model.family, config.model.hf_path = "llama", str(checkpoint)
     config.model.smear_keys = False
     config.mc.mode = "frozen_base"
+    # A contextual GistNet: LOD1 reads the frozen Llama's own states, in training, in the
+    # decode session's ingest and in evaluation (token-embedding gists share every other path).
+    config.mc.gist.read_layer = 1
     config.lock()
     summary = train(config, progress=False)
     assert np.isfinite(summary["val/bpb"])

@@ -195,9 +195,10 @@ def test_labels_are_the_first_token_after_each_span():
 def test_gathered_entries_are_tree_nodes():
     config = tiny_mc_config("/unused", "/unused")
     model = MegaContext(config, rngs=nnx.Rngs(0))
-    emb = jax.random.normal(jax.random.key(0), (2, 64, 32))
-    table, offsets = node_table(model.gistnet, emb, 4, 2)
-    levels = build_levels(model.gistnet, emb[1], 4, 2)
+    tokens = jax.random.randint(jax.random.key(0), (2, 64), 0, 256)
+    emb = model.base.embed(tokens)
+    table, offsets = node_table(model, tokens, 4, 2)
+    levels = build_levels(model.gistnet, emb[1], emb[1], 4, 2)
     lod = jnp.array([[[0, 1, 2, 0]]] * 2)
     start = jnp.array([[[5, 8, 16, 63]]] * 2)
     valid = jnp.array([[[True, True, True, False]]] * 2)
@@ -249,7 +250,7 @@ def test_guided_variant_is_rounds_of_lensnet_and_allocator(rounds):
     config.mc.allocator.max_edits = 1  # so that every round has edits left to make
     model = MegaContext(config, rngs=nnx.Rngs(0))
     batch = _batch(config)
-    table, offsets = node_table(model.gistnet, model.base.embed(batch["tokens"][:, :64]), 4, 2)
+    table, offsets = node_table(model, batch["tokens"][:, :64], 4, 2)
     host = {n: batch[n] for n in ("lod", "start", "valid", "context")}
     baseline = jax.tree.map(lambda a: a[:, 0], WorkingContext.from_batch(batch))
     spec = MCTraining.from_config(config)
@@ -297,14 +298,20 @@ def test_lens_features_measure_distance_in_tokens_or_in_slots():
 
 
 @pytest.mark.parametrize(
-    "lens_start,lens_grads,positions",
-    [(0, True, "absolute"), (10, False, "absolute"), (0, True, "slots")],
+    "lens_start,lens_grads,positions,read_layer",
+    [
+        (0, True, "absolute", 0),
+        (10, False, "absolute", 0),
+        (0, True, "slots", 0),
+        (0, True, "absolute", 1),  # a contextual GistNet
+    ],
 )
-def test_gradients_reach_every_part(lens_start, lens_grads, positions):
+def test_gradients_reach_every_part(lens_start, lens_grads, positions, read_layer):
     config = tiny_mc_config("/unused", "/unused")
     config.unlock()
     config.mc.lens_start = lens_start
     config.mc.positions = positions
+    config.mc.gist.read_layer = read_layer
     model = MegaContext(config, rngs=nnx.Rngs(0))
     batch = _batch(config)
     # Jitted: op by op, the eager gradient of the whole objective took over a minute on CPU.
@@ -466,7 +473,7 @@ def test_span_kl_is_zero_over_tokens_alone_and_trains_gistnet():
     batch = _batch(config)
     tokens = batch["tokens"]
     t = tokens.shape[1] - 1
-    table, offsets = node_table(model.gistnet, model.base.embed(tokens[:, :t]), 4, 2)
+    table, offsets = node_table(model, tokens[:, :t], 4, 2)
     full_logits = model.base(tokens[:, :t])
     spec = MCTraining.from_config(config)
     plain = {
@@ -480,7 +487,7 @@ def test_span_kl_is_zero_over_tokens_alone_and_trains_gistnet():
     assert float(kl) > 1e-4 and np.isfinite(float(added))
 
     def loss(m):
-        table, offsets = node_table(m.gistnet, m.base.embed(tokens[:, :t]), 4, 2)
+        table, offsets = node_table(m, tokens[:, :t], 4, 2)
         return span_kl(m, table, offsets, full_logits, tokens, batch, spec)[0]
 
     grads = nnx.grad(loss)(model)
@@ -630,7 +637,7 @@ def test_pyramid_pass_never_reads_later_tokens():
     spec = MaskSpec("pyramid", window=4, block_size=k, max_level=levels)
 
     def logits(tokens):
-        table, _ = node_table(model.gistnet, model.base.embed(tokens), k, levels)
+        table, _ = node_table(model, tokens, k, levels)
         return model.base(embeddings=table, mu=meta.mu, sigma=meta.sigma, entries=(meta, spec))
 
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (1, 32)), jnp.int32)

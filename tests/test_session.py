@@ -14,11 +14,12 @@ from tests.conftest import tiny_mc_config
 K, L, R = 4, 2, 4
 
 
-def _config(positions="absolute", **allocator):
+def _config(positions="absolute", read_layer=0, **allocator):
     """W=24, K=4, R=4: a refocus every 4 tokens keeps 20 entries; low thresholds force edits."""
     c = tiny_mc_config("/unused", "/unused")
     c.unlock()
     c.mc.positions = positions
+    c.mc.gist.read_layer = read_layer
     c.mc.allocator.tau_expand = c.mc.allocator.tau_collapse = 0.005
     for key, value in allocator.items():
         c.mc.allocator[key] = value
@@ -49,10 +50,13 @@ def _recompute(model, session):
 
 
 @pytest.mark.parametrize(
-    "use_lens, positions", [(True, "absolute"), (False, "absolute"), (True, "slots")]
+    "use_lens, positions, read_layer",
+    [(True, "absolute", 0), (False, "absolute", 0), (True, "slots", 0), (True, "absolute", 1)],
 )
-def test_decoding_keeps_invariants_and_matches_recomputation(use_lens, positions, tmp_path):
-    config = _config(positions)
+def test_decoding_keeps_invariants_and_matches_recomputation(
+    use_lens, positions, read_layer, tmp_path
+):
+    config = _config(positions, read_layer)
     model = _model(config)
     tree = Tree.in_memory(gister_for(model, config), L, config.model.vocab_size)
     telemetry = Telemetry(tmp_path / "t.jsonl")
@@ -76,6 +80,7 @@ def test_decoding_keeps_invariants_and_matches_recomputation(use_lens, positions
             assert session.entries[-1] == (0, 150 + step) and len(session.entries) <= 24
     assert session.num_tokens == tree.num_tokens == 210  # generate() commits what it decoded
     assert tree.uncommitted == 0
+    tree.verify(deep=True)  # gists made a block at a time are the tree's rebuilt from tokens
     assert session.refocus_count == 1 + 60 // 4
     assert (edits > 0) == use_lens  # the pyramid fallback never edits by score
     records = telemetry.records

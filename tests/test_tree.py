@@ -12,6 +12,7 @@ from flax import nnx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from megacontext_jax.megacontext import make_base
 from megacontext_jax.memory import tree as tree_module
 from megacontext_jax.memory.errors import (
     TreeCorruptError,
@@ -20,13 +21,26 @@ from megacontext_jax.memory.errors import (
     TreeMismatchError,
     TreeNotFoundError,
 )
+from megacontext_jax.memory.gister import fingerprint
 from megacontext_jax.memory.tree import Tree
-from megacontext_jax.nets.gistnet import build_levels
+from megacontext_jax.nets.gistnet import GistNet, build_levels, contextual_inputs
+from megacontext_jax.nets.specs import GistConfig
 from tests.conftest import make_gister, mc_config
 
 ROOT = Path(__file__).resolve().parents[1]
 GISTER = make_gister()
 VOCAB = 320
+
+
+def contextual_config(depth: int = 1):
+    """``mc_config`` with LOD1 reading the base's first block over spans of 2 blocks."""
+    config = mc_config()
+    config.model.depth = depth
+    config.mc.gist.read_layer, config.mc.gist.read_blocks = 1, 2
+    return config
+
+
+CONTEXTUAL = make_gister(contextual_config())
 
 
 def _bits(a: np.ndarray) -> np.ndarray:
@@ -50,9 +64,15 @@ def _assert_same_tree(a: Tree, b: Tree) -> None:
 )
 def test_incremental_ingest_equals_full_rebuild(seed, length, chunk_sizes):
     stream = np.random.default_rng(seed).integers(0, VOCAB, length)
-    full = Tree.in_memory(GISTER, 3, VOCAB)
+    for gister in (GISTER, CONTEXTUAL):
+        _assert_ingest_equals_rebuild(gister, stream, chunk_sizes)
+
+
+def _assert_ingest_equals_rebuild(gister, stream, chunk_sizes) -> None:
+    length = len(stream)
+    full = Tree.in_memory(gister, 3, VOCAB)
     full.append(stream)
-    incremental = Tree.in_memory(GISTER, 3, VOCAB)
+    incremental = Tree.in_memory(gister, 3, VOCAB)
     pos, i = 0, 0
     while pos < length:
         n = chunk_sizes[i % len(chunk_sizes)]
@@ -67,10 +87,47 @@ def test_tree_matches_batched_hierarchical_build():
     tree = Tree.in_memory(GISTER, 3, VOCAB)
     tree.append(stream)
     net = nnx.merge(GISTER.graphdef, GISTER.state)
-    levels = build_levels(net, jnp.asarray(GISTER.embed(stream)), 4, 3)
+    embeddings = jnp.asarray(GISTER.embed(stream))
+    levels = build_levels(net, embeddings, embeddings, 4, 3)
     for level in range(1, 4):
         got = tree.gists(level, 0, tree.length(level)).astype(np.float32)
         np.testing.assert_allclose(got, levels[level], rtol=0.05, atol=0.05)
+
+
+def test_contextual_tree_matches_the_in_graph_build_and_verifies_deep():
+    """A contextual tree holds what training builds in-graph (up to the storage dtype), and
+    ``verify(deep=True)`` recomputes its LOD1 gists from tokens bit for bit."""
+    stream = np.random.default_rng(2).integers(0, 256, 300)
+    tree = Tree.in_memory(CONTEXTUAL, 3, VOCAB)
+    for piece in np.split(stream, [5, 77, 78, 201]):
+        tree.append(piece)
+    tree.verify(deep=True)
+    net = nnx.merge(CONTEXTUAL.graphdef, CONTEXTUAL.state)
+    base = nnx.merge(*CONTEXTUAL.base)
+    tokens = jnp.asarray(stream, jnp.int32)[None]
+    reads = contextual_inputs(base, tokens, 1, 8)[0]
+    levels = build_levels(net, jnp.asarray(CONTEXTUAL.embed(stream)), reads, 4, 3)
+    for level in range(1, 4):
+        got = tree.gists(level, 0, tree.length(level)).astype(np.float32)
+        np.testing.assert_allclose(got, levels[level], rtol=0.05, atol=0.05)
+
+
+def test_contextual_fingerprint_names_the_base_blocks_it_reads():
+    """LOD1 reads block 0 of a 2-block base: changing block 0 changes the fingerprint (such a
+    tree is refused), changing block 1 does not; a GistNet of token embeddings differs too."""
+    config = contextual_config(depth=2)
+    gist = GistConfig.from_config(config)
+    base = make_base(config, nnx.Rngs(0))
+    gistnet = GistNet(gist, rngs=nnx.Rngs(0))
+    table = np.asarray(base.embed(jnp.arange(VOCAB)))
+    before = fingerprint(table, gistnet, gist, base)
+    assert before != fingerprint(table, gistnet, GistConfig.from_config(mc_config()))
+    kernel = base.blocks[1].mlp.up.kernel
+    kernel.value = kernel.value + 1.0
+    assert fingerprint(table, gistnet, gist, base) == before
+    kernel = base.blocks[0].mlp.up.kernel
+    kernel.value = kernel.value + 1.0
+    assert fingerprint(table, gistnet, gist, base) != before
 
 
 def test_disk_tree_round_trip(tmp_path):

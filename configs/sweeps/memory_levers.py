@@ -14,7 +14,10 @@ levers train only their MC phase from the default's curriculum checkpoint) with 
 * ``mc.allocator.mode = ranked``: the best gist against the weakest group, no thresholds;
 * ``data.passkey_fraction / data.repeat_fraction = 0.25``: less synthetic text in the MC phase
   (the curriculum keeps ``configs/tiny.py``'s mix);
-* ``mc.gist.depth = 0``: the mean-pooled gist baseline (``configs/tiny.py:mean_gist``).
+* ``mc.gist.depth = 0``: the mean-pooled gist baseline (``configs/tiny.py:mean_gist``);
+* ``mc.gist.shared_levels = False``: one GistNet per level;
+* ``mc.gist.read_layer = 2`` with one GistNet per level: LOD1 reads the base's states
+  (``configs/tiny.py:contextual``), against the row before it.
 """
 
 
@@ -28,4 +31,6 @@ def sweep() -> list[dict]:
         {"mc.allocator.mode": "ranked"},
         {"data.passkey_fraction": 0.25, "data.repeat_fraction": 0.25},
         {"mc.gist.depth": 0, "mc.gist.pooling": "mean", "mc.gist.projection": "linear"},
+        {"mc.gist.shared_levels": False},
+        {"mc.gist.read_layer": 2, "mc.gist.shared_levels": False},
     ]

@@ -68,9 +68,7 @@ def tree_table(model: MegaContext | DecoderLM, inputs: jax.Array, layout: Layout
     """Every node of the tree over ``inputs [B, N]`` (``node_table``; the token embeddings alone
     for a plain LM, which reads no gist)."""
     if isinstance(model, MegaContext):
-        return node_table(
-            model.gistnet, model.base.embed(inputs), layout.block_size, layout.max_level
-        )[0]
+        return node_table(model, inputs, layout.block_size, layout.max_level)[0]
     return model.embed(inputs).astype(jnp.float32)
 
 

@@ -197,11 +197,14 @@ class Tree:
         new_lengths = [total]
         for level in range(1, self.meta.max_level + 1):
             old, new = lengths[level], total // k**level
-            if new > old:
-                below = self._read(level - 1, old * k, new * k)
-                if level == 1:
-                    below = self.gister.embed(below)
-                children = below.astype(np.float32).reshape(new - old, k, -1)
+            if new > old and level == 1:
+                # From the start of the first new block's span: a contextual gist reads the
+                # span's tokens before it (tokens of the span's earlier blocks are in the tree).
+                first = old - old % self.gister.span_blocks
+                gists = self.gister.token_gists(first, self._read(0, first * k, new * k))
+                staged.write(level, old, gists[old - first :])
+            elif new > old:
+                children = self._read(level - 1, old * k, new * k).reshape(new - old, k, -1)
                 staged.write(level, old, self.gister.gists(level, old, children))
             new_lengths.append(new)
         self._lengths = new_lengths
@@ -232,10 +235,10 @@ class Tree:
                 if self.gister is None:
                     raise TreeError("deep verification needs the tree opened with its Gister")
                 if level == 1:
-                    below = self.gister.embed(self.tokens(0, len(gists) * k))
+                    expected = self.gister.token_gists(0, self.tokens(0, len(gists) * k))
                 else:
-                    below = self.gists(level - 1, 0, len(gists) * k).astype(np.float32)
-                expected = self.gister.gists(level, 0, below.reshape(len(gists), k, -1))
+                    below = self.gists(level - 1, 0, len(gists) * k)
+                    expected = self.gister.gists(level, 0, below.reshape(len(gists), k, -1))
                 mismatch = np.flatnonzero((expected != self.gists(level, 0, len(gists))).any(-1))
                 if mismatch.size:
                     raise TreeCorruptError(

@@ -44,7 +44,8 @@ class DecoderLM(nnx.Module):
         """float32 logits ``[B, T, V]`` of the last block's output."""
         raise NotImplementedError
 
-    def _run(self, tokens, embeddings, mu, sigma, kv_valid, cache, index, entries=None):
+    def _trunk(self, tokens, embeddings, mu, sigma, kv_valid, cache, index, entries, layers):
+        # The residual stream after the first ``layers`` blocks, and their caches.
         if (tokens is None) == (embeddings is None):
             raise ValueError("pass exactly one of tokens or embeddings")
         x = self.embed(tokens) if embeddings is None else embeddings.astype(self.dtype)
@@ -54,12 +55,23 @@ class DecoderLM(nnx.Module):
         cos, sin = self.rope(mu, sigma)
         x = self.inputs(x)
         new_cache = []
-        for i, block in enumerate(self.blocks):
-            x, layer_cache = block(
+        for i in range(layers):
+            x, layer_cache = self.blocks[i](
                 x, cos, sin, kv_valid, None if cache is None else cache[i], index, entries
             )
             new_cache.append(layer_cache)
+        return x, new_cache
+
+    def _run(self, tokens, embeddings, mu, sigma, kv_valid, cache, index, entries=None):
+        x, new_cache = self._trunk(
+            tokens, embeddings, mu, sigma, kv_valid, cache, index, entries, len(self.blocks)
+        )
         return self.logits(x), new_cache
+
+    def hidden(self, tokens: jax.Array, layers: int) -> jax.Array:
+        """The residual stream after the first ``layers`` blocks of a causal pass with ordinary
+        RoPE: ``[B, T]`` ids -> ``[B, T, D]`` (what a contextual GistNet reads)."""
+        return self._trunk(tokens, None, None, None, None, None, 0, None, layers)[0]
 
     def __call__(
         self,

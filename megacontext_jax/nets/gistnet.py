@@ -6,6 +6,12 @@ projection into the base model's input-embedding space. One set of weights serve
 set per level (``mc.gist.shared_levels``). With ``mc.gist.depth = 0`` there is no transformer: the
 gist is the mean of the normalised children through the projection, the baseline that says what the
 transformer adds.
+
+LOD1's children are token embeddings, or (``mc.gist.read_layer = L > 0``) the base model's residual
+stream after its first L blocks (``contextual_inputs``): each token read in the causal context of
+its own span of ``mc.gist.read_blocks`` blocks, spans aligned at absolute block indices, so a
+block's gist depends on its span's tokens up to its own end and on nothing else, and incremental
+ingest equals a full rebuild (DESIGN section 7).
 """
 
 import jax
@@ -13,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import kernels
+from megacontext_jax.nets.decoder import DecoderLM
 from megacontext_jax.nets.layers import Block, linear, rms_norm
 from megacontext_jax.nets.specs import GistConfig
 
@@ -96,16 +103,37 @@ class GistNet(nnx.Module):
         return self.levels[min(level, len(self.levels)) - 1](children)
 
 
+def contextual_inputs(base: DecoderLM, tokens: jax.Array, layer: int, span: int) -> jax.Array:
+    """A contextual LOD1's children: ``[B, T]`` ids -> ``[B, T, D]`` float32, each token's stream
+    after ``layer`` blocks of a causal pass over its own span of ``span`` tokens (spans start at
+    multiples of ``span``; a partial last span is padded after its tokens, which causality hides).
+
+    No gradient flows into the base: it learns from its own losses, and the encoder reads its
+    states as they are (as with a frozen imported base).
+    """
+    b, t = tokens.shape
+    n = -(-t // span)
+    padded = jnp.pad(tokens, ((0, 0), (0, n * span - t)))
+    x = base.hidden(padded.reshape(b * n, span), layer).reshape(b, n * span, -1)[:, :t]
+    return jax.lax.stop_gradient(x.astype(jnp.float32))
+
+
 def build_levels(
-    gistnet: GistNet, embeddings: jax.Array, block_size: int, max_level: int
+    gistnet: GistNet,
+    embeddings: jax.Array,
+    reads: jax.Array,
+    block_size: int,
+    max_level: int,
 ) -> list[jax.Array]:
     """Every complete node of a sequence, all levels, batched: ``[N, D]`` -> ``[[N // K^l, D]]``.
 
-    Entry 0 is ``embeddings`` itself. Jit-able (N is static); used in-graph by training.
+    Entry 0 is ``embeddings`` itself; LOD1 gists read ``reads [N, D]`` (``embeddings``, or
+    ``contextual_inputs``), each level above the one below. Jit-able (N is static); used
+    in-graph by training.
     """
     levels = [embeddings]
     for level in range(1, max_level + 1):
-        below = levels[-1]
+        below = reads if level == 1 else levels[-1]
         n = below.shape[0] // block_size
         if n == 0:
             break

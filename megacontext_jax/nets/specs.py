@@ -126,6 +126,13 @@ class GistConfig:
     pooling: str
     projection: str
     shared_levels: bool
+    read_layer: int = 0  # 0: LOD1 reads token embeddings; L: the base's stream after L blocks
+    read_blocks: int = 1  # blocks per causal pass of the base that LOD1 reads (read_layer > 0)
+
+    @property
+    def contextual(self) -> bool:
+        """Whether LOD1 gists read the base model's hidden states (``nets.gistnet``)."""
+        return self.read_layer > 0
 
     @classmethod
     def from_config(cls, config: Group) -> "GistConfig":
@@ -138,6 +145,8 @@ class GistConfig:
             pooling=mc.gist.pooling,
             projection=mc.gist.projection,
             shared_levels=mc.gist.shared_levels,
+            read_layer=mc.gist.read_layer,
+            read_blocks=mc.gist.read_blocks,
         )
 
     def settings_json(self) -> str:
@@ -152,11 +161,29 @@ class GistConfig:
             "projection": self.projection,
             "shared_levels": self.shared_levels,
         }
+        # Only a contextual GistNet names what it reads: trees made before these fields existed
+        # read token embeddings, and keep their fingerprint.
+        if self.contextual:
+            group |= {"read_blocks": self.read_blocks, "read_layer": self.read_layer}
         return json.dumps(group, indent=2, sort_keys=True)
 
     @staticmethod
-    def validate(gist: Group, width: int) -> None:
+    def validate(gist: Group, width: int, base_depth: int, ingest_chunk: int) -> None:
+        """``config.mc.gist`` (``base_depth``: ``model.depth``; ``ingest_chunk``:
+        ``mc.ingest_chunk``, which the causal passes of a contextual GistNet must tile)."""
         require(gist.depth >= 0, "mc.gist.depth", f"must be >= 0, got {gist.depth}")
+        require(
+            0 <= gist.read_layer <= base_depth,
+            "mc.gist.read_layer",
+            f"must be in [0, model.depth={base_depth}] (0: token embeddings), got {gist.read_layer}",
+        )
+        positive(gist, "mc.gist", "read_blocks")
+        require(
+            gist.read_layer == 0 or ingest_chunk % gist.read_blocks == 0,
+            "mc.gist.read_blocks",
+            f"{gist.read_blocks} must divide mc.ingest_chunk={ingest_chunk} (an ingest call holds "
+            "whole causal passes)",
+        )
         positive(gist, "mc.gist", "num_heads", "mlp_ratio")
         require(gist.pooling in POOLINGS, "mc.gist.pooling", f"must be one of {POOLINGS}")
         # Depth 0 is the mean-pooled baseline: a learned query over children no block has mixed

@@ -45,9 +45,10 @@ class SessionError(ValueError):
 
 
 def gister_for(model: MegaContext, config: ml_collections.ConfigDict) -> Gister:
-    """The Gister of a MegaContext model: its base model's token embeddings and GistNet."""
+    """The Gister of a MegaContext model: its base model's token embeddings and GistNet (and the
+    base itself, which a contextual GistNet reads)."""
     table = model.base.embed(jnp.arange(config.model.vocab_size))
-    return Gister.from_config(table, model.gistnet, config)
+    return Gister.from_config(table, model.gistnet, config, model.base)
 
 
 @partial(jax.jit, static_argnames=("lens_graph", "cfg", "layout"))

@@ -301,9 +301,7 @@ def mc_loss(
     teacher_mask = jnp.take_along_axis(target_mask, scored_at, axis=1)
     teacher_nll = _masked_mean(teacher_tok, teacher_mask)
 
-    table, offsets = node_table(
-        model.gistnet, model.base.embed(inputs), layout.block_size, layout.max_level
-    )
+    table, offsets = node_table(model, inputs, layout.block_size, layout.max_level)
     host = WorkingContext.from_batch(batch)
     rows = Rows(num_random=host.lod.shape[1] - 2)
     baseline = jax.tree.map(lambda a: a[:, rows.baseline], host)
