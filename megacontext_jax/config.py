@@ -162,6 +162,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.mc.loss.kl_weighting = "uniform"
     c.mc.loss.pyramid = 0.0  # weight of the pyramid pass (DESIGN 6.2); 0 leaves it out
     c.mc.loss.span_kl = 0.0  # weight of the close-range substitutability pass; 0 leaves it out
+    # Weight of the autoencoding term (ICAE, REFRAG): each LOD1 gist, then its span again, read by
+    # the base model, which must predict the span's tokens from the gist; 0 leaves it out.
+    c.mc.loss.reconstruct = 0.0
     c.mc.span_kl = ml_collections.ConfigDict()
     c.mc.span_kl.fractions = (0.25, 0.25)  # of a sequence's level-1, level-2, ... nodes: gists
     c.mc.span_kl.horizon = 64  # tokens after each gist whose predictions are compared

@@ -101,6 +101,7 @@ FIELDS: dict[str, str] = {
     "mc.loss.kl_weighting": "uniform, or gap: each scored token's KL weighted by full's gain on it",
     "mc.loss.pyramid": "weight of the pyramid pass (DESIGN 6.2); 0: off",
     "mc.loss.span_kl": "weight of the close-range substitutability pass; 0: off",
+    "mc.loss.reconstruct": "weight of the autoencoding term: a span's tokens from its gist; 0: off",
     "mc.span_kl.fractions": "share of level-1, level-2, ... nodes replaced by their gists",
     "mc.span_kl.horizon": "tokens after each gist whose predictions are compared",
     "mc.gist.depth": "GistNet transformer blocks (0: mean-pooled children, the baseline)",

@@ -176,6 +176,7 @@ class LossWeights:
     kl_weighting: str
     pyramid: float
     span_kl: float
+    reconstruct: float
 
     @classmethod
     def from_config(cls, loss: Group) -> "LossWeights":
@@ -197,6 +198,7 @@ class LossWeights:
         )
         require(loss.pyramid >= 0, "mc.loss.pyramid", "must be >= 0 (0 leaves the pass out)")
         require(loss.span_kl >= 0, "mc.loss.span_kl", "must be >= 0 (0 leaves the pass out)")
+        require(loss.reconstruct >= 0, "mc.loss.reconstruct", "must be >= 0 (0 leaves it out)")
         if loss.span_kl <= 0:
             return
         fractions = tuple(mc.span_kl.fractions)

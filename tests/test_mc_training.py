@@ -31,6 +31,7 @@ from megacontext_jax.training.losses import (
     guided_contexts,
     mc_loss,
     preference_loss,
+    reconstruction,
     span_kl,
 )
 from megacontext_jax.training.metrics import read_metrics
@@ -502,6 +503,53 @@ def test_span_kl_is_zero_over_tokens_alone_and_trains_gistnet():
         )
     np.testing.assert_allclose(float(metrics["span_kl"]), float(kl), rtol=1e-5)
     np.testing.assert_allclose(totals[1000.0] - totals[0.0], 1000.0 * float(kl), rtol=1e-4)
+
+
+def test_reconstruction_reads_each_gist_then_its_span_after_it():
+    """The autoencoding term by hand (K = 4): the base reads each block's gist at the centre of a
+    span [0, 4), then the block's first 3 tokens at positions 4, 5, 6, and is scored on all 4;
+    blocks past a sequence's end (cursor + S) are not scored."""
+    config = tiny_mc_config("/unused", "/unused")  # K = 4, T = 64, S = 4
+    model = MegaContext(config, rngs=nnx.Rngs(0))
+    spec = MCTraining.from_config(config)
+    tokens = jnp.asarray(np.random.default_rng(3).integers(3, 256, (2, 65)), jnp.int32)
+    table, offsets = node_table(model, tokens[:, :64], 4, 2)
+    cursor = jnp.array([60, 8])  # sequence 1 ends at token 12: its blocks 0, 1 and 2
+    got = reconstruction(model, table, offsets, tokens, cursor, spec)
+
+    def by_hand(row, block):
+        span = tokens[row, 4 * block : 4 * block + 4]
+        gist = table[row, offsets[1] + block]
+        inputs = jnp.concatenate([gist[None], model.base.embed(span[None, :3])[0]])[None]
+        mu = jnp.array([[1.5, 4.0, 5.0, 6.0]])
+        sigma = jnp.array([[config.mc.sigma_scale * 4, 0.0, 0.0, 0.0]])
+        logits = model.base(embeddings=inputs, mu=mu, sigma=sigma)
+        return jax.nn.logsumexp(logits[0], -1) - logits[0, jnp.arange(4), span]
+
+    nll = jnp.concatenate([by_hand(0, b) for b in range(16)] + [by_hand(1, b) for b in range(3)])
+    np.testing.assert_allclose(float(got), float(nll.mean()), rtol=1e-5)
+
+    grads = nnx.grad(
+        lambda m: reconstruction(m, *node_table(m, tokens[:, :64], 4, 2), tokens, cursor, spec)
+    )(model)
+    assert sum(float(jnp.sum(jnp.abs(g))) for g in jax.tree.leaves(grads.gistnet)) > 0
+
+
+def test_reconstruct_weight_adds_its_term_alone():
+    config = tiny_mc_config("/unused", "/unused")
+    model = MegaContext(config, rngs=nnx.Rngs(0))
+    batch = _batch(config)
+    totals = {}
+    for weight in (0.0, 0.5):
+        c = config.copy_and_resolve_references()
+        c.mc.loss.reconstruct = weight
+        totals[weight], metrics = mc_loss(
+            model, batch, jnp.int32(0), jax.random.key(0), MCTraining.from_config(c)
+        )
+    assert "loss/reconstruct" in metrics and float(metrics["loss/reconstruct"]) > 0
+    np.testing.assert_allclose(
+        totals[0.5] - totals[0.0], 0.5 * float(metrics["loss/reconstruct"]), rtol=1e-4
+    )
 
 
 def test_checkpoint_restores_all_three_parts(tmp_path, corpus_dir):

@@ -17,7 +17,8 @@ levers train only their MC phase from the default's curriculum checkpoint) with 
 * ``mc.gist.depth = 0``: the mean-pooled gist baseline (``configs/tiny.py:mean_gist``);
 * ``mc.gist.shared_levels = False``: one GistNet per level;
 * ``mc.gist.read_layer = 2`` with one GistNet per level: LOD1 reads the base's states
-  (``configs/tiny.py:contextual``), against the row before it.
+  (``configs/tiny.py:contextual``), against the row before it;
+* ``mc.loss.reconstruct = 0.5``: the autoencoding term (each LOD1 gist, then its span again).
 """
 
 
@@ -33,4 +34,5 @@ def sweep() -> list[dict]:
         {"mc.gist.depth": 0, "mc.gist.pooling": "mean", "mc.gist.projection": "linear"},
         {"mc.gist.shared_levels": False},
         {"mc.gist.read_layer": 2, "mc.gist.shared_levels": False},
+        {"mc.loss.reconstruct": 0.5},
     ]

@@ -16,6 +16,11 @@ by the allocator:
 * ``pyramid`` (optional, DESIGN section 6.2): every token and gist of the sequence in one pass of
   the base model under the pyramid mask, each entry labelled with the first token after its span:
   the base model learns to read gists at every position, not only at the scored ones;
+* ``reconstruct`` (optional): autoencoding, as ICAE and REFRAG pretrain their encoders. Each LOD1
+  gist of the history, then its span's first K - 1 tokens placed right after the span (the
+  geometry of a gist and the tokens that follow it in a WC), read by the base model, which
+  predicts the span's K tokens: the gist must hold what its tokens were, in a form the base reads
+  (the base learned to copy from repeats: the span's tokens come again);
 * ``lens``: Bradley–Terry preference loss: for two variants a, b of the baseline with measured loss
   L_a < L_b, ``-log sigmoid(u_a - u_b)`` where u is LensNet's utility of the variant's edits
   (sum of scores of expanded gists minus mean scores of collapsed groups), each pair weighted
@@ -73,6 +78,35 @@ def pyramid_pass(
         model, table, offsets, wc, tokens, layout, spec.ignore, mask
     )
     return _masked_mean(token_nll(logits, labels), label_mask)
+
+
+def reconstruction(
+    model: MegaContext,
+    table: jax.Array,
+    offsets: tuple[int, ...],
+    tokens: jax.Array,
+    cursor: jax.Array,
+    spec: MCTraining,
+) -> jax.Array:
+    """Mean NLL of the K tokens of every LOD1 span (``tokens [B, T + 1]``) that ends by its
+    sequence's end (``cursor [B]`` + S), each read by the base model from ``[its gist, its first
+    K - 1 tokens]`` (``table`` rows of ``node_table``)."""
+    layout = spec.layout
+    k = layout.block_size
+    b, t = tokens.shape[0], tokens.shape[1] - 1
+    n = t // k
+    spans = tokens[:, : n * k].reshape(b * n, k)
+    gists = table[:, offsets[1] : offsets[1] + n].reshape(b * n, 1, -1)
+    inputs = model.base.embed(spans[:, :-1])
+    inputs = jnp.concatenate([gists.astype(inputs.dtype), inputs], axis=1)  # [B n, K, D]
+    lod = jnp.array([1] + [0] * (k - 1), jnp.int32)
+    start = jnp.arange(k - 1, 2 * k - 1, dtype=jnp.int32).at[0].set(0)
+    mu, sigma = layout.positions(*(jnp.broadcast_to(a, (b * n, k)) for a in (lod, start)))
+    logits = model.base(embeddings=inputs, mu=mu, sigma=sigma)
+    ends = (jnp.arange(n) + 1) * k <= (cursor + layout.scored)[:, None]  # [B, n]
+    valid = jnp.all(spans[..., None] != jnp.asarray(spec.ignore, spans.dtype), axis=-1)
+    valid = valid & ends.reshape(b * n, 1)
+    return _masked_mean(token_nll(logits, spans), valid)
 
 
 def span_kl(
@@ -339,6 +373,9 @@ def mc_loss(
     if weights.pyramid > 0:
         extra["loss/pyramid"] = pyramid_pass(model, table, offsets, tokens, spec)
         total = total + weights.pyramid * extra["loss/pyramid"]
+    if weights.reconstruct > 0:
+        extra["loss/reconstruct"] = reconstruction(model, table, offsets, tokens, cursor, spec)
+        total = total + weights.reconstruct * extra["loss/reconstruct"]
     metrics = {
         "loss": total,
         "lm_tokens": lm_tokens,
