@@ -39,6 +39,7 @@ from megacontext_jax.cli import OneLineParser, at_least, history_lengths
 from megacontext_jax.config import ConfigError, apply_override, parse_args, validate
 from megacontext_jax.training.checkpoint import CheckpointError
 
+PAIRED = ("mc_static - window", "mc_focus - mc_static")  # columns of every run's row
 NAME_MAX = 80  # characters of a run's directory name, before its seed part
 _SAFE = re.compile(r"[A-Za-z0-9._+-]*")  # what a key or value may hold to appear verbatim
 # Failures a user causes (data, checkpoints, values; ConfigError and DataError are ValueErrors)
@@ -126,6 +127,12 @@ def results_row(overrides: dict, summary: dict, evaluation: dict) -> dict:
                 row[f"{length} {c} key_nll"] = text["conditions"][c]["key_nll"]["mean"]
         for c, gap in text["gap_recovered"]["all"].items():
             row[f"{length} {c} gap_recovered"] = gap
+        # The paired differences the claim rests on, with their SEs: a lever's table says
+        # whether its gaps are resolved without the run's full report.
+        for pair in PAIRED:
+            if pair in text.get("differences", {}):
+                d = text["differences"][pair]["all"]
+                row[f"{length} {pair}"], row[f"{length} {pair} se"] = d["mean"], d["se"]
     for length, result in evaluation["retrieval"].get("passkey", {}).items():
         if "mc_focus" in result.get("accuracy", {}):
             row[f"{length} passkey mc_focus"] = result["accuracy"]["mc_focus"]["mean"]

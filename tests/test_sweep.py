@@ -149,6 +149,17 @@ def table(tmp_path, name: str = "results") -> list[dict]:
     return list(csv.DictReader((tmp_path / "runs" / f"{name}.csv").open()))
 
 
+def test_a_row_holds_the_paired_differences_with_their_se():
+    d = {"mean": 0.02, "se": 0.004}
+    text = {
+        "conditions": {},
+        "gap_recovered": {"all": {}},
+        "differences": {"mc_static - window": {"all": d}, "full - window": {"all": d}},
+    }
+    row = sweep.results_row({"k": 1}, {}, {"text": {"8W": text}, "retrieval": {}})
+    assert row == {"k": 1, "8W mc_static - window": 0.02, "8W mc_static - window se": 0.004}
+
+
 def test_run_names_are_unique_per_override_set():
     assert sweep.run_name({"mc.gist.depth": 2}) == "mc.gist.depth=2"
     assert sweep.run_name({"mc.lens.depth": 2}) == "mc.lens.depth=2"
