@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megacontext_jax.config import load_config
+from megacontext_jax.config_files import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = 64  # tokens per timed block; blocks of the two modes alternate

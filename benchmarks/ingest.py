@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from megacontext_jax.config import load_config
+from megacontext_jax.config_files import load_config
 from megacontext_jax.memory.tree import Tree
 from megacontext_jax.testing import random_gister
 

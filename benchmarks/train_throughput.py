@@ -18,7 +18,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from megacontext_jax.config import parse_args
+from megacontext_jax.config_files import parse_args
 from megacontext_jax.nets.decoder import count_params
 from megacontext_jax.training import sharding
 from megacontext_jax.training.loop import mc_batch

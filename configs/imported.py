@@ -15,7 +15,7 @@ from pathlib import Path
 
 import ml_collections
 
-from megacontext_jax.config import load_config
+from megacontext_jax.config_files import load_config
 
 
 def get_config(hf_path: str = "") -> ml_collections.ConfigDict:

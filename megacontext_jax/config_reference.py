@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 import ml_collections
 
-from megacontext_jax.config import ConfigError, leaves, load_config
+from megacontext_jax.config import ConfigError, leaves
+from megacontext_jax.config_files import load_config
 
 # One line per leaf of ``base_config()``, by dotted key: the reference that ``train.py --help``,
 # ``--print-config`` and the README's table are all made from (tests keep it and the README in

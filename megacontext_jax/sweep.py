@@ -36,7 +36,8 @@ from pathlib import Path
 import ml_collections
 
 from megacontext_jax.cli import OneLineParser, at_least, history_lengths
-from megacontext_jax.config import ConfigError, apply_override, parse_args, validate
+from megacontext_jax.config import ConfigError, validate
+from megacontext_jax.config_files import apply_override, parse_args
 from megacontext_jax.training.checkpoint import CheckpointError
 
 PAIRED = ("mc_static - window", "mc_focus - mc_static")  # columns of every run's row
@@ -237,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
         "field of the base config, e.g. --config.train.steps=200; each run's overrides from the "
         "sweep file apply on top.",
     )
-    # Parsed here only for the help and the error of a missing one; config.parse_args reads it.
+    # Parsed here only for the help and the error of a missing one; config_files.parse_args reads it.
     config.add_argument(
         "--config",
         required=True,

@@ -10,7 +10,8 @@ import jax
 import pytest
 from flax import nnx
 
-from megacontext_jax.config import ConfigError, base_config, leaves, load_config, parse_args
+from megacontext_jax.config import ConfigError, base_config, leaves
+from megacontext_jax.config_files import load_config, parse_args
 from megacontext_jax.config_reference import FIELDS, format_config, markdown_table
 from megacontext_jax.nets.decoder import count_params
 from megacontext_jax.nets.gpt import GPT

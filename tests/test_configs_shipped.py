@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from megacontext_jax.config import apply_override, config_module, parse_args, validate
+from megacontext_jax.config import validate
+from megacontext_jax.config_files import apply_override, config_module, parse_args
 from megacontext_jax.nets.llama import sync_config
 from megacontext_jax.sweep import load_sweep
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from megacontext_jax.config import ConfigError, base_config, leaves, parse_args, validate
+from megacontext_jax.config import ConfigError, base_config, leaves, validate
+from megacontext_jax.config_files import parse_args
 from megacontext_jax.megacontext import make_base
 from megacontext_jax.nets.gistnet import GistNet, build_levels, contextual_inputs
 from megacontext_jax.nets.specs import GistConfig

@@ -16,7 +16,8 @@ import sys
 
 import ml_collections
 
-from megacontext_jax.config import ConfigError, base_config, load_config, parse_args, split_args
+from megacontext_jax.config import ConfigError, base_config
+from megacontext_jax.config_files import load_config, parse_args, split_args
 from megacontext_jax.config_reference import describe_fields, format_config
 from megacontext_jax.data.pipeline import DataError
 from megacontext_jax.training.checkpoint import CheckpointError
