@@ -15,7 +15,7 @@ import megacontext_jax as mcj
 from megacontext_jax.api import load
 from megacontext_jax.data import pipeline as data
 from megacontext_jax.data.tokenizer import ByteTokenizer
-from megacontext_jax.evaluation import Protocol, config_hash, evaluate, stats, windows
+from megacontext_jax.evaluation import Protocol, config_hash, stats, windows
 from megacontext_jax.evaluation.retrieval import TASKS, make_probes
 from megacontext_jax.evaluation.scoring import (
     ORACLE,
@@ -323,13 +323,20 @@ def test_probes_have_stratified_depths_and_held_out_text():
     assert all(b"return" not in bytes(p.tokens[1:].astype(np.uint8)) for p in prose)
 
 
-def test_evaluate_reports_every_condition(trained, corpus_dir):
-    workdir, config = trained
-    from megacontext_jax.training.restore import load_model
+def test_evaluate_cli_reports_every_condition(trained, tmp_path, capsys):
+    """The CLI (in this process, so that it shares the compiled scorers; the entry point below
+    runs it as ``python -m``) evaluates every condition and writes what produced it."""
+    from megacontext_jax.evaluation import cli
 
-    model, _ = load_model(workdir)
-    docs = data.load_documents(str(corpus_dir))
-    results = evaluate(model, config, docs, Protocol(**SMALL), progress=False)
+    workdir, _ = trained
+    out = tmp_path / "does" / "not" / "exist" / "eval.json"  # the parents are created
+    args = ["--checkpoint", str(workdir), "--lengths", "4", "--windows", "4"]
+    args += ["--budgets", "32,20,24", "--budget-length", "4", "--retrieval-lengths", "4"]
+    args += ["--probes", "2", "--batch", "2", "--refocus-steps", "2", "--out", str(out)]
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "mc_focus" in printed and "effective window" in printed
+    results = json.loads(out.read_text())
     row = results["text"]["4W"]
     assert set(row["conditions"]) == {
         "full",
@@ -366,34 +373,26 @@ def test_evaluate_reports_every_condition(trained, corpus_dir):
         "tokens_nll",
         "documents",
     }
-
-
-def test_evaluate_cli(trained, tmp_path):
-    workdir, _ = trained
-    out = tmp_path / "does" / "not" / "exist" / "eval.json"  # the parents are created
-    cmd = [sys.executable, "-m", "megacontext_jax.evaluation", "--checkpoint", str(workdir)]
-    args = ["--quick", "--lengths", "4", "--windows", "2", "--probes", "2", "--batch", "2"]
-    args += ["--retrieval-lengths", "4", "--tasks", "passkey,mqar", "--budgets", "24,32"]
-    args += ["--out", str(out)]
-    result = subprocess.run([*cmd, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "mc_focus" in result.stdout and "effective window" in result.stdout
-    results = json.loads(out.read_text())
-    assert results["text"]["4W"]["conditions"]["full"]["nll"]["mean"] > 0
     run = results["run"]
     assert run["step"] == 3 and run["checkpoint"] == str(workdir)
-    assert run["argv"] == ["--checkpoint", str(workdir), *args]
+    assert run["argv"] == args
     assert run["config_hash"] == config_hash(load(workdir).config)
-    assert run["arguments"]["windows"] == 2 and run["arguments"]["tasks"] == ["passkey", "mqar"]
+    assert run["arguments"]["windows"] == 4 and run["arguments"]["tasks"] == list(TASKS)
     assert set(run["versions"]) >= {"jax", "flax", "python"}
     for suffix in ("", "_budget", "_depth"):
         assert out.with_name(f"eval{suffix}.png").stat().st_size > 0
+    quick = cli.build_parser().parse_args(["--checkpoint", "x", "--quick", "--windows", "2"])
+    assert cli.protocol_of(quick) == Protocol.quick(windows=2)
+
+
+def test_evaluate_entry_point_is_one_line_on_a_missing_checkpoint(tmp_path):
     missing = subprocess.run(
-        [*cmd[:-1], str(tmp_path / "nope")], cwd=ROOT, capture_output=True, text=True, timeout=600
-    )
+        [sys.executable, "-m", "megacontext_jax.evaluation", "--checkpoint", str(tmp_path / "no")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
     assert missing.returncode == 1
     assert missing.stderr.strip().splitlines() == [
-        f"error: no checkpoint at {tmp_path / 'nope'}: config.json not found"
+        f"error: no checkpoint at {tmp_path / 'no'}: config.json not found"
     ]
 
 
