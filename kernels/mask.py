@@ -14,7 +14,8 @@ metadata alone decides who sees whom (``MaskSpec.kind``):
   the rest. Never a key whose span ends after ``end_q``.
 
 ``visible`` is that rule in jnp on any leading shape: the reference builds its dense mask with it
-and the kernels call it on each tile they visit, so the two cannot disagree.
+and the kernels call it (the TPU kernels its 2-D form ``pairs_visible``) on each tile they visit,
+so the two cannot disagree.
 """
 
 import dataclasses
@@ -95,9 +96,21 @@ def visible(
     spec: MaskSpec,
 ) -> jax.Array:
     """``[..., Tq, Tk]`` bool from query ends ``[..., Tq]`` and key metadata ``[..., Tk]``."""
-    q_end = q_end[..., :, None]
-    k_lod, k_start, k_end = k_lod[..., None, :], k_start[..., None, :], k_end[..., None, :]
-    mask = k_valid[..., None, :] & (k_end <= q_end)
+    keys = (x[..., None, :] for x in (k_lod, k_start, k_end, k_valid))
+    return pairs_visible(q_end[..., :, None], *keys, spec)
+
+
+def pairs_visible(
+    q_end: jax.Array,
+    k_lod: jax.Array,
+    k_start: jax.Array,
+    k_end: jax.Array,
+    k_valid: jax.Array,
+    spec: MaskSpec,
+) -> jax.Array:
+    """The same rule on arguments that broadcast to the pairs' shape, e.g. query ends ``[Tq, 1]``
+    and key rows ``[1, Tk]`` (the 2-D form the TPU kernels keep their tiles in)."""
+    mask = k_valid & (k_end <= q_end)
     if spec.kind == "pyramid":
         lower, upper = jnp.full(mask.shape, FAR, jnp.int32), jnp.full(mask.shape, -1, jnp.int32)
         for level, (lo, hi) in enumerate(bands(q_end, spec)):

@@ -10,9 +10,10 @@ zeros.
 
 Here the inputs are checked and padded (lengths to whole tiles, each rotary half to a power of
 two) and the kernels wrapped in a ``custom_vjp``; the layers below are ``kernels.tiles`` (the
-block-sparse tile lists: which tiles are visited, with or without a mask),
-``kernels.mixed_kernels`` (the kernel bodies) and ``kernels.mixed_launch`` (their ``pallas_call``
-launches).
+block-sparse tile lists: which tiles are visited, with or without a mask), and two kernel families
+of the same contract (``TARGETS``): ``triton`` (GPU: ``kernels.mixed_kernels``, the kernel bodies,
+and ``kernels.mixed_launch``, their ``pallas_call`` launches) and ``tpu`` (Mosaic TPU:
+``kernels.mixed_tpu``), which a TPU backend gets by default.
 """
 
 import functools
@@ -23,13 +24,19 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
+from kernels import mixed_launch, mixed_tpu
 from kernels.mask import FAR, Entries, MaskSpec, visible
 from kernels.mixed_kernels import BlockSizes, KernelConfig
-from kernels.mixed_launch import backward, forward
 from kernels.reference import masked_attention
 from kernels.rope import gaussian_rope
 
 __all__ = ["BlockSizes", "Entries", "MaskSpec", "mixed_attention", "mixed_attention_reference"]
+
+# The kernel families: (forward, backward) launchers of one contract.
+TARGETS = {
+    "triton": (mixed_launch.forward, mixed_launch.backward),
+    "tpu": (mixed_tpu.forward, mixed_tpu.backward),
+}
 
 
 def _pad_to(x, axis: int, size: int, value=0):
@@ -50,19 +57,19 @@ def _zero_cotangent(x):
     return np.zeros(x.shape, jax.dtypes.float0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _attention(q, k, v, q_meta, k_meta, cfg, interpret):
-    return forward(q, k, v, q_meta, k_meta, cfg, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _attention(q, k, v, q_meta, k_meta, cfg, interpret, target):
+    return TARGETS[target][0](q, k, v, q_meta, k_meta, cfg, interpret)[0]
 
 
-def _attention_fwd(q, k, v, q_meta, k_meta, cfg, interpret):
-    out, lse = forward(q, k, v, q_meta, k_meta, cfg, interpret)
+def _attention_fwd(q, k, v, q_meta, k_meta, cfg, interpret, target):
+    out, lse = TARGETS[target][0](q, k, v, q_meta, k_meta, cfg, interpret)
     return out, (q, k, v, q_meta, k_meta, out, lse)
 
 
-def _attention_bwd(cfg, interpret, residuals, do):
+def _attention_bwd(cfg, interpret, target, residuals, do):
     q, k, v, q_meta, k_meta, out, lse = residuals
-    dq, dk, dv = backward(q, k, v, q_meta, k_meta, out, lse, do, cfg, interpret)
+    dq, dk, dv = TARGETS[target][1](q, k, v, q_meta, k_meta, out, lse, do, cfg, interpret)
     zeros = jax.tree.map(_zero_cotangent, (q_meta, k_meta))
     return (dq, dk, dv, *zeros)
 
@@ -104,6 +111,7 @@ def mixed_attention(
     theta: float = 10000.0,
     blocks: BlockSizes = BlockSizes(),
     interpret: bool | None = None,
+    target: str | None = None,
 ) -> jax.Array:
     """Attention of ``q [B, Tq, Hq, Dh]`` over ``k, v [B, Tk, Hkv, Dh]`` under ``spec``'s mask.
 
@@ -111,9 +119,16 @@ def mixed_attention(
 
     Differentiable in q, k and v (Pallas backward). Lengths are padded to the tiles and head
     halves to powers of two here. ``interpret=None`` interprets on CPU and compiles elsewhere.
+    ``target`` names the kernel family (``TARGETS``; None: ``tpu`` on a TPU backend, else
+    ``triton``); the TPU kernels take q and k rotated, so with ``rope=True`` they are rotated
+    here first.
     """
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
+    if target is None:
+        target = "tpu" if jax.default_backend() == "tpu" else "triton"
+    if target not in TARGETS:
+        raise ValueError(f"unknown kernel target {target!r}; expected one of {tuple(TARGETS)}")
     tq, hq, dh = q.shape[1:]
     tk, hkv = k.shape[1], k.shape[2]
     if hq % hkv:
@@ -122,6 +137,10 @@ def mixed_attention(
         raise ValueError(f"head_dim must be even (rotary halves), got {dh}")
     b = q.shape[0]
     q_meta, k_meta = _fit_meta(q_meta, b, tq, "query"), _fit_meta(k_meta, b, tk, "key")
+    if rope and target == "tpu":
+        q = gaussian_rope(q, q_meta.mu, q_meta.sigma, theta)
+        k = gaussian_rope(k, k_meta.mu, k_meta.sigma, theta)
+        rope = False
     half = max(8, pl.next_power_of_2(dh // 2))
     step_q = math.lcm(blocks.block_q, blocks.block_q_bwd)
     step_k = math.lcm(blocks.block_k, blocks.block_k_bwd)
@@ -131,8 +150,9 @@ def mixed_attention(
     kp = _pad_to(_pad_halves(k, half), 1, tk_p)
     vp = _pad_to(_pad_to(v, -1, 2 * half), 1, tk_p)
     out = _attention(
-        qp, kp, vp, _pad_meta(q_meta, tq_p, -1), _pad_meta(k_meta, tk_p, FAR), cfg, interpret
-    )
+        qp, kp, vp, _pad_meta(q_meta, tq_p, -1), _pad_meta(k_meta, tk_p, FAR), cfg, interpret,
+        target,
+    )  # fmt: skip
     return out[:, :tq, :, :dh]
 
 

@@ -19,7 +19,7 @@ from jax.experimental import pallas as pl
 
 from kernels.mask import Entries
 from kernels.mixed_kernels import BlockSizes, KernelConfig, dkdv_kernel, dq_kernel, fwd_kernel
-from kernels.tiles import TileLists, key_tile_bounds, query_tile_bounds, tile_kinds, tile_lists
+from kernels.tiles import TileLists, pass_lists
 
 
 def _compiler_params(blocks: BlockSizes, interpret: bool):
@@ -99,8 +99,7 @@ def forward(
     b, tq, hq, dp = q.shape
     tk, hkv, dvp = k.shape[1], k.shape[2], v.shape[-1]
     bq = cfg.blocks.block_q
-    kt = key_tile_bounds(k_meta, cfg.blocks.block_k)
-    lists = tile_lists(tile_kinds(query_tile_bounds(q_meta.end, bq), kt, cfg.spec))
+    lists = pass_lists(q_meta.end, k_meta, bq, cfg.blocks.block_k, cfg.spec)[0]
     q_arrays = [q_meta.end, q_meta.mu.astype(jnp.float32), q_meta.sigma.astype(jnp.float32)]
     in_specs = [*_specs(cfg, tq, tk, dp, dvp, hq // hkv, bq, grid_q=True), *_list_specs(lists)]
     return pl.pallas_call(
@@ -140,8 +139,7 @@ def backward(
     group = hq // hkv
     bq, bk = cfg.blocks.block_q_bwd, cfg.blocks.block_k_bwd
     delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), do.astype(jnp.float32))
-    kinds = tile_kinds(query_tile_bounds(q_meta.end, bq), key_tile_bounds(k_meta, bk), cfg.spec)
-    q_lists, k_lists = tile_lists(kinds), tile_lists(jnp.swapaxes(kinds, 1, 2))
+    q_lists, k_lists = pass_lists(q_meta.end, k_meta, bq, bk, cfg.spec)
     q_arrays = [q_meta.end, q_meta.mu.astype(jnp.float32), q_meta.sigma.astype(jnp.float32)]
     k_arrays = _meta_arrays(k_meta)
 

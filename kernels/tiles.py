@@ -154,3 +154,12 @@ def tile_lists(kinds: jax.Array) -> TileLists:
     slots = jnp.arange(kinds.shape[-1], dtype=jnp.int32)
     lists = jnp.where(slots < listed[..., None], order, 0)
     return TileLists(lists, jnp.stack([partial, listed], axis=1))
+
+
+def pass_lists(
+    q_end: jax.Array, k_meta: Entries, block_q: int, block_k: int, spec: MaskSpec
+) -> tuple[TileLists, TileLists]:
+    """The query-tile lists (forward, dq) and key-tile lists (dk/dv) of one pass over query
+    ends ``q_end [B, Tq]`` and keys ``k_meta``, in tiles of ``block_q`` x ``block_k``."""
+    kinds = tile_kinds(query_tile_bounds(q_end, block_q), key_tile_bounds(k_meta, block_k), spec)
+    return tile_lists(kinds), tile_lists(jnp.swapaxes(kinds, 1, 2))

@@ -14,6 +14,7 @@ import pytest
 import kernels
 from kernels.mask import FAR, visible
 from kernels.mixed_attention import (
+    TARGETS,
     BlockSizes,
     Entries,
     MaskSpec,
@@ -111,31 +112,50 @@ GRID = [
 ]
 
 
+def _interpret(target: str) -> bool | None:
+    """The TPU kernels compile on a TPU alone; elsewhere the TPU interpreter runs them."""
+    return True if target == "tpu" and jax.default_backend() != "tpu" else None
+
+
+def _value_and_grads(fn, q, k, v, weight):
+    """``fn(q, k, v)`` and the gradients of ``sum(fn(q, k, v) * weight)``, in one compiled
+    program (op by op, a Pallas interpreter traces its kernels again at every call)."""
+
+    def loss(q, k, v):
+        out = fn(q, k, v)
+        return jnp.sum(out * weight), out
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)[::-1]
+
+
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("mask,heads,dh,rope", GRID)
-def test_forward_and_gradients_match_reference(mask, heads, dh, rope):
+def test_forward_and_gradients_match_reference(mask, heads, dh, rope, target):
     rng = np.random.default_rng(zlib.crc32(repr((mask, heads, dh, rope)).encode()))
     q_meta, k_meta, spec = _case(mask, rng)
     q, k, v = _qkv(rng, q_meta.lod.shape[1], k_meta.lod.shape[1], *heads, dh)
     weight = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
-
-    def loss(fn, q, k, v):
-        return jnp.sum(fn(q, k, v, q_meta, k_meta, spec, rope=rope) * weight)
-
-    kernel = lambda *a, **kw: mixed_attention(*a, **kw, blocks=BLOCKS)
-    out = kernel(q, k, v, q_meta, k_meta, spec, rope=rope)
-    ref = mixed_attention_reference(q, k, v, q_meta, k_meta, spec, rope=rope)
+    kw = {"blocks": BLOCKS, "target": target, "interpret": _interpret(target)}
+    out, grads = _value_and_grads(
+        lambda q, k, v: mixed_attention(q, k, v, q_meta, k_meta, spec, rope=rope, **kw),
+        q, k, v, weight,
+    )  # fmt: skip
+    ref, ref_grads = _value_and_grads(
+        lambda q, k, v: mixed_attention_reference(q, k, v, q_meta, k_meta, spec, rope=rope),
+        q, k, v, weight,
+    )  # fmt: skip
     np.testing.assert_allclose(out, ref, **TOL)
-    grads = jax.grad(lambda *x: loss(kernel, *x), argnums=(0, 1, 2))(q, k, v)
-    ref_grads = jax.grad(lambda *x: loss(mixed_attention_reference, *x), argnums=(0, 1, 2))(q, k, v)
     for name, g, r in zip("qkv", grads, ref_grads, strict=True):
         np.testing.assert_allclose(g, r, **GRAD_TOL, err_msg=f"d{name}")
 
 
-def test_bf16_inputs_accumulate_in_float32():
+@pytest.mark.parametrize("target", TARGETS)
+def test_bf16_inputs_accumulate_in_float32(target):
     rng = np.random.default_rng(1)
     q_meta, k_meta, spec = _case("wc_causal", rng)
     q, k, v = _qkv(rng, 37, 37, 4, 2, 32, jnp.bfloat16)
-    out = mixed_attention(q, k, v, q_meta, k_meta, spec, blocks=BLOCKS)
+    kw = {"blocks": BLOCKS, "target": target, "interpret": _interpret(target)}
+    out = jax.jit(lambda q, k, v: mixed_attention(q, k, v, q_meta, k_meta, spec, **kw))(q, k, v)
     assert out.dtype == jnp.bfloat16
     ref = mixed_attention_reference(
         *(x.astype(jnp.float32) for x in (q, k, v)), q_meta, k_meta, spec
@@ -144,15 +164,64 @@ def test_bf16_inputs_accumulate_in_float32():
     assert error < 1e-2
 
 
-def test_query_that_sees_nothing_returns_zeros():
+@pytest.mark.parametrize("target", TARGETS)
+def test_query_that_sees_nothing_returns_zeros(target):
     q_meta = Entries.tokens(1, 3)
     k_meta = Entries.tokens(1, 5)
     k_meta.valid = jnp.zeros((1, 5), bool)
     q, k, v = _qkv(np.random.default_rng(0), 3, 5, 2, 2, 8)
-    out = mixed_attention(q, k, v, q_meta, k_meta, blocks=BLOCKS)
+    kw = {"blocks": BLOCKS, "target": target, "interpret": _interpret(target)}
+    out, grads = _value_and_grads(
+        lambda q, k, v: mixed_attention(q, k, v, q_meta, k_meta, **kw), q, k, v, 1.0
+    )
     np.testing.assert_array_equal(out, 0.0)
-    grads = jax.grad(lambda q: mixed_attention(q, k, v, q_meta, k_meta, blocks=BLOCKS).sum())(q)
-    np.testing.assert_array_equal(grads, 0.0)
+    for g in grads:
+        np.testing.assert_array_equal(g, 0.0)
+
+
+def test_a_tpu_backend_gets_the_tpu_kernels(monkeypatch):
+    calls = []
+    forward, backward = TARGETS["tpu"]
+
+    def spy(*args):
+        calls.append(args[-2].spec.kind)
+        return forward(*args[:-1], True)  # interpreted: there is no TPU here
+
+    monkeypatch.setitem(TARGETS, "tpu", (spy, backward))
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    q_meta, k_meta, spec = _case("wc_causal", np.random.default_rng(4))
+    q, k, v = _qkv(np.random.default_rng(4), 37, 37, 2, 1, 8)
+    out = mixed_attention(q, k, v, q_meta, k_meta, spec, blocks=BLOCKS)
+    assert calls == ["wc_causal"]
+    ref = mixed_attention_reference(q, k, v, q_meta, k_meta, spec)
+    np.testing.assert_allclose(out, ref, **TOL)
+    with pytest.raises(ValueError, match="unknown kernel target 'cuda'; expected one of"):
+        mixed_attention(q, k, v, q_meta, k_meta, spec, target="cuda")
+
+
+@pytest.mark.parametrize("mask", ["wc_causal", "pyramid"])
+def test_tpu_kernels_lower_to_mosaic(monkeypatch, mask):
+    """Forward and backward pass Pallas's Mosaic lowering at TPU-sized tiles (bf16, 128 x 128,
+    head dim 128): no TPU is needed to lower, only to compile (which this machine cannot)."""
+    tpu_info = pytest.importorskip("jax._src.pallas.mosaic.tpu_info")
+    if not hasattr(tpu_info, "get_device_kind"):
+        pytest.skip("this jax reads the TPU's kind elsewhere")
+    monkeypatch.setattr(tpu_info, "get_device_kind", lambda: "TPU v5 lite")
+    monkeypatch.setattr(tpu_info, "get_num_device_cores", lambda: 1, raising=False)
+    q_meta, k_meta, spec = _case(mask, np.random.default_rng(5))
+    q, k, v = _qkv(np.random.default_rng(5), q_meta.lod.shape[1], k_meta.lod.shape[1], 4, 2, 128)
+    q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    blocks = BlockSizes(128, 128, 128, 128)
+
+    def loss(q, k, v):
+        out = mixed_attention(
+            q, k, v, q_meta, k_meta, spec, rope=False, blocks=blocks, target="tpu", interpret=False
+        )
+        return out.astype(jnp.float32).sum()
+
+    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, v)
+    text = lowered.lower(lowering_platforms=("tpu",)).as_text()
+    assert text.count("tpu_custom_call") == 3  # forward, dk/dv, dq
 
 
 def test_metadata_of_another_shape_is_refused():
