@@ -33,15 +33,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.mask import visible
-from kernels.mixed_attention import (
+from megacontext_jax.kernels.mask import visible
+from megacontext_jax.kernels.mixed_attention import (
     BlockSizes,
     Entries,
     MaskSpec,
     mixed_attention,
     mixed_attention_reference,
 )
-from kernels.tiles import EMPTY, FULL, key_tile_bounds, query_tile_bounds, tile_kinds
+from megacontext_jax.kernels.tiles import (
+    EMPTY,
+    FULL,
+    key_tile_bounds,
+    query_tile_bounds,
+    tile_kinds,
+)
 
 HEADS = 16
 BLOCKS = BlockSizes(block_q=128, block_k=64, block_q_bwd=64, block_k_bwd=64)

@@ -13,9 +13,9 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from kernels.mixed_attention import MaskSpec
 from megacontext_jax.focus.allocator import refocus
 from megacontext_jax.focus.working_context import WorkingContext
+from megacontext_jax.kernels.mixed_attention import MaskSpec
 from megacontext_jax.nets.decoder import DecoderLM
 from megacontext_jax.nets.gistnet import GistNet, build_levels, contextual_inputs
 from megacontext_jax.nets.gpt import GPT

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.attention import attention
-from kernels.reference import attention_reference
+from megacontext_jax.kernels.attention import attention
+from megacontext_jax.kernels.reference import attention_reference
 
 
 def _naive(q, k, v, causal, kv_valid, q_offset):

@@ -9,10 +9,10 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels.mixed_attention import Entries, MaskSpec
 from megacontext_jax.focus.allocator import refocus
 from megacontext_jax.focus.rules import check
 from megacontext_jax.focus.working_context import WorkingContext, entries, from_entries
+from megacontext_jax.kernels.mixed_attention import Entries, MaskSpec
 from megacontext_jax.megacontext import (
     MegaContext,
     gather_entries,

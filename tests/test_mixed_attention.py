@@ -11,9 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import kernels
-from kernels.mask import FAR, visible
-from kernels.mixed_attention import (
+from megacontext_jax import kernels
+from megacontext_jax.focus.rules import recency_pyramid
+from megacontext_jax.focus.working_context import entries
+from megacontext_jax.kernels.mask import FAR, visible
+from megacontext_jax.kernels.mixed_attention import (
     TARGETS,
     BlockSizes,
     Entries,
@@ -22,7 +24,7 @@ from kernels.mixed_attention import (
     mixed_attention,
     mixed_attention_reference,
 )
-from kernels.tiles import (
+from megacontext_jax.kernels.tiles import (
     EMPTY,
     FULL,
     PARTIAL,
@@ -32,8 +34,6 @@ from kernels.tiles import (
     tile_kinds,
     tile_lists,
 )
-from megacontext_jax.focus.rules import recency_pyramid
-from megacontext_jax.focus.working_context import entries
 from megacontext_jax.nets.specs import ModelConfig
 
 K = 4

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kernels.mixed_attention import Entries
 from megacontext_jax.config import base_config
+from megacontext_jax.kernels.mixed_attention import Entries
 from megacontext_jax.nets.gpt import GPT
 from megacontext_jax.nets.layers import smear_keys
 from megacontext_jax.nets.losses import cross_entropy

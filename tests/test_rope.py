@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.rope import apply_rotary, gaussian_rope, rope_frequencies, rope_tables
+from megacontext_jax.kernels.rope import apply_rotary, gaussian_rope, rope_frequencies, rope_tables
 
 
 def _plain_rope_numpy(x, positions, theta=10000.0):

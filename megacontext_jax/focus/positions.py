@@ -22,7 +22,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from kernels.rope import span_positions
+from megacontext_jax.kernels.rope import span_positions
 
 MODES = ("absolute", "slots")
 

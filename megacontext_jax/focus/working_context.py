@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.mixed_attention import Entries
+from megacontext_jax.kernels.mixed_attention import Entries
 from megacontext_jax.specs import Layout
 
 

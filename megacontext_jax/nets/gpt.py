@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-import kernels
+from megacontext_jax import kernels
 from megacontext_jax.nets.decoder import DecoderLM
 from megacontext_jax.nets.layers import Block, linear, rms_norm
 from megacontext_jax.nets.specs import ModelConfig

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-import kernels
+from megacontext_jax import kernels
 from megacontext_jax.nets.specs import BlockConfig
 
 LayerCache = dict[str, jax.Array] | None

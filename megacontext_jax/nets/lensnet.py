@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-import kernels
+from megacontext_jax import kernels
 from megacontext_jax.focus.working_context import WorkingContext
 from megacontext_jax.nets.layers import Block, linear, rms_norm
 from megacontext_jax.nets.specs import LensConfig

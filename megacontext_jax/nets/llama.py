@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-import kernels
+from megacontext_jax import kernels
 from megacontext_jax.nets.decoder import DecoderLM
 from megacontext_jax.nets.layers import LayerCache, attend, rms_norm
 from megacontext_jax.nets.safetensors import SafetensorsError

@@ -7,8 +7,8 @@ Frozen and hashable like every typed config (``specs``); each checks its own gro
 import dataclasses
 import json
 
-from kernels.attention import IMPLS as ATTENTION_IMPLS
 from megacontext_jax.errors import Group, positive, require
+from megacontext_jax.kernels.attention import IMPLS as ATTENTION_IMPLS
 
 DTYPES = ("float32", "bfloat16", "float16")
 POOLINGS = ("mean", "query", "cls")

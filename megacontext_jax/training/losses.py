@@ -31,8 +31,8 @@ by the allocator:
 import jax
 import jax.numpy as jnp
 
-from kernels.mixed_attention import MaskSpec
 from megacontext_jax.focus.working_context import WorkingContext
+from megacontext_jax.kernels.mixed_attention import MaskSpec
 from megacontext_jax.megacontext import (
     MegaContext,
     focus_rounds,

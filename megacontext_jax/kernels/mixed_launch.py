@@ -17,9 +17,15 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels.mask import Entries
-from kernels.mixed_kernels import BlockSizes, KernelConfig, dkdv_kernel, dq_kernel, fwd_kernel
-from kernels.tiles import TileLists, pass_lists
+from megacontext_jax.kernels.mask import Entries
+from megacontext_jax.kernels.mixed_kernels import (
+    BlockSizes,
+    KernelConfig,
+    dkdv_kernel,
+    dq_kernel,
+    fwd_kernel,
+)
+from megacontext_jax.kernels.tiles import TileLists, pass_lists
 
 
 def _compiler_params(blocks: BlockSizes, interpret: bool):

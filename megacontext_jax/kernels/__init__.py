@@ -1,8 +1,14 @@
 """Attention kernels and the rotary (Gaussian RoPE) math they fuse. Depends on jax alone."""
 
-from kernels.attention import attention, cudnn_applies
-from kernels.reference import attention_reference
-from kernels.rope import apply_rotary, gaussian_rope, rope_frequencies, rope_tables, span_positions
+from megacontext_jax.kernels.attention import attention, cudnn_applies
+from megacontext_jax.kernels.reference import attention_reference
+from megacontext_jax.kernels.rope import (
+    apply_rotary,
+    gaussian_rope,
+    rope_frequencies,
+    rope_tables,
+    span_positions,
+)
 
 __all__ = [
     "apply_rotary",

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels.mask import MaskSpec, visible
+from megacontext_jax.kernels.mask import MaskSpec, visible
 
 NEG_INF = float("-inf")
 

@@ -24,11 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from kernels import mixed_launch, mixed_tpu
-from kernels.mask import FAR, Entries, MaskSpec, visible
-from kernels.mixed_kernels import BlockSizes, KernelConfig
-from kernels.reference import masked_attention
-from kernels.rope import gaussian_rope
+from megacontext_jax.kernels import mixed_launch, mixed_tpu
+from megacontext_jax.kernels.mask import FAR, Entries, MaskSpec, visible
+from megacontext_jax.kernels.mixed_kernels import BlockSizes, KernelConfig
+from megacontext_jax.kernels.reference import masked_attention
+from megacontext_jax.kernels.rope import gaussian_rope
 
 __all__ = ["BlockSizes", "Entries", "MaskSpec", "mixed_attention", "mixed_attention_reference"]
 

@@ -30,9 +30,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels.mask import Entries, pairs_visible
-from kernels.mixed_kernels import KernelConfig
-from kernels.tiles import pass_lists
+from megacontext_jax.kernels.mask import Entries, pairs_visible
+from megacontext_jax.kernels.mixed_kernels import KernelConfig
+from megacontext_jax.kernels.tiles import pass_lists
 
 NEG_INF = float("-inf")
 # (batch row, head, own tile) are independent; the walk over the list carries the accumulators.

@@ -15,9 +15,9 @@ Masks: ``causal=True`` is the WC-causal mask (query i sees key j iff j <= i + q_
 import jax
 import jax.numpy as jnp
 
-from kernels.mask import Entries
-from kernels.mixed_attention import mixed_attention, mixed_attention_reference
-from kernels.reference import attention_reference
+from megacontext_jax.kernels.mask import Entries
+from megacontext_jax.kernels.mixed_attention import mixed_attention, mixed_attention_reference
+from megacontext_jax.kernels.reference import attention_reference
 
 IMPLS = ("reference", "pallas", "cudnn")
 

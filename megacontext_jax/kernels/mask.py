@@ -23,7 +23,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from kernels.rope import span_positions
+from megacontext_jax.kernels.rope import span_positions
 
 MASKS = ("wc_causal", "decode", "pyramid")
 FAR = 1 << 30  # a bound no position reaches

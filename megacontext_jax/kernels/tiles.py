@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels.mask import FAR, Entries, MaskSpec, bands
+from megacontext_jax.kernels.mask import FAR, Entries, MaskSpec, bands
 
 # min end, max end, min start, max start, min lod, max lod, any valid, all valid
 KEY_FIELDS = 8
