@@ -39,48 +39,52 @@ NEG_INF = float("-inf")
 SEMANTICS = ("parallel", "parallel", "parallel", "arbitrary")
 
 
-def _listed(b, t, n, lists_ref, counts_ref):
-    """The tile at step ``n`` of tile ``t``'s list: past the list's end, its last tile again."""
-    last = jnp.maximum(counts_ref[b, 1, t] - 1, 0)
-    return lists_ref[b, t, jnp.minimum(n, last)]
+def _tile(walked: bool):
+    """The tile a program reads at step ``n``: its own ``t``, or the n-th of its list (past the
+    list's end, its last tile again)."""
+
+    def listed(b, t, n, lists_ref, counts_ref):
+        last = jnp.maximum(counts_ref[b, 1, t] - 1, 0)
+        return lists_ref[b, t, jnp.minimum(n, last)]
+
+    return listed if walked else lambda b, t, n, lists_ref, counts_ref: t
 
 
-def _own(block, width, heads=lambda h: h):
-    """A program's own tile of a ``[B, H, T, width]`` array (grid ``(B, H, tile, step)``;
-    ``heads`` maps the query head to this array's head)."""
-    return pl.BlockSpec((None, None, block, width), lambda b, h, t, n, *_: (b, heads(h), t, 0))
-
-
-def _walked(block, width, heads=lambda h: h):
-    """The listed tile of a ``[B, H, T, width]`` array at each step (``heads`` as ``_own``)."""
+def _rows(block, width, walked, heads=lambda h: h):
+    """Blocks of a ``[B, H, T, width]`` array (grid ``(B, H, tile, step)``; ``heads`` maps the
+    query head to this array's head)."""
+    tile = _tile(walked)
     return pl.BlockSpec(
-        (None, None, block, width),
-        lambda b, h, t, n, lists, counts: (b, heads(h), _listed(b, t, n, lists, counts), 0),
+        (None, None, block, width), lambda b, h, t, n, *r: (b, heads(h), tile(b, t, n, *r), 0)
     )
 
 
+def _own(block, width, heads=lambda h: h):
+    return _rows(block, width, False, heads)
+
+
+def _walked(block, width, heads=lambda h: h):
+    return _rows(block, width, True, heads)
+
+
 def _query_ends(block, walked):
-    index = (lambda b, h, t, n, *r: (b, _listed(b, t, n, *r), 0)) if walked else None
-    return pl.BlockSpec((None, block, 1), index or (lambda b, h, t, n, *_: (b, t, 0)))
+    tile = _tile(walked)
+    return pl.BlockSpec((None, block, 1), lambda b, h, t, n, *r: (b, tile(b, t, n, *r), 0))
 
 
 def _key_meta(block, walked):
-    index = (lambda b, h, t, n, *r: (b, 0, _listed(b, t, n, *r))) if walked else None
-    return pl.BlockSpec((None, 4, block), index or (lambda b, h, t, n, *_: (b, 0, t)))
-
-
-def _logits(q, k, cfg: KernelConfig):
-    s = jax.lax.dot_general(
-        q.astype(cfg.dtype), k.astype(cfg.dtype), (((1,), (1,)), ((), ())),
-        preferred_element_type=jnp.float32,
-    )  # fmt: skip
-    return s * cfg.scale
+    tile = _tile(walked)
+    return pl.BlockSpec((None, 4, block), lambda b, h, t, n, *r: (b, 0, tile(b, t, n, *r)))
 
 
 def _dot(a, b, dtype, contract=((1,), (0,))):
     return jax.lax.dot_general(
         a.astype(dtype), b.astype(dtype), (contract, ((), ())), preferred_element_type=jnp.float32
     )
+
+
+def _logits(q, k, cfg: KernelConfig):
+    return _dot(q, k, cfg.dtype, ((1,), (1,))) * cfg.scale
 
 
 def _masked(s, qe_ref, km_ref, cfg: KernelConfig):
@@ -239,14 +243,18 @@ def forward(
     tk, hkv, dvp = k.shape[1], k.shape[2], v.shape[-1]
     group = hq // hkv
     bq, bk = cfg.blocks.block_q, cfg.blocks.block_k
+
+    def kv_head(h):
+        return h // group
+
     lists = pass_lists(q_meta.end, k_meta, bq, bk, cfg.spec)[0]
     call = _call(
         functools.partial(_fwd_kernel, cfg=cfg),
         (b, hq, tq // bq, tk // bk),
         in_specs=[
             _own(bq, dp),
-            _walked(bk, dp, lambda h: h // group),
-            _walked(bk, dvp, lambda h: h // group),
+            _walked(bk, dp, kv_head),
+            _walked(bk, dvp, kv_head),
             _query_ends(bq, walked=False),
             _key_meta(bk, walked=True),
         ],
