@@ -1,32 +1,45 @@
 """Mixed-resolution attention on a GPU: the wc_causal and pyramid kernels against cuDNN and Pallas mha.
 
-    python benchmarks/attention.py                   # the full table (T = 4K..32K, Dh 64 and 128)
-    python benchmarks/attention.py --quick           # T = 4K only
-    python benchmarks/attention.py --out results.json
+    python benchmarks/attention.py                   # T = 4K and 16K causal, the pyramid at 64K
+    python benchmarks/attention.py --quick           # T = 4K causal, the pyramid at 64K, fewer repeats
+    python benchmarks/attention.py --out results.json --trace $OUT/trace
     python benchmarks/attention.py --tiles           # tile-list tightness only (no GPU needed)
+    python benchmarks/attention.py --smoke           # every code path at toy shapes, on any backend
 
-Every row is measured in this one run, side by side, bf16, batch 1, 16 heads:
-  * forward and forward+backward TFLOP/s (causal FLOPs: 2 matmuls x T^2/2 x Dh x heads, x2.5
-    for forward+backward) of ``wc_causal`` (``kernels.mixed_attention``, pre-rotated q/k),
-    ``jax.nn.dot_product_attention(implementation="cudnn", is_causal=True)`` and jax's Pallas
-    ``mha(causal=True)``, with the kernel's ratio to cuDNN;
-  * the pyramid mask over every token and gist of a 64K-token sequence (K=32, levels 1-3 in a
-    level-major layout, LOD0 window 512) against dense causal cuDNN at N = 64K: time and speedup.
-Before timing, each implementation's output is checked against the float32 reference at T=1K
-(relative error printed). A failure in one implementation is reported in its row and the run goes
-on. Without a GPU it says so and exits 0.
+What one run does, in order (issue 25's protocol; one call fits in 5 minutes on an H100/H200):
 
-``--tiles`` prints, for the same pyramid and the forward and backward tiles, how many tile pairs
-the block-sparse lists (``kernels.tiles``) visit, partial and full, against the pairs that hold a
-visible pair, counted exactly from the dense mask one query tile at a time.
+1. Versions and the device are printed.
+2. Correctness first: every implementation's forward and its three gradients against the float32
+   reference (wc_causal at T = 1K, the pyramid at N = 4K), as relative errors.
+3. Timing. Each implementation is compiled first (compile time reported apart), run 3 times to
+   warm up, then timed in batches of back-to-back calls with one sync per batch, each batch
+   lasting at least 20 ms (so dispatch latency is amortised, not counted); 7 batches, median and
+   min per call. The implementations of one shape are interleaved batch by batch, so drift on a
+   shared machine hits them alike.
+4. FLOPs count visible pairs only: 4 x pairs x Dh x heads forward, 3.5x that for
+   forward+backward (the FlashAttention convention: the backward is 2.5 forwards). Causal: pairs
+   T(T+1)/2; the pyramid's pairs are counted exactly from its mask. Rows: B = 1, H = 16, Dh = 128,
+   bf16, q and k pre-rotated as the model passes them (``--fused-rope`` times the kernel's own
+   rotation instead).
+5. The pyramid: every token and gist of an N = 64K sequence (K = 32, levels 1-3, level-major,
+   LOD0 window 512) against dense causal cuDNN over the 64K tokens, with the tile visits of each
+   pass (``kernels.tiles``: partial and full tiles) beside the tile pairs that hold a visible pair.
+6. ``--trace DIR``: one perfetto trace of a pyramid forward+backward.
+
+A failure in one implementation is reported in its row and the run goes on. Without a GPU the
+timed part says so and exits 0; ``--smoke`` runs it anyway at toy shapes (interpreted kernels, XLA
+attention in place of cuDNN), to check the script before a short GPU window.
 """
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
+import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -45,155 +58,359 @@ from megacontext_jax.kernels.tiles import (
     EMPTY,
     FULL,
     key_tile_bounds,
+    pass_lists,
     query_tile_bounds,
     tile_kinds,
 )
 
 HEADS = 16
+HEAD_DIM = 128
 BLOCKS = BlockSizes(block_q=128, block_k=64, block_q_bwd=64, block_k_bwd=64)
+FWD_BWD_FACTOR = 3.5  # forward + backward = 3.5 forwards (FlashAttention's FLOP convention)
 
 
-def _time(fn, *args, repeats: int = 20) -> float:
-    """Median seconds of ``fn(*args)`` (compiled and warmed up first)."""
-    jax.block_until_ready(fn(*args))
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    """How each implementation is timed (the module doc, step 3)."""
+
+    warmups: int = 3
+    repeats: int = 7
+    min_batch_s: float = 0.02
 
 
-def _inputs(t: int, dh: int, seed: int = 0):
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    """What one run measures; ``--quick`` and ``--smoke`` are smaller instances."""
+
+    lengths: tuple[int, ...] = (4096, 16384)
+    heads: int = HEADS
+    head_dim: int = HEAD_DIM
+    check_t: int = 1024
+    pyramid_n: int = 65536
+    pyramid_check_n: int = 4096
+    pyramid_k: int = 32
+    pyramid_levels: int = 3
+    pyramid_window: int = 512
+    blocks: BlockSizes = BLOCKS
+    dense: str = "cudnn"  # the dense attention to beat: cuDNN on a GPU, XLA in --smoke
+    pallas_mha: bool = True
+
+
+QUICK = Shapes(lengths=(4096,))
+SMOKE = Shapes(
+    lengths=(256,),
+    heads=2,
+    head_dim=16,
+    check_t=128,
+    pyramid_n=512,
+    pyramid_check_n=256,
+    pyramid_k=8,
+    pyramid_levels=2,
+    pyramid_window=32,
+    blocks=BlockSizes(block_q=32, block_k=32, block_q_bwd=32, block_k_bwd=32),
+    dense="xla",
+    pallas_mha=False,
+)
+
+
+@dataclasses.dataclass
+class Timing:
+    """One implementation's timing: compile seconds, calls per timed batch, seconds per call of
+    every batch."""
+
+    compile_s: float
+    calls: int = 1
+    per_call_s: list[float] = dataclasses.field(default_factory=list)
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.per_call_s)
+
+    @property
+    def min_s(self) -> float:
+        return min(self.per_call_s)
+
+
+def _batch_s(fn: Callable, args: tuple, calls: int, clock: Callable[[], float]) -> float:
+    """Seconds for ``calls`` back-to-back calls of ``fn(*args)`` and one sync at the end."""
+    start = clock()
+    out = None
+    for _ in range(calls):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return clock() - start
+
+
+def time_interleaved(
+    fns: dict[str, tuple[Callable, tuple]],
+    protocol: Protocol = Protocol(),
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, Timing | str]:
+    """Times every ``name: (fn, args)`` by the protocol, batch by batch in turn.
+
+    Each ``fn`` is jit-compiled here (``Timing.compile_s``), warmed up, and given the number of
+    calls per batch that makes a batch last ``protocol.min_batch_s``. A name whose compile or run
+    raises maps to the error's first line, and the others go on.
+    """
+    timings: dict[str, Timing | str] = {}
+    ready = {}
+    for name, (fn, args) in fns.items():
+        try:
+            start = clock()
+            compiled = jax.jit(fn).lower(*args).compile()
+            timing = Timing(compile_s=clock() - start)
+            for _ in range(protocol.warmups):
+                jax.block_until_ready(compiled(*args))
+            while (seconds := _batch_s(compiled, args, timing.calls, clock)) < protocol.min_batch_s:
+                grow = protocol.min_batch_s / max(seconds, 1e-6)
+                timing.calls = max(2 * timing.calls, math.ceil(1.2 * timing.calls * grow))
+            timings[name], ready[name] = timing, (compiled, args)
+        except Exception as e:  # one implementation failing must not stop the table
+            timings[name] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    for _ in range(protocol.repeats):
+        for name, (compiled, args) in ready.items():
+            timing = timings[name]
+            timing.per_call_s.append(_batch_s(compiled, args, timing.calls, clock) / timing.calls)
+    return timings
+
+
+def attention_flops(pairs: int, head_dim: int, heads: int) -> float:
+    """Forward FLOPs of attention over ``pairs`` visible (query, key) pairs: two matmuls."""
+    return 4.0 * pairs * head_dim * heads
+
+
+def causal_pairs(t: int) -> int:
+    return t * (t + 1) // 2
+
+
+def _inputs(t: int, shapes: Shapes, seed: int = 0) -> list[jax.Array]:
     keys = jax.random.split(jax.random.key(seed), 3)
-    shape = (1, t, HEADS, dh)
-    return [jax.random.normal(k, shape, jnp.bfloat16) for k in keys]
+    shape = (1, t, shapes.heads, shapes.head_dim)
+    return [jax.random.normal(key, shape, jnp.bfloat16) for key in keys]
 
 
-def _impls(t: int):
+def _dense(shapes: Shapes) -> Callable:
+    return functools.partial(
+        jax.nn.dot_product_attention, is_causal=True, implementation=shapes.dense
+    )
+
+
+def causal_impls(t: int, shapes: Shapes, fused_rope: bool = False) -> dict[str, Callable]:
+    """The implementations of causal attention over ``t`` tokens, ``[1, t, H, Dh]`` in and out."""
     meta = Entries.tokens(1, t)
 
     def wc_causal(q, k, v):
         return mixed_attention(
-            q, k, v, meta, meta, MaskSpec("wc_causal"), rope=False, blocks=BLOCKS
+            q, k, v, meta, meta, MaskSpec("wc_causal"), rope=fused_rope, blocks=shapes.blocks
         )
 
-    def cudnn(q, k, v):
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    impls = {"wc_causal": wc_causal, shapes.dense: _dense(shapes)}
+    if shapes.pallas_mha:
 
-    def pallas_mha(q, k, v):
-        from jax.experimental.pallas.ops.gpu.attention import mha
+        def pallas_mha(q, k, v):
+            from jax.experimental.pallas.ops.gpu.attention import mha
 
-        # mha takes [B, T, H, D] and a segment-id argument.
-        return mha(q, k, v, segment_ids=None, causal=True, sm_scale=q.shape[-1] ** -0.5)
+            return mha(q, k, v, segment_ids=None, causal=True, sm_scale=q.shape[-1] ** -0.5)
 
-    return {"wc_causal": wc_causal, "cudnn": cudnn, "pallas_mha": pallas_mha}
+        impls["pallas_mha"] = pallas_mha
+    return impls
 
 
-def _fwd_bwd(fn):
+def fwd_bwd(fn: Callable) -> Callable:
+    """``fn``'s gradients in q, k and v of the sum of its output (a forward and a backward)."""
+
     def loss(q, k, v):
         return jnp.sum(fn(q, k, v).astype(jnp.float32))
 
-    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    return jax.grad(loss, argnums=(0, 1, 2))
 
 
-def check(t: int = 1024, dh: int = 128) -> dict:
-    """Relative error of each implementation against the float32 reference."""
-    q, k, v = _inputs(t, dh, seed=1)
+def _relative_errors(fn: Callable, reference: Callable, args: list[jax.Array]) -> dict[str, float]:
+    """Relative L2 error of ``fn``'s output and q/k/v gradients against ``reference``'s in float32."""
+    up = [x.astype(jnp.float32) for x in args]
+    cotangent = jax.random.normal(jax.random.key(7), args[0].shape, jnp.float32)
+
+    def with_grads(f, xs):
+        out, pull = jax.vjp(f, *xs)
+        return (out, *pull(cotangent.astype(out.dtype)))
+
+    got = jax.jit(functools.partial(with_grads, fn))(args)
+    want = jax.jit(functools.partial(with_grads, reference))(up)
+    return {
+        name: float(jnp.linalg.norm(g.astype(jnp.float32) - w) / jnp.linalg.norm(w))
+        for name, g, w in zip(("out", "dq", "dk", "dv"), got, want, strict=True)
+    }
+
+
+def check(shapes: Shapes, fused_rope: bool = False) -> dict:
+    """Relative errors of every implementation (forward and gradients) against the reference."""
+    results = {}
+    t = shapes.check_t
     meta = Entries.tokens(1, t)
-    up = [x.astype(jnp.float32) for x in (q, k, v)]
-    ref = mixed_attention_reference(*up, meta, meta, MaskSpec("wc_causal"), rope=False)
-    errors = {}
-    for name, fn in _impls(t).items():
-        try:
-            out = jax.jit(fn)(q, k, v).astype(jnp.float32)
-            errors[name] = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
-        except Exception as e:  # one implementation failing must not stop the table
-            errors[name] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
-    return errors
+    causal_ref = functools.partial(
+        mixed_attention_reference, q_meta=meta, k_meta=meta, rope=fused_rope
+    )
+    cases = {f"causal T={t}": (causal_impls(t, shapes, fused_rope), causal_ref, t)}
+    n = shapes.pyramid_check_n
+    p_meta, spec = pyramid_meta(n, shapes), pyramid_spec(shapes)
+    pyramid_ref = functools.partial(
+        mixed_attention_reference, q_meta=p_meta, k_meta=p_meta, spec=spec, rope=fused_rope
+    )
+    pyramid_impl = {"pyramid": pyramid_fn(p_meta, shapes, fused_rope)}
+    cases[f"pyramid N={n}"] = (pyramid_impl, pyramid_ref, p_meta.lod.shape[1])
+    for case, (impls, ref, length) in cases.items():
+        args = _inputs(length, shapes, seed=1)
+        for name, fn in impls.items():
+            try:
+                errors = _relative_errors(fn, ref, args)
+            except Exception as e:  # one implementation failing must not stop the table
+                errors = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+            results[f"{case} {name}"] = errors
+            print("check", case, name, json.dumps(errors), flush=True)
+    return results
 
 
-def causal_table(lengths, dims) -> list[dict]:
+def _rates(timings: dict, flops: float, prefix: str) -> dict:
+    row = {}
+    for name, timing in timings.items():
+        if isinstance(timing, str):
+            row[f"{name}_{prefix}_error"] = timing
+            continue
+        row[f"{name}_{prefix}_ms"] = round(1e3 * timing.median_s, 4)
+        row[f"{name}_{prefix}_min_ms"] = round(1e3 * timing.min_s, 4)
+        row[f"{name}_{prefix}_compile_s"] = round(timing.compile_s, 2)
+        row[f"{name}_{prefix}_calls_per_batch"] = timing.calls
+        row[f"{name}_{prefix}_tflops"] = float(f"{flops / timing.median_s / 1e12:.4g}")
+    return row
+
+
+def causal_table(shapes: Shapes, protocol: Protocol, fused_rope: bool = False) -> list[dict]:
+    """TFLOP/s of every causal implementation at each length, forward and forward+backward."""
     rows = []
-    for dh in dims:
-        for t in lengths:
-            q, k, v = _inputs(t, dh)
-            flops = 4 * t * t / 2 * dh * HEADS
-            row = {"T": t, "Dh": dh}
-            for name, fn in _impls(t).items():
-                try:
-                    row[f"{name}_fwd"] = flops / _time(jax.jit(fn), q, k, v) / 1e12
-                    row[f"{name}_fwdbwd"] = 2.5 * flops / _time(_fwd_bwd(fn), q, k, v) / 1e12
-                except Exception as e:
-                    row[f"{name}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+    for t in shapes.lengths:
+        args = tuple(_inputs(t, shapes))
+        impls = causal_impls(t, shapes, fused_rope)
+        flops = attention_flops(causal_pairs(t), shapes.head_dim, shapes.heads)
+        row = {"T": t, "Dh": shapes.head_dim, "heads": shapes.heads}
+        fwd = time_interleaved({n: (f, args) for n, f in impls.items()}, protocol)
+        row |= _rates(fwd, flops, "fwd")
+        both = time_interleaved({n: (fwd_bwd(f), args) for n, f in impls.items()}, protocol)
+        row |= _rates(both, FWD_BWD_FACTOR * flops, "fwdbwd")
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     return rows
 
 
-def pyramid_meta(n: int, k: int, levels: int) -> Entries:
-    nodes = [(l, i * k**l) for l in range(levels + 1) for i in range(n // k**l)]
+def pyramid_spec(shapes: Shapes) -> MaskSpec:
+    return MaskSpec(
+        "pyramid",
+        window=shapes.pyramid_window,
+        block_size=shapes.pyramid_k,
+        max_level=shapes.pyramid_levels,
+    )
+
+
+def pyramid_meta(n: int, shapes: Shapes) -> Entries:
+    """Every node of levels 0..L over ``n`` tokens, level-major, padded to whole 128-entry tiles
+    with invalid entries that end at -1 (a padding query sees nothing and tightens no bound)."""
+    k, levels = shapes.pyramid_k, shapes.pyramid_levels
+    nodes = [(lod, i * k**lod) for lod in range(levels + 1) for i in range(n // k**lod)]
     size = -(-len(nodes) // 128) * 128
     lod = np.zeros((1, size), np.int32)
     start = np.zeros((1, size), np.int32)
     lod[0, : len(nodes)], start[0, : len(nodes)] = np.array(nodes).T
     valid = np.arange(size)[None] < len(nodes)
-    return Entries.make(lod, start, valid, k)
+    meta = Entries.make(lod, start, valid, k)
+    return dataclasses.replace(meta, end=jnp.where(meta.valid, meta.end, -1))
 
 
-def pyramid_vs_dense(n: int = 65536, k: int = 32, levels: int = 3, window: int = 512) -> dict:
-    meta = pyramid_meta(n, k, levels)
-    spec = MaskSpec("pyramid", window=window, block_size=k, max_level=levels)
-    entries = meta.lod.shape[1]
-    out = {"N": n, "entries": entries, "K": k, "levels": levels, "window": window}
-    q, kk, v = _inputs(entries, 128)
-    qd, kd, vd = _inputs(n, 128)
+def pyramid_fn(meta: Entries, shapes: Shapes, fused_rope: bool = False) -> Callable:
+    spec = pyramid_spec(shapes)
 
     def pyramid(q, k, v):
-        return mixed_attention(q, k, v, meta, meta, spec, rope=True, blocks=BLOCKS)
+        return mixed_attention(q, k, v, meta, meta, spec, rope=fused_rope, blocks=shapes.blocks)
 
-    def dense(q, k, v):
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-
-    for name, fn, args in (("pyramid", pyramid, (q, kk, v)), ("dense_cudnn", dense, (qd, kd, vd))):
-        try:
-            out[f"{name}_fwd_ms"] = 1e3 * _time(jax.jit(fn), *args, repeats=10)
-            out[f"{name}_fwdbwd_ms"] = 1e3 * _time(_fwd_bwd(fn), *args, repeats=5)
-        except Exception as e:
-            out[f"{name}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-    for phase in ("fwd", "fwdbwd"):
-        a, b = out.get(f"dense_cudnn_{phase}_ms"), out.get(f"pyramid_{phase}_ms")
-        if a and b:
-            out[f"speedup_{phase}"] = a / b
-    print(json.dumps(out), flush=True)
-    return out
+    return pyramid
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def _tile_visibility(meta: Entries, spec: MaskSpec, bq: int, bk: int):
-    """``[nq, nk]`` whether some / every pair of each tile pair of batch row 0 is visible."""
+    """Per tile pair of batch row 0 (``[nq, nk]``): whether some / every pair is visible, and the
+    number of visible pairs of each query tile (``[nq]``)."""
     nq, nk = meta.lod.shape[1] // bq, meta.lod.shape[1] // bk
 
     def one_tile(q_end):
         mask = visible(q_end, meta.lod[0], meta.start[0], meta.end[0], meta.valid[0], spec)
         tiles = mask.reshape(bq, nk, bk)
-        return tiles.any((0, 2)), tiles.all((0, 2))
+        return tiles.any((0, 2)), tiles.all((0, 2)), mask.sum(dtype=jnp.int32)
 
     return jax.lax.map(one_tile, meta.end[0].reshape(nq, bq))
 
 
-def tile_report(
-    n: int = 65536, k: int = 32, levels: int = 3, window: int = 512, blocks: BlockSizes = BLOCKS
-) -> list[dict]:
+def visible_pairs(meta: Entries, spec: MaskSpec, bq: int = 128) -> int:
+    """The pairs ``kernels.mask.visible`` allows, counted exactly one query tile at a time."""
+    return int(np.asarray(_tile_visibility(meta, spec, bq, bq)[2]).sum(dtype=np.int64))
+
+
+def tile_visits(meta: Entries, spec: MaskSpec, blocks: BlockSizes) -> dict:
+    """Tile pairs each pass visits, partial and full (``kernels.tiles.pass_lists``)."""
+    visits = {}
+    fwd = pass_lists(meta.end, meta, blocks.block_q, blocks.block_k, spec)[0]
+    dq, dkdv = pass_lists(meta.end, meta, blocks.block_q_bwd, blocks.block_k_bwd, spec)
+    for name, lists in (("fwd", fwd), ("dq", dq), ("dkdv", dkdv)):
+        partial, listed = (int(np.asarray(lists.counts[:, i]).sum()) for i in (0, 1))
+        visits[f"{name}_tiles_partial"], visits[f"{name}_tiles_full"] = partial, listed - partial
+    return visits
+
+
+def pyramid_vs_dense(shapes: Shapes, protocol: Protocol, fused_rope: bool = False) -> dict:
+    """The pyramid over every node of an N-token sequence against dense causal attention over the
+    N tokens: milliseconds, TFLOP/s on visible pairs, speedup and the tile visits."""
+    n = shapes.pyramid_n
+    meta, spec = pyramid_meta(n, shapes), pyramid_spec(shapes)
+    entries = meta.lod.shape[1]
+    row = {"N": n, "entries": entries, "K": shapes.pyramid_k, "levels": shapes.pyramid_levels}
+    row["window"] = shapes.pyramid_window
+    pairs = visible_pairs(meta, spec)
+    row |= {"pyramid_pairs": pairs, "dense_pairs": causal_pairs(n)}
+    row["pairs_ratio"] = round(causal_pairs(n) / pairs, 2)
+    row |= tile_visits(meta, spec, shapes.blocks)
+    sparse, dense = tuple(_inputs(entries, shapes)), tuple(_inputs(n, shapes))
+    impls = {"pyramid": (pyramid_fn(meta, shapes, fused_rope), sparse)}
+    impls["dense_" + shapes.dense] = (_dense(shapes), dense)
+    flops = {"pyramid": pairs, "dense_" + shapes.dense: causal_pairs(n)}
+    for phase, factor, wrap in (("fwd", 1.0, lambda f: f), ("fwdbwd", FWD_BWD_FACTOR, fwd_bwd)):
+        timings = time_interleaved({k: (wrap(f), a) for k, (f, a) in impls.items()}, protocol)
+        for name, timing in timings.items():
+            work = factor * attention_flops(flops[name], shapes.head_dim, shapes.heads)
+            row |= _rates({name: timing}, work, phase)
+        a, b = timings["dense_" + shapes.dense], timings["pyramid"]
+        if isinstance(a, Timing) and isinstance(b, Timing):
+            row[f"speedup_{phase}"] = round(a.median_s / b.median_s, 3)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def trace_pyramid(directory: str, shapes: Shapes, fused_rope: bool = False) -> None:
+    """One perfetto trace of three pyramid forward+backward calls into ``directory``."""
+    meta = pyramid_meta(shapes.pyramid_n, shapes)
+    args = _inputs(meta.lod.shape[1], shapes)
+    step = jax.jit(fwd_bwd(pyramid_fn(meta, shapes, fused_rope)))
+    jax.block_until_ready(step(*args))
+    with jax.profiler.trace(directory, create_perfetto_trace=True):
+        for _ in range(3):
+            jax.block_until_ready(step(*args))
+    print(f"trace: {directory}", flush=True)
+
+
+def tile_report(shapes: Shapes = Shapes()) -> list[dict]:
     """Listed vs needed tile pairs of the pyramid for the forward and backward tile sizes.
 
     ``needed``: pairs holding a visible pair; ``all_visible``: pairs whose every pair is visible
     (what a perfect pre-pass would list as full). Exact, from ``kernels.mask.visible`` one query
     tile at a time, so memory stays at one ``[block_q, T]`` mask.
     """
-    meta = pyramid_meta(n, k, levels)
-    spec = MaskSpec("pyramid", window=window, block_size=k, max_level=levels)
+    meta, spec, blocks = pyramid_meta(shapes.pyramid_n, shapes), pyramid_spec(shapes), shapes.blocks
     t = meta.lod.shape[1]
     rows = []
     for phase, bq, bk in (
@@ -206,9 +423,9 @@ def tile_report(
         kinds = tile_kinds(query_tile_bounds(meta.end, bq), key_tile_bounds(meta, bk), spec)
         kinds = np.asarray(kinds)[0, :nq, :nk]
         start = time.perf_counter()
-        some, every = (np.asarray(x) for x in _tile_visibility(meta, spec, bq, bk))
+        some, every, _ = (np.asarray(x) for x in _tile_visibility(meta, spec, bq, bk))
         row = {
-            "N": n,
+            "N": shapes.pyramid_n,
             "entries": t,
             "phase": phase,
             "tiles": f"{bq}x{bk}",
@@ -226,51 +443,76 @@ def tile_report(
     return rows
 
 
-def main() -> None:
+def versions() -> dict:
+    import jaxlib
+
+    info = {"jax": jax.__version__, "jaxlib": jaxlib.__version__}
+    info |= {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind}
+    try:  # the CUDA / cuDNN / driver line of the backend, where it has one
+        from jax.extend.backend import get_backend
+
+        info["platform"] = get_backend().platform_version
+    except Exception as e:  # an older or newer jax without it: say so, time anyway
+        info["platform"] = f"unknown ({type(e).__name__})"
+    return info
+
+
+def print_table(results: dict, shapes: Shapes) -> None:
+    """The causal rows as TFLOP/s, with wc_causal's speed relative to the dense attention."""
+    d = shapes.dense
+    print()
+    print(f"| T | wc_causal fwd | {d} fwd | mha fwd | ratio | wc_causal f+b | {d} f+b | ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in results.get("causal", []):
+        get = lambda key, row=row: row.get(key, math.nan)
+        cells = [row["T"]]
+        for phase in ("fwd", "fwdbwd"):
+            names = ("wc_causal", d, "pallas_mha") if phase == "fwd" else ("wc_causal", d)
+            cells += [f"{get(f'{name}_{phase}_tflops'):.3g}" for name in names]
+            cells.append(f"{get(f'{d}_{phase}_ms') / get(f'wc_causal_{phase}_ms'):.2f}")
+        print("| " + " | ".join(str(c) for c in cells) + " |")
+    for row in results.get("causal", []):
+        for key, value in row.items():
+            if key.endswith("_error"):
+                print("error:", row["T"], key, value)
+    if "pyramid" in results:
+        print(f"pyramid vs dense causal {d}:", json.dumps(results["pyramid"]))
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="T = 4K only, head dim 128")
+    p.add_argument("--quick", action="store_true", help="T = 4K causal only, 3 timed batches")
+    p.add_argument("--smoke", action="store_true", help="toy shapes on any backend")
     p.add_argument("--skip-pyramid", action="store_true")
+    p.add_argument("--fused-rope", action="store_true", help="the kernels rotate q and k")
     p.add_argument("--out", help="also write the results as JSON here")
+    p.add_argument("--trace", help="write a perfetto trace of a pyramid fwd+bwd to this folder")
     p.add_argument("--tiles", action="store_true", help="only the tile-list tightness report")
     p.add_argument("--tiles-n", type=int, default=65536, help="tokens of the --tiles pyramid")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.tiles:
-        tile_report(args.tiles_n)
+        tile_report(dataclasses.replace(Shapes(), pyramid_n=args.tiles_n))
         return
-    if jax.default_backend() != "gpu":
-        print(f"no GPU (backend {jax.default_backend()!r}): nothing to time")
+    shapes, protocol = Shapes(), Protocol()
+    if args.quick:
+        shapes, protocol = QUICK, Protocol(repeats=3)
+    if args.smoke:
+        shapes, protocol = SMOKE, Protocol(warmups=1, repeats=2, min_batch_s=0.0)
+    results = {"versions": versions(), "shapes": dataclasses.asdict(shapes)}
+    print(json.dumps(results["versions"]), flush=True)
+    if jax.default_backend() != "gpu" and not args.smoke:
+        print(f"no GPU (backend {jax.default_backend()!r}): nothing to time (--smoke runs anyway)")
         return
-    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
-    results = {"check_rel_error_T1024": check()}
-    print("check:", json.dumps(results["check_rel_error_T1024"]), flush=True)
-    lengths = [4096] if args.quick else [4096, 8192, 16384, 32768]
-    dims = [128] if args.quick else [64, 128]
-    results["causal"] = causal_table(lengths, dims)
+    results["check"] = check(shapes, args.fused_rope)
+    results["causal"] = causal_table(shapes, protocol, args.fused_rope)
     if not args.skip_pyramid:
-        results["pyramid"] = pyramid_vs_dense()
+        results["pyramid"] = pyramid_vs_dense(shapes, protocol, args.fused_rope)
+    trace = args.trace or (os.environ.get("OUT") and os.path.join(os.environ["OUT"], "trace"))
+    if trace and not args.skip_pyramid:
+        trace_pyramid(trace, shapes, args.fused_rope)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
-
-    print()
-    print(
-        "| T | Dh | wc_causal fwd | cuDNN fwd | mha fwd | ratio | wc_causal f+b | cuDNN f+b | ratio |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|")
-    for row in results["causal"]:
-        get = lambda key, row=row: row.get(key, math.nan)
-        print(
-            f"| {row['T']} | {row['Dh']} | {get('wc_causal_fwd'):.0f} | {get('cudnn_fwd'):.0f} | "
-            f"{get('pallas_mha_fwd'):.0f} | {get('wc_causal_fwd') / get('cudnn_fwd'):.2f} | "
-            f"{get('wc_causal_fwdbwd'):.0f} | {get('cudnn_fwdbwd'):.0f} | "
-            f"{get('wc_causal_fwdbwd') / get('cudnn_fwdbwd'):.2f} |"
-        )
-    errors = [
-        (r["T"], r["Dh"], k, v) for r in results["causal"] for k, v in r.items() if "error" in k
-    ]
-    for error in errors:
-        print("error:", *error)
-    if "pyramid" in results:
-        print("pyramid vs dense causal cuDNN:", json.dumps(results["pyramid"]))
+    print_table(results, shapes)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
 """Shared fixtures: a small text corpus and a tiny config that trains in seconds."""
 
 import atexit
+import importlib.util
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The tests' programs are tiny and compile far longer than they run: with XLA's older CPU emitters
@@ -91,6 +93,15 @@ def mc_checkpoint(tmp_path_factory, corpus_dir):
     workdir = tmp_path_factory.mktemp("mc_run")
     train(tiny_mc_config(workdir, corpus_dir, steps=3), progress=False)
     return workdir
+
+
+def benchmark_script(name: str):
+    """``benchmarks/<name>.py`` as a module (the benchmarks are scripts, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def signal_when(process, pattern: str, sig: int) -> tuple[int, str]:

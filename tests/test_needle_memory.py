@@ -1,6 +1,5 @@
 """benchmarks/needle_memory.py on a tiny random MegaContext checkpoint: the records it writes."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -16,20 +15,9 @@ from megacontext_jax.testing import tiny_config
 from megacontext_jax.training.checkpoint import Checkpointer, write_config
 from megacontext_jax.training.sharding import make_mesh
 from megacontext_jax.training.step import TrainState, checkpointed, make_trainable
-from tests.conftest import tiny_mc_config
+from tests.conftest import benchmark_script, tiny_mc_config
 
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "needle_memory.py"
-
-
-def _script(path: Path):
-    """A benchmark script as a module (the benchmarks are scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-needle_memory = _script(BENCHMARK)
+needle_memory = benchmark_script("needle_memory")
 
 
 def random_run(workdir: Path, corpus: Path, step: int = 1, mc: bool = True) -> Path:
