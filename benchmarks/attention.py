@@ -21,10 +21,12 @@ What one run does, in order (issue 25's protocol; one call fits in 5 minutes on 
    T(T+1)/2; the pyramid's pairs are counted exactly from its mask. Rows: B = 1, H = 16, Dh = 128,
    bf16, q and k pre-rotated as the model passes them (``--fused-rope`` times the kernel's own
    rotation instead).
-5. The pyramid: every token and gist of an N = 64K sequence (K = 32, levels 1-3, level-major,
+5. Decode: one new token (16 query heads, 4 KV heads) over a 32K / 128K KV cache, split-KV
+   (``kernels.decode``) against ``mixed_attention`` and the dense attention, in GB/s of K and V.
+6. The pyramid: every token and gist of an N = 64K sequence (K = 32, levels 1-3, level-major,
    LOD0 window 512) against dense causal cuDNN over the 64K tokens, with the tile visits of each
    pass (``kernels.tiles``: partial and full tiles) beside the tile pairs that hold a visible pair.
-6. ``--trace DIR``: one perfetto trace of a pyramid forward+backward.
+7. ``--trace DIR``: one perfetto trace of a pyramid forward+backward.
 
 A failure in one implementation is reported in its row and the run goes on. Without a GPU the
 timed part says so and exits 0; ``--smoke`` runs it anyway at toy shapes (interpreted kernels, XLA
@@ -46,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from megacontext_jax.kernels.decode import decode_attention
 from megacontext_jax.kernels.mask import visible
 from megacontext_jax.kernels.mixed_attention import (
     BlockSizes,
@@ -92,11 +95,13 @@ class Shapes:
     pyramid_levels: int = 3
     pyramid_window: int = 512
     blocks: BlockSizes = BLOCKS
+    decode_lengths: tuple[int, ...] = (32768, 131072)
+    decode_kv_heads: int = 4
     dense: str = "cudnn"  # the dense attention to beat: cuDNN on a GPU, XLA in --smoke
     pallas_mha: bool = True
 
 
-QUICK = Shapes(lengths=(4096,))
+QUICK = Shapes(lengths=(4096,), decode_lengths=(131072,))
 SMOKE = Shapes(
     lengths=(256,),
     heads=2,
@@ -107,6 +112,8 @@ SMOKE = Shapes(
     pyramid_k=8,
     pyramid_levels=2,
     pyramid_window=32,
+    decode_lengths=(1024,),
+    decode_kv_heads=1,
     blocks=BlockSizes(block_q=32, block_k=32, block_q_bwd=32, block_k_bwd=32),
     dense="xla",
     pallas_mha=False,
@@ -301,6 +308,39 @@ def causal_table(shapes: Shapes, protocol: Protocol, fused_rope: bool = False) -
     return rows
 
 
+def decode_table(shapes: Shapes, protocol: Protocol) -> list[dict]:
+    """One new token over a full KV cache: split-KV (``kernels.decode``) against
+    ``mixed_attention`` (one program per query head walking every key tile) and the dense
+    attention, as milliseconds and GB/s of K and V read (decoding is bound by that read)."""
+    rows = []
+    h, hkv, dh = shapes.heads, shapes.decode_kv_heads, shapes.head_dim
+    for t in shapes.decode_lengths:
+        keys = jax.random.split(jax.random.key(2), 3)
+        q = jax.random.normal(keys[0], (1, 1, h, dh), jnp.bfloat16)
+        k, v = (jax.random.normal(key, (1, t, hkv, dh), jnp.bfloat16) for key in keys[1:])
+        q_meta, k_meta = Entries.tokens(1, 1, t - 1), Entries.tokens(1, t)
+        spec = MaskSpec("decode")
+
+        metas = {"q_meta": q_meta, "k_meta": k_meta, "spec": spec}
+        split_kv = functools.partial(decode_attention, **metas)
+        mixed = functools.partial(mixed_attention, **metas, rope=False, blocks=shapes.blocks)
+        dense = functools.partial(jax.nn.dot_product_attention, implementation=shapes.dense)
+        impls = {"split_kv": split_kv, "mixed": mixed, shapes.dense: dense}
+        timings = time_interleaved({n: (f, (q, k, v)) for n, f in impls.items()}, protocol)
+        row = {"T": t, "heads": h, "kv_heads": hkv, "Dh": dh}
+        read = 2 * t * hkv * dh * 2  # bytes of bf16 K and V
+        for name, timing in timings.items():
+            if isinstance(timing, str):
+                row[f"{name}_error"] = timing
+                continue
+            row[f"{name}_ms"] = round(1e3 * timing.median_s, 4)
+            row[f"{name}_min_ms"] = round(1e3 * timing.min_s, 4)
+            row[f"{name}_GBps"] = round(read / timing.median_s / 1e9, 1)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def pyramid_spec(shapes: Shapes) -> MaskSpec:
     return MaskSpec(
         "pyramid",
@@ -484,6 +524,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="T = 4K causal only, 3 timed batches")
     p.add_argument("--smoke", action="store_true", help="toy shapes on any backend")
     p.add_argument("--skip-pyramid", action="store_true")
+    p.add_argument("--skip-decode", action="store_true")
     p.add_argument("--fused-rope", action="store_true", help="the kernels rotate q and k")
     p.add_argument("--out", help="also write the results as JSON here")
     p.add_argument("--trace", help="write a perfetto trace of a pyramid fwd+bwd to this folder")
@@ -507,6 +548,8 @@ def main(argv: list[str] | None = None) -> None:
     results["causal"] = causal_table(shapes, protocol, args.fused_rope)
     if not args.skip_pyramid:
         results["pyramid"] = pyramid_vs_dense(shapes, protocol, args.fused_rope)
+    if not args.skip_decode:
+        results["decode"] = decode_table(shapes, protocol)
     trace = args.trace or (os.environ.get("OUT") and os.path.join(os.environ["OUT"], "trace"))
     if trace and not args.skip_pyramid:
         trace_pyramid(trace, shapes, args.fused_rope)

@@ -120,3 +120,11 @@ def test_without_a_gpu_the_timed_part_says_so(capsys):
     attention.main([])
     out = capsys.readouterr().out
     assert "no GPU (backend 'cpu'): nothing to time (--smoke runs anyway)" in out
+
+
+def test_the_decode_rows_time_every_implementation():
+    shapes = dataclasses.replace(attention.SMOKE, decode_lengths=(96,))
+    protocol = attention.Protocol(warmups=0, repeats=1, min_batch_s=0.0)
+    (row,) = attention.decode_table(shapes, protocol)
+    assert not [key for key in row if key.endswith("_error")]
+    assert {"split_kv_GBps", "mixed_GBps", "xla_GBps"} <= row.keys()

@@ -20,7 +20,6 @@ from megacontext_jax.kernels.mixed_attention import (
     BlockSizes,
     Entries,
     MaskSpec,
-    _pad_meta,
     mixed_attention,
     mixed_attention_reference,
 )
@@ -282,7 +281,7 @@ def _checked_kinds(q_meta, k_meta, spec, bq: int, bk: int) -> tuple[np.ndarray, 
 
     @jax.jit  # one compiled pass: op by op, the eager dispatch would take seconds
     def prepass(q_meta, k_meta):
-        qp, kp = _pad_meta(q_meta, tq, -1), _pad_meta(k_meta, tk, FAR)
+        qp, kp = q_meta.padded(tq, -1), k_meta.padded(tk, FAR)
         mask = visible(qp.end, kp.lod, kp.start, kp.end, kp.valid, spec)
         tiles = mask.reshape(mask.shape[0], nq, bq, nk, bk)
         kt = key_tile_bounds(kp, bk)

@@ -5,7 +5,9 @@
 interpreted on CPU, compiled on GPU), or ``cudnn`` (``jax.nn.dot_product_attention``: cuDNN on a
 GPU, XLA elsewhere) where it applies (``cudnn_applies``: a full pass with valid keys packed at the
 front, and on a GPU fp16/bf16 inputs) and the Pallas kernels for the rest (decode, metadata masks,
-float32 on a GPU).
+float32 on a GPU). A few queries over a longer KV cache (``kernels.decode.decode_applies``) go to
+the split-KV decode kernel (``kernels.decode``) on a GPU or CPU, and to ``mixed_attention`` on a
+TPU, which has no split-KV kernel yet.
 
 Masks: ``causal=True`` is the WC-causal mask (query i sees key j iff j <= i + q_offset); with
 ``q_offset = kv_len - q_len`` it is the decode mask over a KV cache. ``causal=False`` is bidirectional
@@ -15,7 +17,8 @@ Masks: ``causal=True`` is the WC-causal mask (query i sees key j iff j <= i + q_
 import jax
 import jax.numpy as jnp
 
-from megacontext_jax.kernels.mask import Entries
+from megacontext_jax.kernels.decode import decode_applies, decode_attention
+from megacontext_jax.kernels.mask import Entries, MaskSpec
 from megacontext_jax.kernels.mixed_attention import mixed_attention, mixed_attention_reference
 from megacontext_jax.kernels.reference import attention_reference
 
@@ -88,5 +91,7 @@ def attention(
         k_meta = Entries.tokens(b, tk)
         if kv_valid is not None:
             k_meta.valid = kv_valid
+        if jax.default_backend() != "tpu" and decode_applies(q, k):
+            return decode_attention(q, k, v, q_meta, k_meta, MaskSpec("decode"))
         return mixed_attention(q, k, v, q_meta, k_meta, rope=False)
     raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")

@@ -22,6 +22,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from megacontext_jax.kernels.rope import span_positions
 
@@ -70,6 +71,39 @@ class Entries:
         """Plain tokens at positions ``offset .. offset + length - 1`` (all valid)."""
         start = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32) + offset, (batch, length))
         return cls.make(jnp.zeros_like(start), start, jnp.ones_like(start, bool), 2)
+
+    def fit(self, batch: int, length: int, name: str) -> "Entries":
+        """As ``[batch, length]``: one row broadcasts to every batch row; any other shape is an
+        error (a compiled kernel would read metadata rows that do not exist)."""
+        shape = jnp.shape(self.lod)
+        if len(shape) != 2 or shape[1] != length or shape[0] not in (1, batch):
+            raise ValueError(
+                f"{name} metadata is {shape}; expected ({batch}, {length}) or (1, {length})"
+            )
+        return jax.tree.map(lambda a: jnp.broadcast_to(a, (batch, length)), self)
+
+    def padded(self, length: int, end_fill: int) -> "Entries":
+        """``[B, length]``: invalid entries appended, ending at ``end_fill`` (-1 for padded
+        queries, which then see nothing; ``FAR`` for padded keys, which no query sees)."""
+
+        def pad(x, value=0):
+            return jnp.pad(x, ((0, 0), (0, length - x.shape[1])), constant_values=value)
+
+        return Entries(
+            pad(self.lod), pad(self.start), pad(self.end, end_fill), pad(self.valid, False),
+            pad(self.mu), pad(self.sigma),
+        )  # fmt: skip
+
+    def zero_cotangent(self) -> "Entries":
+        """The cotangent of metadata, which no output depends on differentiably: zeros (float0
+        for the integer and bool fields)."""
+
+        def zero(x):
+            if jnp.issubdtype(x.dtype, jnp.floating):
+                return jnp.zeros_like(x)
+            return np.zeros(x.shape, jax.dtypes.float0)
+
+        return jax.tree.map(zero, self)
 
 
 def bands(end: jax.Array, spec: MaskSpec) -> list[tuple[jax.Array, jax.Array]]:

@@ -21,7 +21,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 
 from megacontext_jax.kernels import mixed_launch, mixed_tpu
@@ -51,12 +50,6 @@ def _pad_halves(x, half: int):
     return jnp.concatenate([_pad_to(x[..., :h], -1, half), _pad_to(x[..., h:], -1, half)], -1)
 
 
-def _zero_cotangent(x):
-    if jnp.issubdtype(x.dtype, jnp.floating):
-        return jnp.zeros_like(x)
-    return np.zeros(x.shape, jax.dtypes.float0)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def _attention(q, k, v, q_meta, k_meta, cfg, interpret, target):
     return TARGETS[target][0](q, k, v, q_meta, k_meta, cfg, interpret)[0]
@@ -70,33 +63,10 @@ def _attention_fwd(q, k, v, q_meta, k_meta, cfg, interpret, target):
 def _attention_bwd(cfg, interpret, target, residuals, do):
     q, k, v, q_meta, k_meta, out, lse = residuals
     dq, dk, dv = TARGETS[target][1](q, k, v, q_meta, k_meta, out, lse, do, cfg, interpret)
-    zeros = jax.tree.map(_zero_cotangent, (q_meta, k_meta))
-    return (dq, dk, dv, *zeros)
+    return dq, dk, dv, q_meta.zero_cotangent(), k_meta.zero_cotangent()
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
-
-
-def _pad_meta(meta: Entries, length: int, end_fill: int) -> Entries:
-    return Entries(
-        lod=_pad_to(meta.lod, 1, length),
-        start=_pad_to(meta.start, 1, length),
-        end=_pad_to(meta.end, 1, length, end_fill),
-        valid=_pad_to(meta.valid, 1, length, False),
-        mu=_pad_to(meta.mu, 1, length),
-        sigma=_pad_to(meta.sigma, 1, length),
-    )
-
-
-def _fit_meta(meta: Entries, batch: int, length: int, name: str) -> Entries:
-    """``meta`` as ``[batch, length]``: one row broadcasts to every batch row; any other shape
-    is an error (a compiled kernel would read metadata rows that do not exist)."""
-    shape = jnp.shape(meta.lod)
-    if len(shape) != 2 or shape[1] != length or shape[0] not in (1, batch):
-        raise ValueError(
-            f"{name} metadata is {shape}; expected ({batch}, {length}) or (1, {length})"
-        )
-    return jax.tree.map(lambda a: jnp.broadcast_to(a, (batch, length)), meta)
 
 
 def mixed_attention(
@@ -136,7 +106,7 @@ def mixed_attention(
     if dh % 2:
         raise ValueError(f"head_dim must be even (rotary halves), got {dh}")
     b = q.shape[0]
-    q_meta, k_meta = _fit_meta(q_meta, b, tq, "query"), _fit_meta(k_meta, b, tk, "key")
+    q_meta, k_meta = q_meta.fit(b, tq, "query"), k_meta.fit(b, tk, "key")
     if rope and target == "tpu":
         q = gaussian_rope(q, q_meta.mu, q_meta.sigma, theta)
         k = gaussian_rope(k, k_meta.mu, k_meta.sigma, theta)
@@ -150,7 +120,7 @@ def mixed_attention(
     kp = _pad_to(_pad_halves(k, half), 1, tk_p)
     vp = _pad_to(_pad_to(v, -1, 2 * half), 1, tk_p)
     out = _attention(
-        qp, kp, vp, _pad_meta(q_meta, tq_p, -1), _pad_meta(k_meta, tk_p, FAR), cfg, interpret,
+        qp, kp, vp, q_meta.padded(tq_p, -1), k_meta.padded(tk_p, FAR), cfg, interpret,
         target,
     )  # fmt: skip
     return out[:, :tq, :, :dh]
