@@ -129,6 +129,19 @@ def test_merge_is_one_softmax_over_the_parts():
     assert np.all(np.asarray(nothing) == 0)
 
 
+def test_the_kernel_lowers_for_a_gpu():
+    """Pallas's Triton lowering builds the kernel's Triton IR here; only the GPU compile is left."""
+    q = jax.ShapeDtypeStruct((2, 1, 16, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, 4096, 4, 128), jnp.bfloat16)
+    q_meta, k_meta = _cache(2, capacity=4096, length=3000, tq=1)
+
+    def fn(q, k, v):
+        return decode_attention(q, k, v, q_meta, k_meta, interpret=False)
+
+    text = jax.jit(fn).trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 1
+
+
 def test_too_many_rows_is_one_line():
     q = jnp.zeros((1, MAX_ROWS // 4 + 1, 8, 16))
     kv = jnp.zeros((1, 256, 2, 16))

@@ -223,6 +223,27 @@ def test_tpu_kernels_lower_to_mosaic(monkeypatch, mask):
     assert text.count("tpu_custom_call") == 3  # forward, dk/dv, dq
 
 
+@pytest.mark.parametrize("mask,rope", [("wc_causal", False), ("pyramid", True)])
+def test_triton_kernels_lower_for_a_gpu(mask, rope):
+    """Forward and backward pass Pallas's Triton lowering at GPU-sized tiles (bf16, head dim 128,
+    the benchmark's blocks): lowering builds the Triton IR here, so only the GPU compile is left."""
+    q_meta, k_meta, spec = _case(mask, np.random.default_rng(6))
+    q, k, v = _qkv(np.random.default_rng(6), q_meta.lod.shape[1], k_meta.lod.shape[1], 4, 2, 128)
+    q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    blocks = BlockSizes(block_q=128, block_k=64, block_q_bwd=64, block_k_bwd=64)
+
+    def loss(q, k, v):
+        out = mixed_attention(
+            q, k, v, q_meta, k_meta, spec, rope=rope, blocks=blocks, target="triton",
+            interpret=False,
+        )  # fmt: skip
+        return out.astype(jnp.float32).sum()
+
+    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, v)
+    text = lowered.lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 3  # forward, dk/dv, dq
+
+
 def test_metadata_of_another_shape_is_refused():
     q, k, v = _qkv(np.random.default_rng(0), 3, 5, 2, 2, 8)  # batch 2
     with pytest.raises(
