@@ -1,11 +1,11 @@
 """The Pallas (Triton) kernel bodies of mixed-resolution attention (DESIGN section 6).
 
-Three kernels, each one program per (tile, batch row, query head):
+Three kernels, each one program per (tile, batch row, query head; KV head for dk/dv):
 
 * ``fwd_kernel``: one query tile against the key tiles of its list; online softmax, writes the
   output and the log-sum-exp (``inf`` for a query that sees no key, whose output is 0).
-* ``dkdv_kernel``: one key tile against the query tiles of its list; dk and dv per query head
-  (GQA groups are summed by the caller).
+* ``dkdv_kernel``: one key tile of one KV head against the query tiles of its list, for every
+  query head of its GQA group; dk and dv in the input dtype.
 * ``dq_kernel``: one query tile against its key tiles, as the forward.
 
 Each program walks its row of the block-sparse tile lists (``kernels.tiles.TileLists``) in two
@@ -70,17 +70,22 @@ def _rope_tables(mu, sigma, half: int, head_dim: int, theta: float):
     return jnp.cos(angles) * damp, jnp.sin(angles) * damp
 
 
-def _load(ref, rows, meta_refs, cfg):
-    """Rows of ``ref`` as a list of column parts, and the rotary tables.
+def _load(ref, rows, meta_refs, cfg, head=None):
+    """Rows of ``ref`` (of its query head ``head`` when the block holds a GQA group's heads,
+    ``[n, group, Dh]``) as a list of column parts, and the rotary tables.
 
     With ``cfg.rope``: the two rotated halves ``[n, half]`` (so no lane shuffles: logits are a
-    sum of two dots); else the whole rows ``[n, Dh]`` in one part.
+    sum of two dots); else the whole rows ``[n, Dh]`` in one part, in the input dtype.
     """
+
+    def read(cols):
+        return ref[rows, cols] if head is None else ref[rows, head, cols]
+
     if not cfg.rope:
-        return [ref[rows, :]], None
+        return [read(slice(None))], None
     half = ref.shape[-1] // 2
-    x1 = ref[rows, pl.ds(0, half)].astype(jnp.float32)
-    x2 = ref[rows, pl.ds(half, half)].astype(jnp.float32)
+    x1 = read(pl.ds(0, half)).astype(jnp.float32)
+    x2 = read(pl.ds(half, half)).astype(jnp.float32)
     mu_ref, sigma_ref = meta_refs
     cos, sin = _rope_tables(mu_ref[rows], sigma_ref[rows], half, cfg.head_dim, cfg.theta)
     return [x1 * cos - x2 * sin, x1 * sin + x2 * cos], (cos, sin)
@@ -182,26 +187,32 @@ def dkdv_kernel(
     ksig_ref, list_ref, count_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
     cfg: KernelConfig,
 ):  # fmt: skip
-    """dk, dv ``[bk, .]`` of one key tile for one query head (refs: all of q, its metadata, do,
-    lse and ``delta = sum(out * do)``; the key tile; its query-tile list; the key-tile counts)."""
+    """dk, dv ``[bk, .]`` of one key tile of one KV head, summed over the query heads of its GQA
+    group in float32 and written once in the input dtype (refs: the group's q ``[Tq, group, Dh]``,
+    do and ``lse`` / ``delta = sum(out * do)`` ``[group, Tq]``, and all query metadata; the key
+    tile; its query-tile list; the key-tile counts)."""
     bq, bk = cfg.blocks.block_q_bwd, cfg.blocks.block_k_bwd
+    group = q_ref.shape[1]
     cols = pl.ds(0, bk)
     ks, k_tables = _load(k_ref, cols, (kmu_ref, ksig_ref), cfg)
-    v = v_ref[cols, :].astype(jnp.float32)
+    v = v_ref[cols, :]
 
     def visit(i, carry, masked):
         dks, dv = carry
         rows = pl.ds(i * bq, bq)
-        qs, _ = _load(q_ref, rows, (qmu_ref, qsig_ref), cfg)
-        s = _logits(qs, ks, cfg)
         if masked:
             mask = _key_mask(qe_ref[rows], (kl_ref, ks_ref, ke_ref, kv_ref), cols, cfg.spec)
-            s = jnp.where(mask, s, NEG_INF)
-        p = jnp.exp(s - lse_ref[rows][:, None])  # [bq, bk]
-        do = do_ref[rows, :].astype(jnp.float32)
-        dv = dv + _dot_nn(p.T, do, cfg.dtype)
-        ds = p * (_dot(do, v, cfg.dtype) - delta_ref[rows][:, None]) * cfg.scale
-        return [dk + _dot_nn(ds.T, x, cfg.dtype) for dk, x in zip(dks, qs, strict=True)], dv
+        for g in range(group):
+            qs, _ = _load(q_ref, rows, (qmu_ref, qsig_ref), cfg, head=g)
+            s = _logits(qs, ks, cfg)
+            if masked:
+                s = jnp.where(mask, s, NEG_INF)
+            p = jnp.exp(s - lse_ref[g, rows][:, None])  # [bq, bk]
+            do = do_ref[rows, g, :]
+            dv = dv + _dot_nn(p.T, do, cfg.dtype)
+            ds = p * (_dot(do, v, cfg.dtype) - delta_ref[g, rows][:, None]) * cfg.scale
+            dks = [dk + _dot_nn(ds.T, x, cfg.dtype) for dk, x in zip(dks, qs, strict=True)]
+        return dks, dv
 
     init = (
         [jnp.zeros(x.shape, jnp.float32) for x in ks],
@@ -221,7 +232,7 @@ def dq_kernel(
     rows = pl.ds(0, bq)
     qs, q_tables = _load(q_ref, rows, (qmu_ref, qsig_ref), cfg)
     q_end = qe_ref[rows]
-    do = do_ref[rows, :].astype(jnp.float32)
+    do = do_ref[rows, :]
     lse, delta = lse_ref[rows], delta_ref[rows]
 
     def visit(j, dqs, masked):

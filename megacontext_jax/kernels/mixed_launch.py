@@ -1,8 +1,9 @@
 """The ``pallas_call`` launchers of the mixed-attention kernels (DESIGN section 6).
 
 ``forward`` and ``backward`` run the tile-list pre-pass (``kernels.tiles``) and launch the
-kernels of ``kernels.mixed_kernels`` on grids ``(tiles, B, Hq)``: the forward and dq walk query
-tiles, dk/dv key tiles. A program's own tile and its own row of the tile lists come in blocks, the
+kernels of ``kernels.mixed_kernels`` on grids ``(tiles, B, heads)``: the forward and dq walk query
+tiles per query head, dk/dv key tiles per KV head (over the query heads of its GQA group, so dk
+and dv are written once, in the input dtype). A program's own tile and its own row of the tile lists come in blocks, the
 list counts of its batch row whole; the other side (all keys, or all queries for dk/dv) comes
 whole, and the kernel slices the listed tiles out of it. GQA: query head h reads key head
 ``h // (Hq // Hkv)``. Interpreted on CPU, compiled for Triton elsewhere.
@@ -49,7 +50,7 @@ def _meta_arrays(meta: Entries) -> list[jax.Array]:
 
 
 def _list_specs(lists: TileLists) -> list[pl.BlockSpec]:
-    """BlockSpecs of a program's own list row and of its batch row's counts (grid ``(n, B, Hq)``)."""
+    """BlockSpecs of a program's own list row and of its batch row's counts (grid ``(n, B, H)``)."""
     n, n_other = lists.lists.shape[1:]
     return [
         pl.BlockSpec((None, None, n_other), lambda t, b, h: (b, t, 0)),
@@ -57,37 +58,19 @@ def _list_specs(lists: TileLists) -> list[pl.BlockSpec]:
     ]
 
 
-def _specs(
-    cfg: KernelConfig, tq: int, tk: int, dp: int, dvp: int, group: int, block_q: int, grid_q: bool
-):
-    """BlockSpecs of q, k, v and the metadata for a grid ``(tiles, B, Hq)``.
+def _query_grid_specs(tq: int, tk: int, dp: int, dvp: int, group: int, block_q: int):
+    """BlockSpecs of q, k, v and the metadata for a grid ``(query tiles, B, Hq)`` (forward, dq):
+    the program's own query tile, and all keys of its query head's KV head."""
 
-    ``grid_q``: the first grid axis walks query tiles (forward, dq) or key tiles (dk/dv).
-    """
-    bk = cfg.blocks.block_k_bwd if not grid_q else cfg.blocks.block_k
+    def whole_keys(width):
+        return pl.BlockSpec((None, tk, None, width), lambda i, b, h: (b, 0, h // group, 0))
 
-    def rows(block, length, use_tile):
-        if use_tile:
-            return pl.BlockSpec((None, block, None, dp), lambda i, b, h: (b, i, h, 0))
-        return pl.BlockSpec((None, length, None, dp), lambda i, b, h: (b, 0, h, 0))
-
-    def kv_rows(block, length, width, use_tile):
-        if use_tile:
-            return pl.BlockSpec((None, block, None, width), lambda i, b, h: (b, i, h // group, 0))
-        return pl.BlockSpec((None, length, None, width), lambda i, b, h: (b, 0, h // group, 0))
-
-    def meta(block, length, use_tile):
-        if use_tile:
-            return pl.BlockSpec((None, block), lambda i, b, h: (b, i))
-        return pl.BlockSpec((None, length), lambda i, b, h: (b, 0))
-
-    q_tile, k_tile = grid_q, not grid_q
     return [
-        rows(block_q, tq, q_tile),
-        kv_rows(bk, tk, dp, k_tile),
-        kv_rows(bk, tk, dvp, k_tile),
-        *[meta(block_q, tq, q_tile)] * 3,
-        *[meta(bk, tk, k_tile)] * 6,
+        pl.BlockSpec((None, block_q, None, dp), lambda i, b, h: (b, i, h, 0)),
+        whole_keys(dp),
+        whole_keys(dvp),
+        *[pl.BlockSpec((None, block_q), lambda i, b, h: (b, i))] * 3,
+        *[pl.BlockSpec((None, tk), lambda i, b, h: (b, 0))] * 6,
     ]
 
 
@@ -107,7 +90,7 @@ def forward(
     bq = cfg.blocks.block_q
     lists = pass_lists(q_meta.end, k_meta, bq, cfg.blocks.block_k, cfg.spec)[0]
     q_arrays = [q_meta.end, q_meta.mu.astype(jnp.float32), q_meta.sigma.astype(jnp.float32)]
-    in_specs = [*_specs(cfg, tq, tk, dp, dvp, hq // hkv, bq, grid_q=True), *_list_specs(lists)]
+    in_specs = [*_query_grid_specs(tq, tk, dp, dvp, hq // hkv, bq), *_list_specs(lists)]
     return pl.pallas_call(
         functools.partial(fwd_kernel, cfg=cfg),
         grid=(tq // bq, b, hq),
@@ -149,35 +132,39 @@ def backward(
     q_arrays = [q_meta.end, q_meta.mu.astype(jnp.float32), q_meta.sigma.astype(jnp.float32)]
     k_arrays = _meta_arrays(k_meta)
 
-    # dk, dv: one program per key tile and query head; GQA groups are summed afterwards.
-    specs = _specs(cfg, tq, tk, dp, dvp, group, bq, grid_q=False)
-    specs[0] = pl.BlockSpec((None, tq, None, dp), lambda j, b, h: (b, 0, h, 0))
+    # dk, dv: one program per key tile and KV head, over the query heads of its group.
+    def group_rows(width):
+        return pl.BlockSpec((None, tq, group, width), lambda j, b, h: (b, 0, h, 0))
+
+    def own_rows(width):
+        return pl.BlockSpec((None, bk, None, width), lambda j, b, h: (b, j, h, 0))
+
+    group_stats = pl.BlockSpec((None, group, tq), lambda j, b, h: (b, h, 0))
     dk, dv = pl.pallas_call(
         functools.partial(dkdv_kernel, cfg=cfg),
-        grid=(tk // bk, b, hq),
+        grid=(tk // bk, b, hkv),
         in_specs=[
-            *specs,
+            group_rows(dp),
+            own_rows(dp),
+            own_rows(dvp),
+            *[pl.BlockSpec((None, tq), lambda j, b, h: (b, 0))] * 3,
+            *[pl.BlockSpec((None, bk), lambda j, b, h: (b, j))] * 6,
             *_list_specs(k_lists),
-            pl.BlockSpec((None, tq, None, dvp), lambda j, b, h: (b, 0, h, 0)),
-            pl.BlockSpec((None, None, tq), lambda j, b, h: (b, h, 0)),
-            pl.BlockSpec((None, None, tq), lambda j, b, h: (b, h, 0)),
+            group_rows(dvp),
+            group_stats,
+            group_stats,
         ],
-        out_specs=[
-            pl.BlockSpec((None, bk, None, dp), lambda j, b, h: (b, j, h, 0)),
-            pl.BlockSpec((None, bk, None, dvp), lambda j, b, h: (b, j, h, 0)),
-        ],
+        out_specs=[own_rows(dp), own_rows(dvp)],
         out_shape=[
-            jax.ShapeDtypeStruct((b, tk, hq, dp), jnp.float32),
-            jax.ShapeDtypeStruct((b, tk, hq, dvp), jnp.float32),
+            jax.ShapeDtypeStruct((b, tk, hkv, dp), k.dtype),
+            jax.ShapeDtypeStruct((b, tk, hkv, dvp), v.dtype),
         ],
         interpret=interpret,
         compiler_params=_compiler_params(cfg.blocks, interpret),
         name="mixed_attention_dkdv",
     )(q, k, v, *q_arrays, *k_arrays, *k_lists, do, lse, delta)
-    dk = dk.reshape(b, tk, hkv, group, dp).sum(3).astype(k.dtype)
-    dv = dv.reshape(b, tk, hkv, group, dvp).sum(3).astype(v.dtype)
 
-    specs = _specs(cfg, tq, tk, dp, dvp, group, bq, grid_q=True)
+    specs = _query_grid_specs(tq, tk, dp, dvp, group, bq)
     dq = pl.pallas_call(
         functools.partial(dq_kernel, cfg=cfg),
         grid=(tq // bq, b, hq),
