@@ -119,7 +119,7 @@ def test_merge_is_one_softmax_over_the_parts():
         seen = np.isfinite(m)
         p = np.exp(s - m) if seen else np.zeros_like(s)
         o.append(p @ values[lo:hi] / (p.sum() if seen else 1.0))
-        lse.append(m + np.log(p.sum()) if seen else -np.inf)
+        lse.append((m + np.log(p.sum())) / np.log(2) if seen else -np.inf)  # base 2
     whole = np.concatenate([logits[0, :4], logits[1, 4:6], logits[2, 6:]])
     weights = np.exp(whole - whole.max())
     want = (weights / weights.sum()) @ values

@@ -18,6 +18,7 @@ Triton elsewhere. Decoding is inference; the gradient, for completeness, is the 
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +32,7 @@ from megacontext_jax.kernels.tiles import pass_lists
 # which ``mixed_attention``'s query tiles already parallelise.
 MAX_ROWS = 64
 NEG_INF = float("-inf")
+LOG2E = math.log2(math.e)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,9 +60,10 @@ def _kernel(
     q_ref, qe_ref, k_ref, v_ref, kl_ref, ks_ref, ke_ref, kv_ref, list_ref, count_ref, o_ref,
     lse_ref, *, cfg: DecodeConfig,
 ):  # fmt: skip
-    """Partial output ``o [rows, Dv]`` and log-sum-exp ``lse [rows]`` (``-inf`` where no key was
-    seen) of this program's share of the listed key tiles (refs: the stacked query rows and their
-    ends; all keys, values and key metadata of one KV head; the batch row's tile list and counts)."""
+    """Partial output ``o [rows, Dv]`` and base-2 log-sum-exp ``lse [rows]`` (``-inf`` where no
+    key was seen) of this program's share of the listed key tiles (refs: the stacked query rows
+    and their ends; all keys, values and key metadata of one KV head; the batch row's tile list
+    and counts)."""
     bk, splits = cfg.block_k, cfg.splits
     n_partial, n_listed = count_ref[0, 0], count_ref[1, 0]
     share = (n_listed + splits - 1) // splits
@@ -79,14 +82,14 @@ def _kernel(
                 (((1,), (1,)), ((), ())),
                 preferred_element_type=jnp.float32,
             )
-            s = s * cfg.scale
+            s = s * (cfg.scale * LOG2E)  # base 2: softmax on exp2, the GPU's native exponential
             if masked:
                 keys = (kl_ref[cols], ks_ref[cols], ke_ref[cols], kv_ref[cols] > 0)
                 s = jnp.where(visible(q_end, *keys, cfg.spec), s, NEG_INF)
             m_next = jnp.maximum(m, jnp.max(s, axis=1))
             m_safe = jnp.where(m_next == NEG_INF, 0.0, m_next) if masked else m_next
-            correction = jnp.exp(m - m_safe)
-            p = jnp.exp(s - m_safe[:, None])
+            correction = jnp.exp2(m - m_safe)
+            p = jnp.exp2(s - m_safe[:, None])
             pv = jnp.dot(
                 p.astype(cfg.dtype),
                 v_ref[cols, :].astype(cfg.dtype),
@@ -106,14 +109,14 @@ def _kernel(
     o, m, l = jax.lax.fori_loop(jnp.maximum(lo, n_partial), hi, visit(False), carry)
     seen = l > 0
     o_ref[...] = o / jnp.where(seen, l, 1.0)[:, None]
-    lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), NEG_INF)
+    lse_ref[...] = jnp.where(seen, m + jnp.log2(jnp.where(seen, l, 1.0)), NEG_INF)
 
 
 def merge(o: jax.Array, lse: jax.Array) -> jax.Array:
-    """Combines partial outputs ``o [..., S, R, D]`` with log-sum-exps ``lse [..., S, R]`` (``-inf``
-    for a part that saw nothing) into ``[..., R, D]``; rows no part saw are 0."""
+    """Combines partial outputs ``o [..., S, R, D]`` with base-2 log-sum-exps ``lse [..., S, R]``
+    (``-inf`` for a part that saw nothing) into ``[..., R, D]``; rows no part saw are 0."""
     top = jnp.max(lse, axis=-2, keepdims=True)
-    weight = jnp.exp(lse - jnp.where(top == NEG_INF, 0.0, top))  # 0 for a part that saw nothing
+    weight = jnp.exp2(lse - jnp.where(top == NEG_INF, 0.0, top))  # 0 for a part that saw nothing
     total = jnp.sum(weight, axis=-2)
     out = jnp.sum(weight[..., None] * o, axis=-3)
     return out / jnp.where(total > 0, total, 1.0)[..., None]

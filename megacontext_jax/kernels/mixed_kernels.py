@@ -3,7 +3,7 @@
 Three kernels, each one program per (tile, batch row, query head; KV head for dk/dv):
 
 * ``fwd_kernel``: one query tile against the key tiles of its list; online softmax, writes the
-  output and the log-sum-exp (``inf`` for a query that sees no key, whose output is 0).
+  output and the log-sum-exp, in base 2 (``inf`` for a query that sees no key, whose output is 0).
 * ``dkdv_kernel``: one key tile of one KV head against the query tiles of its list, for every
   query head of its GQA group; dk and dv in the input dtype.
 * ``dq_kernel``: one query tile against its key tiles, as the forward.
@@ -28,6 +28,7 @@ from jax.experimental import pallas as pl
 from megacontext_jax.kernels.mask import MaskSpec, visible
 
 NEG_INF = float("-inf")
+LOG2E = math.log2(math.e)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +122,9 @@ def _dot_nn(a, b, dtype):
 
 
 def _logits(qs, ks, cfg):
-    return sum(_dot(a, b, cfg.dtype) for a, b in zip(qs, ks, strict=True)) * cfg.scale
+    """Logits in base 2 (``log2(e)`` folded into the scale), so softmax runs on ``exp2``, the
+    GPU's native exponential; probabilities are those of the natural-base softmax."""
+    return sum(_dot(a, b, cfg.dtype) for a, b in zip(qs, ks, strict=True)) * (cfg.scale * LOG2E)
 
 
 def _key_mask(q_end, k_meta_refs, cols, spec):
@@ -165,8 +168,8 @@ def fwd_kernel(
         m_next = jnp.maximum(m, jnp.max(s, axis=1))
         # Only a masked tile can leave a row's max at -inf: every row sees a key of a full tile.
         m_safe = jnp.where(m_next == NEG_INF, 0.0, m_next) if masked else m_next
-        correction = jnp.exp(m - m_safe)
-        p = jnp.exp(s - m_safe[:, None])
+        correction = jnp.exp2(m - m_safe)
+        p = jnp.exp2(s - m_safe[:, None])
         v = v_ref[cols, :]
         o = o * correction[:, None] + _dot_nn(p, v, cfg.dtype)
         return o, m_next, l * correction + jnp.sum(p, axis=1)
@@ -179,7 +182,7 @@ def fwd_kernel(
     o, m, l = _walk(list_ref, count_ref, visit, init)
     seen = l > 0
     o_ref[...] = (o / jnp.where(seen, l, 1.0)[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), jnp.inf)
+    lse_ref[...] = jnp.where(seen, m + jnp.log2(jnp.where(seen, l, 1.0)), jnp.inf)
 
 
 def dkdv_kernel(
@@ -207,7 +210,7 @@ def dkdv_kernel(
             s = _logits(qs, ks, cfg)
             if masked:
                 s = jnp.where(mask, s, NEG_INF)
-            p = jnp.exp(s - lse_ref[g, rows][:, None])  # [bq, bk]
+            p = jnp.exp2(s - lse_ref[g, rows][:, None])  # [bq, bk]
             do = do_ref[rows, g, :]
             dv = dv + _dot_nn(p.T, do, cfg.dtype)
             ds = p * (_dot(do, v, cfg.dtype) - delta_ref[g, rows][:, None]) * cfg.scale
@@ -242,7 +245,7 @@ def dq_kernel(
         if masked:
             mask = _key_mask(q_end, (kl_ref, ks_ref, ke_ref, kv_ref), cols, cfg.spec)
             s = jnp.where(mask, s, NEG_INF)
-        p = jnp.exp(s - lse[:, None])
+        p = jnp.exp2(s - lse[:, None])
         v = v_ref[cols, :]
         ds = p * (_dot(do, v, cfg.dtype) - delta[:, None]) * cfg.scale
         return [dq + _dot_nn(ds, x, cfg.dtype) for dq, x in zip(dqs, ks, strict=True)]

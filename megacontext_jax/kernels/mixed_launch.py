@@ -3,10 +3,10 @@
 ``forward`` and ``backward`` run the tile-list pre-pass (``kernels.tiles``) and launch the
 kernels of ``kernels.mixed_kernels`` on grids ``(tiles, B, heads)``: the forward and dq walk query
 tiles per query head, dk/dv key tiles per KV head (over the query heads of its GQA group, so dk
-and dv are written once, in the input dtype). A program's own tile and its own row of the tile lists come in blocks, the
-list counts of its batch row whole; the other side (all keys, or all queries for dk/dv) comes
-whole, and the kernel slices the listed tiles out of it. GQA: query head h reads key head
-``h // (Hq // Hkv)``. Interpreted on CPU, compiled for Triton elsewhere.
+and dv are written once, in the input dtype). A program's own tile and its own row of the tile
+lists come in blocks, the list counts of its batch row whole; the other side (all keys, or all
+queries of the group for dk/dv) comes whole, and the kernel slices the listed tiles out of it.
+GQA: query head h reads key head ``h // (Hq // Hkv)``. Interpreted on CPU, compiled for Triton elsewhere.
 
 Inputs come padded by ``kernels.mixed_attention``: lengths to whole tiles of both the forward and
 the backward block sizes, each rotary half of the head dim to a power of two, metadata ``[B, T]``.
@@ -84,7 +84,8 @@ def forward(
     interpret: bool,
 ) -> tuple[jax.Array, jax.Array]:
     """``(out [B, Tq, Hq, Dv], lse [B, Hq, Tq])`` of padded ``q [B, Tq, Hq, Dh]`` over
-    ``k, v [B, Tk, Hkv, .]``; ``lse`` is ``inf`` for a query that sees no key."""
+    ``k, v [B, Tk, Hkv, .]``; ``lse`` is in base 2 (what the backward takes) and ``inf`` for a
+    query that sees no key."""
     b, tq, hq, dp = q.shape
     tk, hkv, dvp = k.shape[1], k.shape[2], v.shape[-1]
     bq = cfg.blocks.block_q
