@@ -2,9 +2,10 @@
 
 ``mixed_attention`` is attention over entries (tokens and gists) under a mask that their metadata
 alone decides (``kernels.mask``: ``Entries``, ``MaskSpec`` and the ``wc_causal`` / ``decode`` /
-``pyramid`` rules); ``mixed_attention_reference`` is the same function in plain jnp. With
-``rope=True`` both rotate q and k themselves (Gaussian RoPE from ``mu`` / ``sigma``, half-split
-pairs as ``kernels.rope``), else q and k come rotated. Logits, softmax and accumulation are
+``pyramid`` rules); ``mixed_attention_reference`` is the same function in plain jnp. By default
+q and k come rotated, as the model passes them; with ``rope=True`` both rotate q and k themselves
+(Gaussian RoPE from ``mu`` / ``sigma``, half-split pairs as ``kernels.rope``; fused into the
+Triton kernels, which then rebuild the rotary tables on every tile they visit). Logits, softmax and accumulation are
 float32; GQA maps query head h to key head ``h // (Hq // Hkv)``. A query that sees no key returns
 zeros.
 
@@ -77,7 +78,7 @@ def mixed_attention(
     k_meta: Entries,
     spec: MaskSpec = MaskSpec(),
     *,
-    rope: bool = True,
+    rope: bool = False,
     theta: float = 10000.0,
     blocks: BlockSizes = BlockSizes(),
     interpret: bool | None = None,
@@ -134,7 +135,7 @@ def mixed_attention_reference(
     k_meta: Entries,
     spec: MaskSpec = MaskSpec(),
     *,
-    rope: bool = True,
+    rope: bool = False,
     theta: float = 10000.0,
 ) -> jax.Array:
     """The same function as ``mixed_attention``, in plain jnp (float32 logits and softmax).
