@@ -42,7 +42,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.smear_keys = False  # gpt: keys mix in the previous one (learned per-head gate)
     c.model.dtype = "float32"  # activations / matmul inputs
     c.model.param_dtype = "float32"
-    c.model.attention_impl = "reference"  # "pallas" (kernels/mixed_attention.py) or "cudnn"
+    # "auto": cuDNN on a GPU (the Pallas kernels where its masks do not reach), the Pallas kernels
+    # on a TPU, the jnp reference on CPU; or "reference", "pallas", "cudnn" (kernels/attention.py)
+    c.model.attention_impl = "auto"
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "stdlib"  # "stdlib", a directory of text files, or a .jsonl file

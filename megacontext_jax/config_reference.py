@@ -39,7 +39,8 @@ FIELDS: dict[str, str] = {
     "model.smear_keys": "gpt: each key mixes in the previous one (a one-layer path to copying)",
     "model.dtype": "activation and matmul-input dtype (bfloat16 on GPU)",
     "model.param_dtype": "parameter dtype",
-    "model.attention_impl": "attention implementation: reference, pallas or cudnn",
+    "model.attention_impl": "attention implementation: auto (cudnn on a GPU, pallas on a TPU, "
+    "reference on CPU), reference, pallas or cudnn",
     "data.source": "stdlib (embedded corpus), a directory of text files, a .jsonl file or one text file",
     "data.jsonl_field": "the text field of JSONL records",
     "data.seq_len": "T: training sequence length in tokens (bytes for the byte tokenizer)",

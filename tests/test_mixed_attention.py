@@ -4,6 +4,7 @@ The same suite runs interpreted on CPU and compiled on a GPU (``interpret`` is c
 backend); compiled float32 dots may use TF32, hence the looser tolerance there.
 """
 
+import importlib
 import zlib
 
 import jax
@@ -372,6 +373,12 @@ def test_dispatcher_pallas_matches_reference():
     np.testing.assert_allclose(out, kernels.attention(q, k, v, **args), **TOL)
     with pytest.raises(ValueError, match="unknown attention impl 'flash'"):
         kernels.attention(q, k, v, impl="flash")
+
+
+def test_auto_is_cudnn_on_a_gpu_the_kernels_on_a_tpu_and_the_reference_on_cpu():
+    resolve = importlib.import_module("megacontext_jax.kernels.attention").resolve
+    assert [resolve("auto", b) for b in ("gpu", "tpu", "cpu")] == ["cudnn", "pallas", "reference"]
+    assert resolve("pallas", "gpu") == "pallas" and resolve("reference", "tpu") == "reference"
 
 
 def test_cudnn_applies_to_full_passes_and_on_a_gpu_to_half_precision_only():

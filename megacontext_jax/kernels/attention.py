@@ -1,6 +1,7 @@
 """The attention entry point every model calls.
 
-``attention`` dispatches on ``impl``: ``reference`` (pure jnp, ``kernels.reference``),
+``attention`` dispatches on ``impl``: ``auto`` (the default: ``cudnn`` on a GPU, ``pallas`` on a
+TPU, ``reference`` on CPU), ``reference`` (pure jnp, ``kernels.reference``),
 ``pallas`` (the mixed-resolution kernels of ``kernels.mixed_attention`` with pre-rotated q/k;
 interpreted on CPU, compiled on GPU), or ``cudnn`` (``jax.nn.dot_product_attention``: cuDNN on a
 GPU, XLA elsewhere) where it applies (``cudnn_applies``: a full pass with valid keys packed at the
@@ -22,7 +23,17 @@ from megacontext_jax.kernels.mask import Entries, MaskSpec
 from megacontext_jax.kernels.mixed_attention import mixed_attention, mixed_attention_reference
 from megacontext_jax.kernels.reference import attention_reference
 
-IMPLS = ("reference", "pallas", "cudnn")
+IMPLS = ("auto", "reference", "pallas", "cudnn")
+# What ``auto`` is on each backend: cuDNN on a GPU (the Pallas kernels where its masks do not
+# reach), the Pallas kernels on a TPU, the jnp reference on CPU (where the kernels only interpret).
+AUTO = {"gpu": "cudnn", "tpu": "pallas"}
+
+
+def resolve(impl: str, backend: str | None = None) -> str:
+    """The implementation ``impl`` names on ``backend`` (default: JAX's): ``auto`` resolved."""
+    if impl != "auto":
+        return impl
+    return AUTO.get(backend or jax.default_backend(), "reference")
 
 
 def cudnn_applies(
@@ -52,7 +63,7 @@ def attention(
     causal: bool = True,
     kv_valid: jax.Array | None = None,
     q_offset: jax.Array | int = 0,
-    impl: str = "reference",
+    impl: str = "auto",
     entries=None,
 ) -> jax.Array:
     """Dispatches to the implementation named by ``impl`` (see ``IMPLS``).
@@ -61,6 +72,7 @@ def attention(
     ``MaskSpec``) replaces ``causal`` / ``kv_valid`` / ``q_offset`` by the metadata-driven mask
     of self-attention over entries, e.g. the pyramid mask.
     """
+    impl = resolve(impl)
     if impl == "cudnn" and cudnn_applies(q, k, q_offset, entries):
         lengths = None if kv_valid is None else kv_valid.sum(-1).astype(jnp.int32)
         return jax.nn.dot_product_attention(

@@ -38,7 +38,7 @@ def _hf_name(path: tuple) -> tuple[str, bool]:
 
 
 def load_pretrained(
-    directory: str | Path, dtype: str = "float32", attention_impl: str = "reference"
+    directory: str | Path, dtype: str = "float32", attention_impl: str = "auto"
 ) -> tuple[Llama, LlamaConfig]:
     """The model of a Hugging Face checkpoint directory and its config.
 

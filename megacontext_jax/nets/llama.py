@@ -69,7 +69,7 @@ class LlamaConfig:
     tie_embeddings: bool
     attention_bias: bool
     dtype: str = "float32"  # compute and storage
-    attention_impl: str = "reference"
+    attention_impl: str = "auto"
 
     @property
     def scaling(self) -> dict[str, Any] | None:
