@@ -18,8 +18,9 @@ Layout (the blocks' last two dimensions are whole or tile-sized, as Mosaic requi
 out and do head-major ``[B, H, T, D]``; ``lse`` and ``delta`` ``[B, Hq, Tq, 1]``; query ends
 ``[B, Tq, 1]``; key metadata ``[B, 4, Tk]`` (rows lod, start, end, valid). q and k come rotated
 (``kernels.mixed_attention`` rotates them in jnp first when asked to fuse RoPE). Logits, softmax
-and accumulation are float32, matmul operands in the input dtype. dk / dv are computed per query
-head in float32 and summed over each GQA group by ``backward``. Interpreted on CPU
+and accumulation are float32, matmul operands in the input dtype. dk / dv have one program per key
+tile and KV head, whose step axis walks the list once per query head of its GQA group, so they
+are summed in VMEM and written once in the input dtype. Interpreted on CPU
 (``pltpu.InterpretParams``), compiled by Mosaic on a TPU.
 """
 
@@ -72,6 +73,21 @@ def _query_ends(block, walked):
     return pl.BlockSpec((None, block, 1), lambda b, h, t, n, *r: (b, tile(b, t, n, *r), 0))
 
 
+def _group_walked(block, width, group: int, steps: int, heads: bool = True):
+    """Blocks of the query side for dk/dv on a grid ``(B, Hkv, key tile, group x steps)``: step n
+    reads query head ``h * group + n // steps`` at the ``n % steps``-th tile of the list (a
+    ``[B, Tq, 1]`` array of query ends, with ``heads=False``, has no head axis)."""
+    tile = _tile(walked=True)
+    if not heads:
+        return pl.BlockSpec(
+            (None, block, width), lambda b, h, t, n, *r: (b, tile(b, t, n % steps, *r), 0)
+        )
+    return pl.BlockSpec(
+        (None, None, block, width),
+        lambda b, h, t, n, *r: (b, h * group + n // steps, tile(b, t, n % steps, *r), 0),
+    )
+
+
 def _key_meta(block, walked):
     tile = _tile(walked)
     return pl.BlockSpec((None, 4, block), lambda b, h, t, n, *r: (b, 0, tile(b, t, n, *r)))
@@ -93,10 +109,13 @@ def _masked(s, qe_ref, km_ref, cfg: KernelConfig):
     return jnp.where(mask, s, NEG_INF)
 
 
-def _walk(counts_ref, visit):
+def _walk(counts_ref, visit, steps: int | None = None):
     """Runs ``visit(masked)`` at this step if it is on the list: masked on its partial tiles,
-    unmasked on its full ones."""
+    unmasked on its full ones. With ``steps``, the step axis walks the list once per query head
+    of a GQA group (step n: head ``n // steps``, list entry ``n % steps``)."""
     b, t, n = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+    if steps is not None:
+        n = n % steps
     n_partial, n_listed = counts_ref[b, 0, t], counts_ref[b, 1, t]
     pl.when(n < n_partial)(lambda: visit(True))
     pl.when((n >= n_partial) & (n < n_listed))(lambda: visit(False))
@@ -142,9 +161,10 @@ def _fwd_kernel(
 
 def _dkdv_kernel(
     lists_ref, counts_ref, q_ref, k_ref, v_ref, qe_ref, km_ref, do_ref, lse_ref, delta_ref,
-    dk_ref, dv_ref, dk_scr, dv_scr, *, cfg: KernelConfig,
+    dk_ref, dv_ref, dk_scr, dv_scr, *, cfg: KernelConfig, steps: int,
 ):  # fmt: skip
-    """One key tile against its listed query tiles: dk and dv for one query head."""
+    """One key tile of one KV head against its listed query tiles, once per query head of its
+    GQA group: dk and dv accumulated in float32, written once in the input dtype."""
     n = pl.program_id(3)
 
     @pl.when(n == 0)
@@ -164,12 +184,12 @@ def _dkdv_kernel(
         ds = p * (dp - delta_ref[...]) * cfg.scale
         dk_scr[...] += _dot(ds, q, cfg.dtype, ((0,), (0,)))
 
-    _walk(counts_ref, visit)
+    _walk(counts_ref, visit, steps)
 
     @pl.when(n == pl.num_programs(3) - 1)
     def _finish():
-        dk_ref[...] = dk_scr[...]
-        dv_ref[...] = dv_scr[...]
+        dk_ref[...] = dk_scr[...].astype(dk_ref.dtype)
+        dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
 
 
 def _dq_kernel(
@@ -304,34 +324,32 @@ def backward(
     def kv_head(h):
         return h // group
 
-    # dk, dv: one program per key tile and query head; GQA groups are summed afterwards.
+    # dk, dv: one program per key tile and KV head; its step axis walks the list once per query
+    # head of the group, so dk and dv are summed in VMEM and written once, in the input dtype.
+    steps = tq // bq
     dkdv = _call(
-        functools.partial(_dkdv_kernel, cfg=cfg),
-        (b, hq, tk // bk, tq // bq),
+        functools.partial(_dkdv_kernel, cfg=cfg, steps=steps),
+        (b, hkv, tk // bk, group * steps),
         in_specs=[
-            _walked(bq, dp),
-            _own(bk, dp, kv_head),
-            _own(bk, dvp, kv_head),
-            _query_ends(bq, walked=True),
+            _group_walked(bq, dp, group, steps),
+            _own(bk, dp),
+            _own(bk, dvp),
+            _group_walked(bq, 1, group, steps, heads=False),
             _key_meta(bk, walked=False),
-            _walked(bq, dvp),
-            _walked(bq, 1),
-            _walked(bq, 1),
+            _group_walked(bq, dvp, group, steps),
+            _group_walked(bq, 1, group, steps),
+            _group_walked(bq, 1, group, steps),
         ],
         out_specs=[_own(bk, dp), _own(bk, dvp)],
         out_shape=[
-            jax.ShapeDtypeStruct((b, hq, tk, dp), jnp.float32),
-            jax.ShapeDtypeStruct((b, hq, tk, dvp), jnp.float32),
+            jax.ShapeDtypeStruct((b, hkv, tk, dp), k.dtype),
+            jax.ShapeDtypeStruct((b, hkv, tk, dvp), v.dtype),
         ],
         scratch=[pltpu.VMEM((bk, dp), jnp.float32), pltpu.VMEM((bk, dvp), jnp.float32)],
         interpret=interpret,
         name="mixed_attention_dkdv_tpu",
     )
     dk, dv = dkdv(*k_lists, qh, kh, vh, q_end, k_rows, doh, lse, delta)
-
-    def per_kv_head(x, dtype):
-        x = x.reshape(b, hkv, group, tk, x.shape[-1]).sum(2)
-        return _heads_major(x).astype(dtype)
 
     dq_call = _call(
         functools.partial(_dq_kernel, cfg=cfg),
@@ -353,4 +371,4 @@ def backward(
         name="mixed_attention_dq_tpu",
     )
     dq = dq_call(*q_lists, qh, kh, vh, q_end, k_rows, doh, lse, delta)
-    return _heads_major(dq), per_kv_head(dk, k.dtype), per_kv_head(dv, v.dtype)
+    return _heads_major(dq), _heads_major(dk), _heads_major(dv)
