@@ -64,6 +64,7 @@ from megacontext_jax.kernels.tiles import (
     pass_lists,
     query_tile_bounds,
     tile_kinds,
+    walk_sizes,
 )
 
 HEADS = 16
@@ -448,7 +449,11 @@ def tile_report(shapes: Shapes = Shapes()) -> list[dict]:
 
     ``needed``: pairs holding a visible pair; ``all_visible``: pairs whose every pair is visible
     (what a perfect pre-pass would list as full). Exact, from ``kernels.mask.visible`` one query
-    tile at a time, so memory stays at one ``[block_q, T]`` mask.
+    tile at a time, so memory stays at one ``[block_q, T]`` mask. ``heaviest_q`` / ``mean_q``:
+    the longest and mean query-tile list (a Triton program's work, heaviest first);
+    ``tpu_walk``: steps of the TPU kernels' walk over the query tiles (their grid's last axis,
+    per head), against ``tile_pairs = nq * nk`` for a step per tile pair; ``tpu_work_list``: the
+    static length of the work list that holds it in SMEM (``kernels.tiles.walk_sizes``).
     """
     meta, spec, blocks = pyramid_meta(shapes.pyramid_n, shapes), pyramid_spec(shapes), shapes.blocks
     t = meta.lod.shape[1]
@@ -478,6 +483,11 @@ def tile_report(shapes: Shapes = Shapes()) -> list[dict]:
             "exact_count_s": round(time.perf_counter() - start, 1),
         }
         row["listed_per_needed"] = round(row["listed"] / row["needed"], 3)
+        per_tile = (kinds != EMPTY).sum(-1)
+        walk = int(np.maximum(per_tile, 1).sum())
+        row |= {"heaviest_q": int(per_tile.max()), "mean_q": round(float(per_tile.mean()), 1)}
+        held = min(size for size in walk_sizes(nq, nk) if size >= walk)
+        row |= {"tpu_walk": walk, "tpu_work_list": held, "tile_pairs": nq * nk}
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows

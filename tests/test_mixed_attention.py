@@ -26,13 +26,25 @@ from megacontext_jax.kernels.mixed_attention import (
 )
 from megacontext_jax.kernels.tiles import (
     EMPTY,
+    FIRST,
+    FLAGS,
     FULL,
+    HEAD,
+    LAST,
+    MASKED,
+    OTHER,
+    OWN,
     PARTIAL,
+    UNMASKED,
     TileLists,
     key_tile_bounds,
+    pass_lists,
     query_tile_bounds,
     tile_kinds,
     tile_lists,
+    walk_length,
+    walk_sizes,
+    work_list,
 )
 from megacontext_jax.nets.specs import ModelConfig
 
@@ -202,7 +214,8 @@ def test_a_tpu_backend_gets_the_tpu_kernels(monkeypatch):
 @pytest.mark.parametrize("mask", ["wc_causal", "pyramid"])
 def test_tpu_kernels_lower_to_mosaic(monkeypatch, mask):
     """Forward and backward pass Pallas's Mosaic lowering at TPU-sized tiles (bf16, 128 x 128,
-    head dim 128): no TPU is needed to lower, only to compile (which this machine cannot)."""
+    head dim 128): no TPU is needed to lower, only to compile (which this machine cannot). Each
+    pass lowers once per walk length it may choose (``kernels.tiles.walk_sizes``)."""
     tpu_info = pytest.importorskip("jax._src.pallas.mosaic.tpu_info")
     if not hasattr(tpu_info, "get_device_kind"):
         pytest.skip("this jax reads the TPU's kind elsewhere")
@@ -221,7 +234,15 @@ def test_tpu_kernels_lower_to_mosaic(monkeypatch, mask):
 
     lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, v)
     text = lowered.lower(lowering_platforms=("tpu",)).as_text()
-    assert text.count("tpu_custom_call") == 3  # forward, dk/dv, dq
+    n_q, n_k = -(-q.shape[1] // 128), -(-k.shape[1] // 128)
+    launches = {
+        "fwd": len(walk_sizes(n_q, n_k)),
+        "dkdv": len(walk_sizes(n_k, n_q, repeat=2)),  # two query heads per KV head
+        "dq": len(walk_sizes(n_q, n_k)),
+    }
+    assert text.count("tpu_custom_call") == sum(launches.values())
+    for name, count in launches.items():
+        assert text.count(f'kernel_name = "mixed_attention_{name}_tpu"') == count
 
 
 @pytest.mark.parametrize("mask,rope", [("wc_causal", False), ("pyramid", True)])
@@ -348,6 +369,70 @@ def test_tile_lists_skip_most_pyramid_tiles():
         print(f"{block=}: listed {visits} ({full} full), needed {needed}, causal {tiles**2 // 2}")
         assert visits <= 1.2 * needed  # tight: the bounds list little beyond the needed tiles
     assert full > 0  # at block 8, tiles fit inside the bands
+
+
+def _python_walk(kinds: np.ndarray, repeat: int) -> list[tuple[int, int, int, str, bool, bool]]:
+    """The TPU kernels' walk over one row of a kind matrix, stated plainly: each tile in turn,
+    its partial tiles then its full ones, ``repeat`` times over; a tile listing nothing takes
+    one idle step. Steps: (own, other, repeat, what it computes, first, last)."""
+    walk = []
+    for own, row in enumerate(kinds):
+        listed = [(o, "masked") for o in np.flatnonzero(row == PARTIAL)]
+        listed += [(o, "unmasked") for o in np.flatnonzero(row == FULL)]
+        steps = [(o, r, what) for r in range(repeat) for o, what in listed] or [(0, 0, "idle")]
+        for i, (other, r, what) in enumerate(steps):
+            walk.append((own, other, r, what, i == 0, i == len(steps) - 1))
+    return walk
+
+
+@pytest.mark.parametrize("repeat", [1, 3])
+def test_work_list_walks_every_listed_tile_in_order(repeat):
+    rng = np.random.default_rng(repeat)
+    kinds = rng.choice([PARTIAL, FULL, EMPTY], size=(2, 6, 8), p=[0.2, 0.2, 0.6])
+    kinds[0, 2] = EMPTY  # a tile that lists nothing
+    lists = tile_lists(jnp.asarray(kinds, jnp.int32))
+    need = int(walk_length(lists, repeat))
+    assert need == max(len(_python_walk(row, repeat)) for row in kinds)
+    for steps in (need, need + 5):
+        work = np.asarray(work_list(lists, steps, repeat))
+        for b in range(2):
+            expected = _python_walk(kinds[b], repeat)
+            flags = work[b, FLAGS]
+            what = np.where(flags & MASKED, "masked", "idle")
+            what = np.where(flags & UNMASKED, "unmasked", what)
+            got = [
+                (int(work[b, OWN, n]), int(work[b, OTHER, n]), int(work[b, HEAD, n]), what[n],
+                 bool(flags[n] & FIRST), bool(flags[n] & LAST))
+                for n in range(len(expected))
+            ]  # fmt: skip
+            assert got == expected
+            # Past the walk's end: the last step's tiles again, computing and writing nothing.
+            past = work[b, :, len(expected) :]
+            assert (past[FLAGS] == 0).all()
+            assert (past[:3] == work[b, :3, len(expected) - 1, None]).all()
+
+
+def test_heavy_tiles_come_first():
+    kinds = jnp.asarray([[[PARTIAL, EMPTY, EMPTY], [FULL, PARTIAL, FULL], [EMPTY] * 3]] * 1)
+    lists = tile_lists(kinds.astype(jnp.int32))
+    assert np.asarray(lists.order).tolist() == [[1, 0, 2]]  # 3, 1, 0 tiles listed
+
+
+def test_pyramid_walk_follows_the_listed_tiles():
+    """The TPU kernels' walk over a 4K-token pyramid, and the static work list that holds it:
+    far below the n x n steps of a step per tile pair, and at most 4x the walk."""
+    spec = MaskSpec("pyramid", window=16, block_size=K, max_level=3)
+    meta, block = _pyramid_meta(1, 4096, 3), 128
+    padded = -(-meta.lod.shape[1] // block) * block
+    q_lists, k_lists = jax.jit(pass_lists, static_argnums=(2, 3, 4))(
+        meta.padded(padded, -1).end, meta.padded(padded, FAR), block, block, spec
+    )
+    n = padded // block
+    for lists, repeat in ((q_lists, 1), (k_lists, 2)):
+        need = int(walk_length(lists.first(n), repeat))
+        steps = min(size for size in walk_sizes(n, n, repeat) if size >= need)
+        print(f"{repeat=}: walk of {need} steps in a work list of {steps}; {n * n * repeat} dense")
+        assert need <= steps <= 4 * need and steps <= n * n * repeat // 4
 
 
 def test_dispatcher_pallas_matches_reference():

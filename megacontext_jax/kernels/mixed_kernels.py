@@ -1,6 +1,8 @@
 """The Pallas (Triton) kernel bodies of mixed-resolution attention (DESIGN section 6).
 
-Three kernels, each one program per (tile, batch row, query head; KV head for dk/dv):
+Three kernels, each one program per (tile, batch row, query head; KV head for dk/dv), program i
+taking the i-th tile of its side's ``order`` (``kernels.tiles.TileLists``: the tiles with the
+longest lists first, so the last programs of a launch are the shortest):
 
 * ``fwd_kernel``: one query tile against the key tiles of its list; online softmax, writes the
   output and the log-sum-exp, in base 2 (``inf`` for a query that sees no key, whose output is 0).
@@ -100,10 +102,10 @@ def _unrotate(parts, tables):
     return [d1 * cos + d2 * sin, d2 * cos - d1 * sin]
 
 
-def _store(ref, parts):
+def _store(ref, rows, parts):
     width = parts[0].shape[-1]
     for index, part in enumerate(parts):
-        ref[:, pl.ds(index * width, width)] = part.astype(ref.dtype)
+        ref[rows, pl.ds(index * width, width)] = part.astype(ref.dtype)
 
 
 def _dot(a, b, dtype):
@@ -132,14 +134,18 @@ def _key_mask(q_end, k_meta_refs, cols, spec):
     return visible(q_end, lod_ref[cols], start_ref[cols], end_ref[cols], valid_ref[cols] > 0, spec)
 
 
-def _walk(list_ref, count_ref, visit, init):
-    """``visit(tile, carry, masked)`` over this program's list: its partial tiles with the mask,
-    then its full tiles without (``kernels.tiles``: no conditional inside either loop)."""
-    t = pl.program_id(0)
+def _own_tile(order_ref):
+    """The tile of this program: the ``program_id(0)``-th of its side's heavy-first order."""
+    return order_ref[pl.program_id(0)]
+
+
+def _walk(t, list_ref, count_ref, visit, init):
+    """``visit(tile, carry, masked)`` over the list of tile ``t``: its partial tiles with the
+    mask, then its full tiles without (``kernels.tiles``: no conditional inside either loop)."""
     n_partial, n_listed = count_ref[0, t], count_ref[1, t]
 
     def body(masked):
-        return lambda n, carry: visit(list_ref[n], carry, masked)
+        return lambda n, carry: visit(list_ref[t, n], carry, masked)
 
     carry = jax.lax.fori_loop(0, n_partial, body(True), init)
     return jax.lax.fori_loop(n_partial, n_listed, body(False), carry)
@@ -147,12 +153,14 @@ def _walk(list_ref, count_ref, visit, init):
 
 def fwd_kernel(
     q_ref, k_ref, v_ref, qe_ref, qmu_ref, qsig_ref, kl_ref, ks_ref, ke_ref, kv_ref, kmu_ref,
-    ksig_ref, list_ref, count_ref, o_ref, lse_ref, *, cfg: KernelConfig
+    ksig_ref, list_ref, count_ref, order_ref, o_ref, lse_ref, *, cfg: KernelConfig
 ):  # fmt: skip
-    """Output ``o [bq, Dv]`` and log-sum-exp ``lse [bq]`` of one query tile (refs: q tile; all
-    of k, v and key metadata; this tile's key-tile list; this batch row's query-tile counts)."""
+    """Output ``o [bq, Dv]`` and log-sum-exp ``lse [bq]`` of one query tile (refs: all of the
+    batch row's q (of this head), query metadata, k, v and key metadata; its query-tile lists,
+    counts and order; the whole outputs, of which this program writes its tile's rows)."""
     bq, bk = cfg.blocks.block_q, cfg.blocks.block_k
-    rows = pl.ds(0, bq)
+    t = _own_tile(order_ref)
+    rows = pl.ds(t * bq, bq)
     qs, _ = _load(q_ref, rows, (qmu_ref, qsig_ref), cfg)
     q_end = qe_ref[rows]
     dv = v_ref.shape[-1]
@@ -179,24 +187,25 @@ def fwd_kernel(
         jnp.full((bq,), NEG_INF, jnp.float32),
         jnp.zeros((bq,), jnp.float32),
     )
-    o, m, l = _walk(list_ref, count_ref, visit, init)
+    o, m, l = _walk(t, list_ref, count_ref, visit, init)
     seen = l > 0
-    o_ref[...] = (o / jnp.where(seen, l, 1.0)[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(seen, m + jnp.log2(jnp.where(seen, l, 1.0)), jnp.inf)
+    o_ref[rows, :] = (o / jnp.where(seen, l, 1.0)[:, None]).astype(o_ref.dtype)
+    lse_ref[rows] = jnp.where(seen, m + jnp.log2(jnp.where(seen, l, 1.0)), jnp.inf)
 
 
 def dkdv_kernel(
     q_ref, k_ref, v_ref, qe_ref, qmu_ref, qsig_ref, kl_ref, ks_ref, ke_ref, kv_ref, kmu_ref,
-    ksig_ref, list_ref, count_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
+    ksig_ref, list_ref, count_ref, order_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
     cfg: KernelConfig,
 ):  # fmt: skip
     """dk, dv ``[bk, .]`` of one key tile of one KV head, summed over the query heads of its GQA
     group in float32 and written once in the input dtype (refs: the group's q ``[Tq, group, Dh]``,
-    do and ``lse`` / ``delta = sum(out * do)`` ``[group, Tq]``, and all query metadata; the key
-    tile; its query-tile list; the key-tile counts)."""
+    do and ``lse`` / ``delta = sum(out * do)`` ``[group, Tq]``, and all query metadata; all keys
+    of the KV head and their metadata; the key-tile lists, counts and order; whole dk, dv)."""
     bq, bk = cfg.blocks.block_q_bwd, cfg.blocks.block_k_bwd
     group = q_ref.shape[1]
-    cols = pl.ds(0, bk)
+    t = _own_tile(order_ref)
+    cols = pl.ds(t * bk, bk)
     ks, k_tables = _load(k_ref, cols, (kmu_ref, ksig_ref), cfg)
     v = v_ref[cols, :]
 
@@ -221,18 +230,21 @@ def dkdv_kernel(
         [jnp.zeros(x.shape, jnp.float32) for x in ks],
         jnp.zeros((bk, v_ref.shape[-1]), jnp.float32),
     )
-    dks, dv = _walk(list_ref, count_ref, visit, init)
-    _store(dk_ref, _unrotate(dks, k_tables))
-    dv_ref[...] = dv.astype(dv_ref.dtype)
+    dks, dv = _walk(t, list_ref, count_ref, visit, init)
+    _store(dk_ref, cols, _unrotate(dks, k_tables))
+    dv_ref[cols, :] = dv.astype(dv_ref.dtype)
 
 
 def dq_kernel(
     q_ref, k_ref, v_ref, qe_ref, qmu_ref, qsig_ref, kl_ref, ks_ref, ke_ref, kv_ref, kmu_ref,
-    ksig_ref, list_ref, count_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg: KernelConfig
+    ksig_ref, list_ref, count_ref, order_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
+    cfg: KernelConfig
 ):  # fmt: skip
-    """dq ``[bq, Dh]`` of one query tile (refs as the forward's, with its do, lse and delta)."""
+    """dq ``[bq, Dh]`` of one query tile (refs as the forward's, with the head's do, lse and
+    delta)."""
     bq, bk = cfg.blocks.block_q_bwd, cfg.blocks.block_k_bwd
-    rows = pl.ds(0, bq)
+    t = _own_tile(order_ref)
+    rows = pl.ds(t * bq, bq)
     qs, q_tables = _load(q_ref, rows, (qmu_ref, qsig_ref), cfg)
     q_end = qe_ref[rows]
     do = do_ref[rows, :]
@@ -251,5 +263,5 @@ def dq_kernel(
         return [dq + _dot_nn(ds, x, cfg.dtype) for dq, x in zip(dqs, ks, strict=True)]
 
     init = [jnp.zeros(x.shape, jnp.float32) for x in qs]
-    dqs = _walk(list_ref, count_ref, visit, init)
-    _store(dq_ref, _unrotate(dqs, q_tables))
+    dqs = _walk(t, list_ref, count_ref, visit, init)
+    _store(dq_ref, rows, _unrotate(dqs, q_tables))

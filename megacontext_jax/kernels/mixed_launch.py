@@ -3,9 +3,11 @@
 ``forward`` and ``backward`` run the tile-list pre-pass (``kernels.tiles``) and launch the
 kernels of ``kernels.mixed_kernels`` on grids ``(tiles, B, heads)``: the forward and dq walk query
 tiles per query head, dk/dv key tiles per KV head (over the query heads of its GQA group, so dk
-and dv are written once, in the input dtype). A program's own tile and its own row of the tile
-lists come in blocks, the list counts of its batch row whole; the other side (all keys, or all
-queries of the group for dk/dv) comes whole, and the kernel slices the listed tiles out of it.
+and dv are written once, in the input dtype). Program i takes the i-th tile of its side's
+heavy-first ``order``, so a program's own tile is known only inside the kernel: both sides come
+whole for the program's batch row and head (all queries of the group for dk/dv), with the tile
+lists, counts and order of the row, and the kernel slices its own tile and the listed tiles out
+of them and writes its own rows of the outputs.
 GQA: query head h reads key head ``h // (Hq // Hkv)``. Interpreted on CPU, compiled for Triton elsewhere.
 
 Inputs come padded by ``kernels.mixed_attention``: lengths to whole tiles of both the forward and
@@ -50,28 +52,44 @@ def _meta_arrays(meta: Entries) -> list[jax.Array]:
 
 
 def _list_specs(lists: TileLists) -> list[pl.BlockSpec]:
-    """BlockSpecs of a program's own list row and of its batch row's counts (grid ``(n, B, H)``)."""
+    """BlockSpecs of a batch row's tile lists, counts and order (grid ``(n, B, H)``)."""
     n, n_other = lists.lists.shape[1:]
     return [
-        pl.BlockSpec((None, None, n_other), lambda t, b, h: (b, t, 0)),
+        pl.BlockSpec((None, n, n_other), lambda t, b, h: (b, 0, 0)),
         pl.BlockSpec((None, 2, n), lambda t, b, h: (b, 0, 0)),
+        pl.BlockSpec((None, n), lambda t, b, h: (b, 0)),
     ]
 
 
-def _query_grid_specs(tq: int, tk: int, dp: int, dvp: int, group: int, block_q: int):
-    """BlockSpecs of q, k, v and the metadata for a grid ``(query tiles, B, Hq)`` (forward, dq):
-    the program's own query tile, and all keys of its query head's KV head."""
+def _rows(length: int, width: int, heads=lambda h: h) -> pl.BlockSpec:
+    """All rows of one head (``heads(h)``) of a ``[B, T, H, width]`` array."""
+    return pl.BlockSpec((None, length, None, width), lambda t, b, h: (b, 0, heads(h), 0))
 
-    def whole_keys(width):
-        return pl.BlockSpec((None, tk, None, width), lambda i, b, h: (b, 0, h // group, 0))
+
+def _meta(length: int) -> list[pl.BlockSpec]:
+    """The ``[B, T]`` metadata rows of the program's batch row."""
+    return [pl.BlockSpec((None, length), lambda t, b, h: (b, 0))]
+
+
+def _query_side(tq: int, tk: int, dp: int, dvp: int, group: int) -> list[pl.BlockSpec]:
+    """BlockSpecs of q, k, v and the metadata for a grid ``(query tiles, B, Hq)`` (forward,
+    dq): all queries of the program's head, all keys of its KV head."""
+
+    def kv_head(h):
+        return h // group
 
     return [
-        pl.BlockSpec((None, block_q, None, dp), lambda i, b, h: (b, i, h, 0)),
-        whole_keys(dp),
-        whole_keys(dvp),
-        *[pl.BlockSpec((None, block_q), lambda i, b, h: (b, i))] * 3,
-        *[pl.BlockSpec((None, tk), lambda i, b, h: (b, 0))] * 6,
+        _rows(tq, dp),
+        _rows(tk, dp, kv_head),
+        _rows(tk, dvp, kv_head),
+        *_meta(tq) * 3,
+        *_meta(tk) * 6,
     ]
+
+
+def _head_stats(tq: int) -> pl.BlockSpec:
+    """The ``[B, Hq, Tq]`` log-sum-exp (or delta) row of the program's query head."""
+    return pl.BlockSpec((None, None, tq), lambda t, b, h: (b, h, 0))
 
 
 def forward(
@@ -91,15 +109,13 @@ def forward(
     bq = cfg.blocks.block_q
     lists = pass_lists(q_meta.end, k_meta, bq, cfg.blocks.block_k, cfg.spec)[0]
     q_arrays = [q_meta.end, q_meta.mu.astype(jnp.float32), q_meta.sigma.astype(jnp.float32)]
-    in_specs = [*_query_grid_specs(tq, tk, dp, dvp, hq // hkv, bq), *_list_specs(lists)]
+    lists = lists.first(tq // bq)
+    in_specs = [*_query_side(tq, tk, dp, dvp, hq // hkv), *_list_specs(lists)]
     return pl.pallas_call(
         functools.partial(fwd_kernel, cfg=cfg),
         grid=(tq // bq, b, hq),
         in_specs=in_specs,
-        out_specs=[
-            pl.BlockSpec((None, bq, None, dvp), lambda i, b, h: (b, i, h, 0)),
-            pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i)),
-        ],
+        out_specs=[_rows(tq, dvp), _head_stats(tq)],
         out_shape=[
             jax.ShapeDtypeStruct((b, tq, hq, dvp), q.dtype),
             jax.ShapeDtypeStruct((b, hq, tq), jnp.float32),
@@ -130,6 +146,7 @@ def backward(
     bq, bk = cfg.blocks.block_q_bwd, cfg.blocks.block_k_bwd
     delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(jnp.float32), do.astype(jnp.float32))
     q_lists, k_lists = pass_lists(q_meta.end, k_meta, bq, bk, cfg.spec)
+    q_lists, k_lists = q_lists.first(tq // bq), k_lists.first(tk // bk)
     q_arrays = [q_meta.end, q_meta.mu.astype(jnp.float32), q_meta.sigma.astype(jnp.float32)]
     k_arrays = _meta_arrays(k_meta)
 
@@ -137,25 +154,22 @@ def backward(
     def group_rows(width):
         return pl.BlockSpec((None, tq, group, width), lambda j, b, h: (b, 0, h, 0))
 
-    def own_rows(width):
-        return pl.BlockSpec((None, bk, None, width), lambda j, b, h: (b, j, h, 0))
-
     group_stats = pl.BlockSpec((None, group, tq), lambda j, b, h: (b, h, 0))
     dk, dv = pl.pallas_call(
         functools.partial(dkdv_kernel, cfg=cfg),
         grid=(tk // bk, b, hkv),
         in_specs=[
             group_rows(dp),
-            own_rows(dp),
-            own_rows(dvp),
-            *[pl.BlockSpec((None, tq), lambda j, b, h: (b, 0))] * 3,
-            *[pl.BlockSpec((None, bk), lambda j, b, h: (b, j))] * 6,
+            _rows(tk, dp),
+            _rows(tk, dvp),
+            *_meta(tq) * 3,
+            *_meta(tk) * 6,
             *_list_specs(k_lists),
             group_rows(dvp),
             group_stats,
             group_stats,
         ],
-        out_specs=[own_rows(dp), own_rows(dvp)],
+        out_specs=[_rows(tk, dp), _rows(tk, dvp)],
         out_shape=[
             jax.ShapeDtypeStruct((b, tk, hkv, dp), k.dtype),
             jax.ShapeDtypeStruct((b, tk, hkv, dvp), v.dtype),
@@ -165,18 +179,17 @@ def backward(
         name="mixed_attention_dkdv",
     )(q, k, v, *q_arrays, *k_arrays, *k_lists, do, lse, delta)
 
-    specs = _query_grid_specs(tq, tk, dp, dvp, group, bq)
     dq = pl.pallas_call(
         functools.partial(dq_kernel, cfg=cfg),
         grid=(tq // bq, b, hq),
         in_specs=[
-            *specs,
+            *_query_side(tq, tk, dp, dvp, group),
             *_list_specs(q_lists),
-            pl.BlockSpec((None, bq, None, dvp), lambda i, b, h: (b, i, h, 0)),
-            pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i)),
-            pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i)),
+            _rows(tq, dvp),
+            _head_stats(tq),
+            _head_stats(tq),
         ],
-        out_specs=pl.BlockSpec((None, bq, None, dp), lambda i, b, h: (b, i, h, 0)),
+        out_specs=_rows(tq, dp),
         out_shape=jax.ShapeDtypeStruct((b, tq, hq, dp), q.dtype),
         interpret=interpret,
         compiler_params=_compiler_params(cfg.blocks, interpret),

@@ -21,8 +21,15 @@ the padded query rows of ``kernels.mixed_attention``, so padding is always ``EMP
 * query tiles ``[B, 2, nq]``: rows min end, max end;
 * ``TileLists`` for one side of the kind matrix ``[B, n, n_other]``: ``lists [B, n, n_other]``,
   per tile the indices of its partial tiles of the other side, then of its full ones, each group
-  ascending, padded with 0; ``counts [B, 2, n]``: rows number partial, number partial + full.
-  The forward and dq take the query-tile lists, dk/dv the key-tile lists (the transpose).
+  ascending, padded with 0; ``counts [B, 2, n]``: rows number partial, number partial + full;
+  ``order [B, n]``: the tiles by descending number listed (ties ascending), the order in which
+  the Triton launchers hand tiles to programs, so the heaviest start first and the last programs
+  of a launch are the lightest. The forward and dq take the query-tile lists, dk/dv the key-tile
+  lists (the transpose).
+* ``work_list``: the lists of every tile of one side flattened into one walk ``[B,
+  WORK_FIELDS, steps]`` (rows own tile, other tile, head of the GQA group, flags), for the TPU
+  kernels, whose grid is static: the walk's length follows the listed tiles, not ``n * n_other``,
+  and ``walk_sizes`` gives the few static lengths a launcher chooses among.
 """
 
 from typing import NamedTuple
@@ -36,6 +43,10 @@ from megacontext_jax.kernels.mask import FAR, Entries, MaskSpec, bands
 # min end, max end, min start, max start, min lod, max lod, any valid, all valid
 KEY_FIELDS = 8
 PARTIAL, FULL, EMPTY = 0, 1, 2  # tile kinds, numbered in list order
+# A work list's rows, and the bits of its flags row.
+OWN, OTHER, HEAD, FLAGS = range(4)
+WORK_FIELDS = 4
+MASKED, UNMASKED, FIRST, LAST = 1, 2, 4, 8
 
 
 class TileLists(NamedTuple):
@@ -43,6 +54,12 @@ class TileLists(NamedTuple):
 
     lists: jax.Array
     counts: jax.Array
+    order: jax.Array
+
+    def first(self, n: int) -> "TileLists":
+        """The lists of the first ``n`` tiles (the real ones, before the power-of-two padding,
+        which lists nothing and comes last in ``order``)."""
+        return TileLists(self.lists[:, :n], self.counts[..., :n], self.order[:, :n])
 
 
 def _pow2_tiles(summary: jax.Array, fill: int) -> jax.Array:
@@ -153,7 +170,61 @@ def tile_lists(kinds: jax.Array) -> TileLists:
     listed = partial + jnp.sum(kinds == FULL, axis=-1, dtype=jnp.int32)
     slots = jnp.arange(kinds.shape[-1], dtype=jnp.int32)
     lists = jnp.where(slots < listed[..., None], order, 0)
-    return TileLists(lists, jnp.stack([partial, listed], axis=1))
+    heavy_first = jnp.argsort(-listed, axis=-1, stable=True).astype(jnp.int32)
+    return TileLists(lists, jnp.stack([partial, listed], axis=1), heavy_first)
+
+
+def walk_sizes(n: int, n_other: int, repeat: int = 1) -> tuple[int, ...]:
+    """The static lengths, ascending, a launcher may give the walk of ``work_list`` over ``n``
+    tiles with lists of at most ``n_other`` (``repeat`` times each): the longest walk it can
+    need, then quarters of it down to a 64th, none below ``n`` (each tile takes a step)."""
+    longest = n * n_other * repeat
+    return tuple(sorted({max(n, longest >> (2 * k)) for k in range(4)}))
+
+
+def walk_length(lists: TileLists, repeat: int = 1) -> jax.Array:
+    """Steps of the longest batch row's walk (int32 scalar): each tile takes its listed tiles
+    ``repeat`` times, and one step if it lists none (to write its output)."""
+    return jnp.max(jnp.sum(jnp.maximum(lists.counts[:, 1] * repeat, 1), axis=-1))
+
+
+def work_list(lists: TileLists, steps: int, repeat: int = 1) -> jax.Array:
+    """The walk over every tile of one side, ``[B, WORK_FIELDS, steps]`` int32 (needs ``steps
+    >= walk_length(lists, repeat)``).
+
+    Tiles in ascending order; each takes its listed tiles (partial, then full) ``repeat`` times
+    over, the ``HEAD`` row counting the repeats (a GQA group's query heads for dk/dv), so that
+    accumulators follow a tile's steps in a row. Flags: ``MASKED`` / ``UNMASKED`` mark a step
+    that computes with or without the mask, ``FIRST`` / ``LAST`` a tile's first and last step
+    (initialise, write out); a tile with an empty list gets one step that computes nothing.
+    Steps past the walk's end repeat its last step's tiles and carry no flag, so a pipeline
+    fetches nothing new and nothing is written again.
+    """
+    partial, listed = lists.counts[:, 0], lists.counts[:, 1]  # [B, n]
+    per_tile = jnp.maximum(listed * repeat, 1)
+    ends = jnp.cumsum(per_tile, axis=-1)
+    total = ends[:, -1:]
+    step = jnp.arange(steps, dtype=jnp.int32)[None]
+    real = step < total
+    s = jnp.minimum(step, total - 1)
+    own = jax.vmap(lambda e, x: jnp.searchsorted(e, x, side="right"))(ends, s).astype(jnp.int32)
+
+    def at(x, idx):
+        return jnp.take_along_axis(x, idx, axis=-1)
+
+    j = s - at(ends - per_tile, own)  # the step within its tile
+    count, n_partial = at(listed, own), at(partial, own)
+    head, entry = j // jnp.maximum(count, 1), j % jnp.maximum(count, 1)
+    rows = lists.lists.reshape(lists.lists.shape[0], -1)
+    other = jnp.take_along_axis(rows, own * lists.lists.shape[-1] + entry, axis=-1)
+    computes = real & (count > 0)
+    flags = (
+        jnp.where(computes & (entry < n_partial), MASKED, 0)
+        | jnp.where(computes & (entry >= n_partial), UNMASKED, 0)
+        | jnp.where(real & (j == 0), FIRST, 0)
+        | jnp.where(real & (j == at(per_tile, own) - 1), LAST, 0)
+    )
+    return jnp.stack([own, other, head, flags], axis=1).astype(jnp.int32)
 
 
 def pass_lists(
