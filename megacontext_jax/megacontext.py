@@ -169,6 +169,25 @@ def lens_scores(
     return model.lensnet(jax.lax.stop_gradient(emb), ctx, mu, sigma, ctx.valid, cursor_b)
 
 
+def attention_scores(
+    model: MegaContext,
+    table: jax.Array,
+    offsets: tuple[int, ...],
+    wc: WorkingContext,
+    layout: Layout,
+    queries: int,
+) -> jax.Array:
+    """Focus scores ``[B, W]`` in [0, 1] from the base model's own reading (as NSA and Landmark
+    attention select blocks): the attention its ``queries`` newest context entries pay each
+    entry of ``[B, W]`` WCs (``DecoderLM.attention_mass``), over the largest."""
+    ctx = wc.only_context()
+    emb, mu, sigma = wc_inputs(table, offsets, ctx, layout)
+    newest = ctx.valid.sum(-1, keepdims=True) - 1
+    rows = jnp.maximum(newest - jnp.arange(queries)[::-1], 0)
+    mass = model.base.attention_mass(emb, mu, sigma, ctx.valid, rows)
+    return mass / jnp.maximum(mass.max(-1, keepdims=True), 1e-30)
+
+
 def focus_rounds(
     model: MegaContext,
     table: jax.Array,
@@ -180,11 +199,13 @@ def focus_rounds(
     rounds: int,
     key: jax.Array | None = None,
     scores: jax.Array | None = None,
+    scorer: str = "lens",
 ) -> tuple[WorkingContext, jax.Array]:
-    """``rounds`` refocus steps of the contexts ``wc [B, Wc]``: LensNet scores them, the allocator
-    edits them, the cooldown carries over. ``cursor``: where the contexts end (one for all, or
-    ``[B]``). ``scores [B, Wc]``: the first round's, where the caller has them. Returns the
-    refocused contexts and the edits made per example ``[B]``.
+    """``rounds`` refocus steps of the contexts ``wc [B, Wc]``: LensNet (``scorer="lens"``) or
+    the base model's attention (``"attention"``, ``attention_scores`` from the K newest entries)
+    scores them, the allocator edits them, the cooldown carries over. ``cursor``: where the
+    contexts end (one for all, or ``[B]``). ``scores [B, Wc]``: the first round's, where the
+    caller has them. Returns the refocused contexts and the edits made per example ``[B]``.
     """
     b, capacity = wc.lod.shape
     cursors = per_row(cursor, b)
@@ -192,7 +213,9 @@ def focus_rounds(
     edits = jnp.zeros(b, jnp.int32)
     keys = jax.random.split(jax.random.key(0) if key is None else key, (rounds, b))
     for r in range(rounds):
-        if scores is None or r > 0:
+        if (scores is None or r > 0) and scorer == "attention":
+            scores = attention_scores(model, table, offsets, wc, layout, layout.block_size)
+        elif scores is None or r > 0:
             scores = lens_scores(model, table, offsets, wc, cursors, layout)
         result = jax.vmap(lambda w, s, c, k, n: refocus(w, s, c, n, cfg, k))(
             wc, jax.lax.stop_gradient(scores), cooldown, keys[r], cursors

@@ -141,9 +141,10 @@ def _context(wc: WorkingContext, row: int) -> WorkingContext:
 
 
 def test_baselines_keep_the_invariants_and_the_budget(model_and_setting):
-    """``mc_random`` and ``mc_oracle`` are legal WCs over the whole history within the budget;
-    ``sinks`` holds the first SINKS tokens and the newest ones; ``mc_random`` makes edits
-    where focus does."""
+    """``mc_random``, ``mc_attn`` and ``mc_oracle`` are legal WCs over the whole history within
+    the budget; ``sinks`` holds the first SINKS tokens and the newest ones; ``mc_random`` makes
+    edits where focus does, and ``mc_attn`` (the ranked allocator: an expansion wherever one is
+    legal) edits every row."""
     model, setting = model_and_setting
     layout = setting.layout
     k, n = layout.block_size, 96
@@ -152,7 +153,7 @@ def test_baselines_keep_the_invariants_and_the_budget(model_and_setting):
     sources = [(8, 13), (40, 45), (2, 3), (70, 75)]
     outs = run_conditions(model, setting, tokens, 2, np.random.default_rng(0), sources=sources)
     for row in range(4):
-        for name in ("mc_static", "mc_random", "mc_focus", ORACLE):
+        for name in ("mc_static", "mc_random", "mc_focus", "mc_attn", ORACLE):
             ctx = _context(outs[name].wc, row)
             check(ctx, cursor, k, layout.max_level, layout.recent_tail)
             assert int(np.asarray(ctx.valid).sum()) <= layout.context_capacity
@@ -167,6 +168,7 @@ def test_baselines_keep_the_invariants_and_the_budget(model_and_setting):
             assert set(range(*sources[row])) <= at0
     static = entries(_context(outs["mc_static"].wc, 0))
     assert any(entries(_context(outs["mc_random"].wc, r)) != static for r in range(4))
+    assert all(entries(_context(outs["mc_attn"].wc, r)) != static for r in range(4))
 
 
 def test_random_edits_make_exactly_the_edits_asked_where_they_can():
@@ -345,6 +347,7 @@ def test_evaluate_cli_reports_every_condition(trained, tmp_path, capsys):
         "mc_static",
         "mc_random",
         "mc_focus",
+        "mc_attn",
     }
     assert row["windows"] == 4 and row["tokens"] == 4 * 12
     for name, d in row["differences"].items():
@@ -358,7 +361,8 @@ def test_evaluate_cli_reports_every_condition(trained, tmp_path, capsys):
     assert budget["nll"]["mc_focus"][1] == pytest.approx(
         row["conditions"]["mc_focus"]["nll"]["mean"]
     )
-    assert set(budget["effective_window"]) == {"sinks", "mc_static", "mc_random", "mc_focus"}
+    effective = {"sinks", "mc_static", "mc_random", "mc_focus", "mc_attn"}
+    assert set(budget["effective_window"]) == effective
     assert set(results["retrieval"]) == set(TASKS)
     passkey = results["retrieval"]["passkey"]["4W"]
     assert passkey["probes"] == 2 and set(passkey["accuracy"]) >= {"full", "window", ORACLE}

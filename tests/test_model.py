@@ -123,3 +123,34 @@ def test_cross_entropy_counts_only_masked_targets():
     nll, n = cross_entropy(logits, jnp.array([[0, 1]]), jnp.array([[True, False]]))
     assert int(n) == 1
     assert float(nll) == pytest.approx(np.log(2), rel=1e-6)
+
+
+@SMEAR
+def test_attention_mass_is_the_blocks_own_reading(smear):
+    """``query_key`` gives the queries and keys a block's attention compares: their weights
+    times the block's values reproduce its attention output. ``attention_mass`` averages those
+    weights: each row sums to 1, and no query pays anything to padding or to a later entry."""
+    from megacontext_jax.kernels import attention_weights
+    from megacontext_jax.nets.layers import rms_norm
+
+    model, tokens = _model(smear_keys=smear), _tokens()
+    valid = jnp.arange(12)[None] < jnp.array([[12], [9]])
+    x = model.inputs(model.embed(tokens))
+    mu = jnp.broadcast_to(jnp.arange(12.0), (2, 12))
+    cos, sin = model.rope(mu, jnp.zeros((2, 12)))
+    block = model.blocks[0]
+    y, _ = block.attn(rms_norm(x), cos, sin, valid, None, 0)
+    q, k = block.query_key(x, cos, sin)
+    v = block.attn.project(rms_norm(x), cos, sin)[2]
+    mask = (jnp.arange(12)[None, :, None] >= jnp.arange(12)[None, None, :]) & valid[:, None, :]
+    w = attention_weights(q, k, mask)  # [B, Hkv, G, T, T]
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", w, v).reshape(2, 12, -1)
+    np.testing.assert_allclose(block.attn.o(out), y, atol=1e-5)
+
+    queries = jnp.array([[11, 5], [8, 8]])
+    mass = model.attention_mass(model.embed(tokens), mu, jnp.zeros((2, 12)), valid, queries)
+    np.testing.assert_allclose(mass.sum(-1), 1.0, rtol=1e-5)
+    assert (mass[1, 9:] == 0).all()  # padding
+    assert (mass > 0)[0].all() and (mass[1, :9] > 0).all()
+    one = model.attention_mass(model.embed(tokens), mu, jnp.zeros((2, 12)), valid, queries[:, 1:])
+    assert (one[0, 6:] == 0).all()  # query 5 sees entries 0..5 only

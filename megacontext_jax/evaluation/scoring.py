@@ -11,6 +11,9 @@ history before them, at the same budget of ``W - S`` context entries:
 * ``mc_random``: the pyramid after random legal edits, as many as focus made on the same row
   (what LensNet's choice of edits is worth over any edits);
 * ``mc_focus``: the pyramid refocused by LensNet and the allocator;
+* ``mc_attn``: the pyramid refocused by the base model's own attention instead of LensNet (the
+  attention its K newest context entries pay each entry, ``megacontext.attention_scores``;
+  the allocator ranks them, ``ranked`` mode: NSA's and Landmark attention's selection);
 * ``mc_oracle`` (retrieval only): the pyramid with the answer's tokens brought to LOD0 where the
   budget fits them, an upper bound for focus.
 
@@ -35,8 +38,8 @@ from megacontext_jax.nets.losses import token_nll
 from megacontext_jax.specs import AllocatorConfig, Layout, ignored
 from megacontext_jax.training import variants
 
-CONDITIONS = ("full", "window", "sinks", "mc_static", "mc_random", "mc_focus")
-MC_CONDITIONS = ("mc_static", "mc_random", "mc_focus")
+CONDITIONS = ("full", "window", "sinks", "mc_static", "mc_random", "mc_focus", "mc_attn")
+MC_CONDITIONS = ("mc_static", "mc_random", "mc_focus", "mc_attn")
 ORACLE = "mc_oracle"
 SINKS = 4  # StreamingLLM keeps 4 initial tokens
 
@@ -92,7 +95,7 @@ def score_wc(
     )
 
 
-@partial(nnx.jit, static_argnames=("offsets", "cursor", "layout", "allocator", "steps"))
+@partial(nnx.jit, static_argnames=("offsets", "cursor", "layout", "allocator", "steps", "scorer"))
 def focus(
     model: MegaContext,
     table: jax.Array,
@@ -102,11 +105,15 @@ def focus(
     layout: Layout,
     allocator: AllocatorConfig,
     steps: int,
+    scorer: str = "lens",
 ) -> tuple[WorkingContext, jax.Array]:
-    """``steps`` rounds of LensNet scoring + allocator edits of the context of ``wc [B, W]``;
-    returns the refocused WCs and the edits made per row ``[B]``."""
+    """``steps`` rounds of scoring (LensNet, or the base's attention: ``focus_rounds``) +
+    allocator edits of the context of ``wc [B, W]``; returns the refocused WCs and the edits
+    made per row ``[B]``."""
     context = wc.only_context(layout.context_capacity)
-    context, edits = focus_rounds(model, table, offsets, context, cursor, layout, allocator, steps)
+    context, edits = focus_rounds(
+        model, table, offsets, context, cursor, layout, allocator, steps, scorer=scorer
+    )
     return context.with_tail(cursor, layout.scored, layout.capacity), edits
 
 
@@ -215,6 +222,12 @@ def run_conditions(
         if "mc_random" in names:
             rows = [variants.random_edits(pyramid, cursor, layout, int(e), rng) for e in edits]
             wcs["mc_random"] = contexts(rows, cursor, layout)
+    if is_mc and "mc_attn" in names:
+        start = contexts([condition_entries("mc_static", cursor, layout)] * batch, cursor, layout)
+        ranked = dataclasses.replace(setting.allocator, mode="ranked", temperature=0.0)
+        wcs["mc_attn"] = focus(
+            model, table, offsets, start, cursor, layout, ranked, refocus_steps, "attention"
+        )[0]
     fits = None
     if is_mc and sources is not None:
         rows, fits = oracle_rows(sources, cursor, layout, rng)

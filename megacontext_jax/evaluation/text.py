@@ -34,6 +34,8 @@ COMPARISONS = (
     ("mc_focus", "window"),
     ("mc_focus", "mc_static"),
     ("mc_focus", "mc_random"),
+    ("mc_attn", "mc_static"),
+    ("mc_attn", "mc_focus"),
     ("sinks", "window"),
     ("full", "window"),
 )

@@ -42,9 +42,10 @@ def attention_reference(
     return masked_attention(q, k, v, mask)
 
 
-def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Softmax attention of ``q [B, Tq, Hq, Dh]`` over ``k, v [B, Tk, Hkv, Dh]`` where ``mask
-    [B, Tq, Tk]`` allows; GQA, float32 logits and softmax, zeros for a query that sees nothing."""
+def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
+    """Float32 softmax weights ``[B, Hkv, Hq // Hkv, Tq, Tk]`` of ``q [B, Tq, Hq, Dh]`` over
+    ``k [B, Tk, Hkv, Dh]`` where ``mask [B, Tq, Tk]`` allows (GQA: query head ``h`` is group
+    ``h % (Hq // Hkv)`` of key head ``h // (Hq // Hkv)``); a query that sees nothing weighs 0."""
     b, tq, hq, dh = q.shape
     hkv = k.shape[2]
     if hq % hkv:
@@ -55,7 +56,14 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) 
     mask = mask[:, None, None]  # [B, 1, 1, Tq, Tk]
     # A finite fill keeps fully masked rows (and their gradients) free of NaN; they are zeroed after.
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    weights = jnp.where(mask, jax.nn.softmax(logits, axis=-1), 0.0)
+    return jnp.where(mask, jax.nn.softmax(logits, axis=-1), 0.0)
+
+
+def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax attention of ``q [B, Tq, Hq, Dh]`` over ``k, v [B, Tk, Hkv, Dh]`` where ``mask
+    [B, Tq, Tk]`` allows; GQA, float32 logits and softmax, zeros for a query that sees nothing."""
+    b, tq, hq, dh = q.shape
+    weights = attention_weights(q, k, mask)
     out = jnp.einsum(
         "bhgqk,bkhd->bqhgd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32
     )

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from megacontext_jax import kernels
 from megacontext_jax.nets.layers import DecoderBlock
 
 Cache = list[dict[str, jax.Array]]  # per layer: {"k", "v"}: [B, S, Hkv, Dh]
@@ -96,6 +97,30 @@ class DecoderLM(nnx.Module):
         """
         logits, _ = self._run(tokens, embeddings, mu, sigma, kv_valid, None, 0, entries)
         return logits
+
+    def attention_mass(
+        self,
+        embeddings: jax.Array,
+        mu: jax.Array,
+        sigma: jax.Array,
+        kv_valid: jax.Array,
+        queries: jax.Array,
+    ) -> jax.Array:
+        """``[B, T]``: the attention that the entries at ``queries [B, Q]`` (slot indices) pay
+        each entry of ``embeddings [B, T, D]`` under the WC-causal mask (``kv_valid`` as in
+        ``__call__``), averaged over those queries and every head of every layer: the share of
+        the model's reading that goes to each entry (rows sum to 1)."""
+        x = self.inputs(embeddings.astype(self.dtype))
+        cos, sin = self.rope(mu, sigma)
+        t = x.shape[1]
+        mask = (jnp.arange(t) <= queries[..., None]) & kv_valid[:, None, :]  # [B, Q, T]
+        mass = jnp.zeros(kv_valid.shape, jnp.float32)
+        for block in self.blocks:
+            q, k = block.query_key(x, cos, sin)
+            q = jnp.take_along_axis(q, queries[:, :, None, None], axis=1)
+            mass = mass + kernels.attention_weights(q, k, mask).mean(axis=(1, 2, 3))
+            x, _ = block(x, cos, sin, kv_valid, None, 0)
+        return mass / len(self.blocks)
 
     def init_cache(self, batch: int, capacity: int, dtype: Any = None) -> Cache:
         """An empty KV cache of ``capacity`` entries per sequence."""

@@ -26,7 +26,13 @@ class DecoderBlock(Protocol):
     """The calling convention of a base model's blocks (``Block``, ``llama.LlamaBlock``):
     ``x [B, T, D]``, the rotary tables of the entries, key padding ``kv_valid [B, S]``, the
     layer's KV cache written at slot ``index`` (None: no cache), and optionally ``entries``
-    (``(kernels Entries, MaskSpec)``: a metadata mask). Returns the new ``x`` and cache."""
+    (``(kernels Entries, MaskSpec)``: a metadata mask). Returns the new ``x`` and cache.
+    ``query_key`` gives the rotated queries and keys its attention compares, ``[B, T, Hq, Dh]``
+    and ``[B, T, Hkv, Dh]`` (what ``DecoderLM.attention_mass`` reads)."""
+
+    def query_key(
+        self, x: jax.Array, cos: jax.Array, sin: jax.Array
+    ) -> tuple[jax.Array, jax.Array]: ...
 
     def __call__(
         self,
@@ -81,6 +87,22 @@ class Attention(nnx.Module):
             nnx.Param(jnp.zeros((self.num_kv_heads,), param_dtype)) if cfg.smear_keys else None
         )
 
+    def project(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
+        """Rotated, normed queries ``[B, T, Hq, Dh]`` and keys, and values ``[B, T, Hkv, Dh]``
+        (keys before smearing, which ``attend`` applies after the cache)."""
+        b, t, _ = x.shape
+        q = self.q(x).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        # Norm before rotation, so a gist's Gaussian damping of high frequencies survives.
+        q = kernels.apply_rotary(rms_norm(q) * self.q_gain.value.astype(q.dtype), cos, sin)
+        k = kernels.apply_rotary(rms_norm(k) * self.k_gain.value.astype(k.dtype), cos, sin)
+        return q, k, v
+
+    @property
+    def smear_gate(self) -> jax.Array | None:
+        return None if self.smear is None else self.smear.value
+
     def __call__(
         self,
         x: jax.Array,
@@ -92,15 +114,9 @@ class Attention(nnx.Module):
         entries=None,
     ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
         b, t, _ = x.shape
-        q = self.q(x).reshape(b, t, self.num_heads, self.head_dim)
-        k = self.k(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        # Norm before rotation, so a gist's Gaussian damping of high frequencies survives.
-        q = kernels.apply_rotary(rms_norm(q) * self.q_gain.value.astype(q.dtype), cos, sin)
-        k = kernels.apply_rotary(rms_norm(k) * self.k_gain.value.astype(k.dtype), cos, sin)
-        smear = None if self.smear is None else self.smear.value
+        q, k, v = self.project(x, cos, sin)
         y, cache = attend(
-            q, k, v, cache, index, kv_valid, self.causal, self.impl, entries, smear=smear
+            q, k, v, cache, index, kv_valid, self.causal, self.impl, entries, self.smear_gate
         )
         return self.o(y.reshape(b, t, -1)), cache
 
@@ -168,6 +184,13 @@ class Block(nnx.Module):
     def __init__(self, cfg: BlockConfig, rngs: nnx.Rngs, causal: bool = True):
         self.attn = Attention(cfg, rngs, causal)
         self.mlp = MLP(cfg, rngs)
+
+    def query_key(
+        self, x: jax.Array, cos: jax.Array, sin: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        q, k, _ = self.attn.project(rms_norm(x), cos, sin)
+        gate = self.attn.smear_gate
+        return q, k if gate is None else smear_keys(k, gate)
 
     def __call__(
         self,

@@ -178,6 +178,19 @@ class LlamaBlock(nnx.Module):
         self.up_proj = _dense(d, cfg.hidden, False, cfg, rngs)
         self.down_proj = _dense(cfg.hidden, d, False, cfg, rngs)
 
+    def _project(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
+        b, t, _ = x.shape
+        h = self.input_layernorm(x)
+        q = self.q_proj(h).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(h).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(h).reshape(b, t, self.num_kv_heads, self.head_dim)
+        return kernels.apply_rotary(q, cos, sin), kernels.apply_rotary(k, cos, sin), v
+
+    def query_key(
+        self, x: jax.Array, cos: jax.Array, sin: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
+        return self._project(x, cos, sin)[:2]
+
     def __call__(
         self,
         x: jax.Array,
@@ -189,11 +202,7 @@ class LlamaBlock(nnx.Module):
         entries: Any = None,
     ) -> tuple[jax.Array, LayerCache]:
         b, t, _ = x.shape
-        h = self.input_layernorm(x)
-        q = self.q_proj(h).reshape(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(h).reshape(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(h).reshape(b, t, self.num_kv_heads, self.head_dim)
-        q, k = kernels.apply_rotary(q, cos, sin), kernels.apply_rotary(k, cos, sin)
+        q, k, v = self._project(x, cos, sin)
         y, cache = attend(q, k, v, cache, index, kv_valid, True, self.impl, entries)
         x = x + self.o_proj(y.reshape(b, t, -1))
         h = self.post_attention_layernorm(x)
