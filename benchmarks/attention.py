@@ -203,16 +203,28 @@ def _dense(shapes: Shapes) -> Callable:
     )
 
 
-def causal_impls(t: int, shapes: Shapes, fused_rope: bool = False) -> dict[str, Callable]:
-    """The implementations of causal attention over ``t`` tokens, ``[1, t, H, Dh]`` in and out."""
+def _fused_dq(shapes: Shapes) -> Shapes:
+    """``shapes`` with the backward that adds dq atomically (``BlockSizes.fused_dq``)."""
+    return dataclasses.replace(shapes, blocks=dataclasses.replace(shapes.blocks, fused_dq=True))
+
+
+def causal_impls(
+    t: int, shapes: Shapes, fused_rope: bool = False, backward: bool = False
+) -> dict[str, Callable]:
+    """The implementations of causal attention over ``t`` tokens, ``[1, t, H, Dh]`` in and out;
+    with ``backward``, also ``wc_causal_fused_dq`` (the same forward, the fused-dq backward)."""
     meta = Entries.tokens(1, t)
 
-    def wc_causal(q, k, v):
-        return mixed_attention(
-            q, k, v, meta, meta, MaskSpec("wc_causal"), rope=fused_rope, blocks=shapes.blocks
-        )
+    def wc_causal_fn(blocks):
+        def wc_causal(q, k, v):
+            spec = MaskSpec("wc_causal")
+            return mixed_attention(q, k, v, meta, meta, spec, rope=fused_rope, blocks=blocks)
 
-    impls = {"wc_causal": wc_causal, shapes.dense: _dense(shapes)}
+        return wc_causal
+
+    impls = {"wc_causal": wc_causal_fn(shapes.blocks), shapes.dense: _dense(shapes)}
+    if backward:
+        impls["wc_causal_fused_dq"] = wc_causal_fn(_fused_dq(shapes).blocks)
     if shapes.pallas_mha:
 
         def pallas_mha(q, k, v):
@@ -258,13 +270,14 @@ def check(shapes: Shapes, fused_rope: bool = False) -> dict:
     causal_ref = functools.partial(
         mixed_attention_reference, q_meta=meta, k_meta=meta, rope=fused_rope
     )
-    cases = {f"causal T={t}": (causal_impls(t, shapes, fused_rope), causal_ref, t)}
+    cases = {f"causal T={t}": (causal_impls(t, shapes, fused_rope, True), causal_ref, t)}
     n = shapes.pyramid_check_n
     p_meta, spec = pyramid_meta(n, shapes), pyramid_spec(shapes)
     pyramid_ref = functools.partial(
         mixed_attention_reference, q_meta=p_meta, k_meta=p_meta, spec=spec, rope=fused_rope
     )
     pyramid_impl = {"pyramid": pyramid_fn(p_meta, shapes, fused_rope)}
+    pyramid_impl["pyramid_fused_dq"] = pyramid_fn(p_meta, _fused_dq(shapes), fused_rope)
     cases[f"pyramid N={n}"] = (pyramid_impl, pyramid_ref, p_meta.lod.shape[1])
     for case, (impls, ref, length) in cases.items():
         args = _inputs(length, shapes, seed=1)
@@ -302,6 +315,7 @@ def causal_table(shapes: Shapes, protocol: Protocol, fused_rope: bool = False) -
         row = {"T": t, "Dh": shapes.head_dim, "heads": shapes.heads}
         fwd = time_interleaved({n: (f, args) for n, f in impls.items()}, protocol)
         row |= _rates(fwd, flops, "fwd")
+        impls = causal_impls(t, shapes, fused_rope, backward=True)
         both = time_interleaved({n: (fwd_bwd(f), args) for n, f in impls.items()}, protocol)
         row |= _rates(both, FWD_BWD_FACTOR * flops, "fwdbwd")
         rows.append(row)
@@ -419,8 +433,11 @@ def pyramid_vs_dense(shapes: Shapes, protocol: Protocol, fused_rope: bool = Fals
     sparse, dense = tuple(_inputs(entries, shapes)), tuple(_inputs(n, shapes))
     impls = {"pyramid": (pyramid_fn(meta, shapes, fused_rope), sparse)}
     impls["dense_" + shapes.dense] = (_dense(shapes), dense)
-    flops = {"pyramid": pairs, "dense_" + shapes.dense: causal_pairs(n)}
+    flops = {"pyramid": pairs, "pyramid_fused_dq": pairs, "dense_" + shapes.dense: causal_pairs(n)}
+    fused = {"pyramid_fused_dq": (pyramid_fn(meta, _fused_dq(shapes), fused_rope), sparse)}
     for phase, factor, wrap in (("fwd", 1.0, lambda f: f), ("fwdbwd", FWD_BWD_FACTOR, fwd_bwd)):
+        if phase == "fwdbwd":  # the fused dq changes the backward alone
+            impls |= fused
         timings = time_interleaved({k: (wrap(f), a) for k, (f, a) in impls.items()}, protocol)
         for name, timing in timings.items():
             work = factor * attention_flops(flops[name], shapes.head_dim, shapes.heads)

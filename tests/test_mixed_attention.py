@@ -4,6 +4,7 @@ The same suite runs interpreted on CPU and compiled on a GPU (``interpret`` is c
 backend); compiled float32 dots may use TF32, hence the looser tolerance there.
 """
 
+import dataclasses
 import importlib
 import zlib
 
@@ -140,14 +141,13 @@ def _value_and_grads(fn, q, k, v, weight):
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)[::-1]
 
 
-@pytest.mark.parametrize("target", TARGETS)
-@pytest.mark.parametrize("mask,heads,dh,rope", GRID)
-def test_forward_and_gradients_match_reference(mask, heads, dh, rope, target):
+def _check_case(mask, heads, dh, rope, **kw):
+    """Forward and the three gradients of ``mixed_attention(**kw)`` against the reference on the
+    grid case ``(mask, heads, dh, rope)``."""
     rng = np.random.default_rng(zlib.crc32(repr((mask, heads, dh, rope)).encode()))
     q_meta, k_meta, spec = _case(mask, rng)
     q, k, v = _qkv(rng, q_meta.lod.shape[1], k_meta.lod.shape[1], *heads, dh)
     weight = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
-    kw = {"blocks": BLOCKS, "target": target, "interpret": _interpret(target)}
     out, grads = _value_and_grads(
         lambda q, k, v: mixed_attention(q, k, v, q_meta, k_meta, spec, rope=rope, **kw),
         q, k, v, weight,
@@ -159,6 +159,19 @@ def test_forward_and_gradients_match_reference(mask, heads, dh, rope, target):
     np.testing.assert_allclose(out, ref, **TOL)
     for name, g, r in zip("qkv", grads, ref_grads, strict=True):
         np.testing.assert_allclose(g, r, **GRAD_TOL, err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("mask,heads,dh,rope", GRID)
+def test_forward_and_gradients_match_reference(mask, heads, dh, rope, target):
+    _check_case(mask, heads, dh, rope, blocks=BLOCKS, target=target, interpret=_interpret(target))
+
+
+@pytest.mark.parametrize("mask,heads,dh,rope", [GRID[0], GRID[4]])
+def test_fused_dq_matches_reference(mask, heads, dh, rope):
+    """The Triton backward with dq added atomically by the dk/dv kernel (``fused_dq``): fused
+    RoPE with GQA, and a random-order pyramid with pre-rotated q and k."""
+    _check_case(mask, heads, dh, rope, blocks=dataclasses.replace(BLOCKS, fused_dq=True))
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -245,14 +258,18 @@ def test_tpu_kernels_lower_to_mosaic(monkeypatch, mask):
         assert text.count(f'kernel_name = "mixed_attention_{name}_tpu"') == count
 
 
-@pytest.mark.parametrize("mask,rope", [("wc_causal", False), ("pyramid", True)])
-def test_triton_kernels_lower_for_a_gpu(mask, rope):
+@pytest.mark.parametrize(
+    "mask,rope,fused_dq",
+    [("wc_causal", False, False), ("pyramid", True, False), ("pyramid", True, True)],
+)
+def test_triton_kernels_lower_for_a_gpu(mask, rope, fused_dq):
     """Forward and backward pass Pallas's Triton lowering at GPU-sized tiles (bf16, head dim 128,
-    the benchmark's blocks): lowering builds the Triton IR here, so only the GPU compile is left."""
+    the benchmark's blocks): lowering builds the Triton IR here, so only the GPU compile is left.
+    With ``fused_dq`` the dk/dv kernel adds dq atomically and no dq kernel runs."""
     q_meta, k_meta, spec = _case(mask, np.random.default_rng(6))
     q, k, v = _qkv(np.random.default_rng(6), q_meta.lod.shape[1], k_meta.lod.shape[1], 4, 2, 128)
     q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
-    blocks = BlockSizes(block_q=128, block_k=64, block_q_bwd=64, block_k_bwd=64)
+    blocks = BlockSizes(block_q=128, block_k=64, block_q_bwd=64, block_k_bwd=64, fused_dq=fused_dq)
 
     def loss(q, k, v):
         out = mixed_attention(
@@ -263,7 +280,7 @@ def test_triton_kernels_lower_for_a_gpu(mask, rope):
 
     lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, v)
     text = lowered.lower(lowering_platforms=("cuda",)).as_text()
-    assert text.count("xla.gpu.triton") == 3  # forward, dk/dv, dq
+    assert text.count("xla.gpu.triton") == 3 - fused_dq  # forward, dk/dv, dq
 
 
 def test_metadata_of_another_shape_is_refused():

@@ -7,7 +7,9 @@ longest lists first, so the last programs of a launch are the shortest):
 * ``fwd_kernel``: one query tile against the key tiles of its list; online softmax, writes the
   output and the log-sum-exp, in base 2 (``inf`` for a query that sees no key, whose output is 0).
 * ``dkdv_kernel``: one key tile of one KV head against the query tiles of its list, for every
-  query head of its GQA group; dk and dv in the input dtype.
+  query head of its GQA group; dk and dv in the input dtype. With ``BlockSizes.fused_dq`` it
+  also adds each tile pair's ``ds @ k`` into a float32 dq atomically (FlashAttention-2's
+  backward: 5 matmuls per tile pair, not 7), and ``dq_kernel`` does not run;
 * ``dq_kernel``: one query tile against its key tiles, as the forward.
 
 Each program walks its row of the block-sparse tile lists (``kernels.tiles.TileLists``) in two
@@ -44,6 +46,9 @@ class BlockSizes:
     block_k_bwd: int = 32
     num_warps: int = 4
     num_stages: int = 2
+    # dq by atomic adds from the dk/dv kernel (no dq kernel): fewer matmuls, more contention; off
+    # until ``benchmarks/attention.py`` (its ``*_fused_dq`` rows) has timed both on a GPU.
+    fused_dq: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +105,20 @@ def _unrotate(parts, tables):
         return parts
     (d1, d2), (cos, sin) = parts, tables
     return [d1 * cos + d2 * sin, d2 * cos - d1 * sin]
+
+
+def unrotate_rows(dx: jax.Array, mu: jax.Array, sigma: jax.Array, cfg: KernelConfig) -> jax.Array:
+    """Gradients ``[B, T, H, 2 * half]`` w.r.t. rotated rows, taken back through the fused
+    rotation of the rows at ``mu``, ``sigma [B, T]`` (outside a kernel: the fused dq)."""
+    if not cfg.rope:
+        return dx
+    half = dx.shape[-1] // 2
+    b, t = mu.shape
+    cos, sin = (
+        x.reshape(b, t, 1, half)
+        for x in _rope_tables(mu.reshape(-1), sigma.reshape(-1), half, cfg.head_dim, cfg.theta)
+    )
+    return jnp.concatenate(_unrotate([dx[..., :half], dx[..., half:]], (cos, sin)), axis=-1)
 
 
 def _store(ref, rows, parts):
@@ -195,13 +214,18 @@ def fwd_kernel(
 
 def dkdv_kernel(
     q_ref, k_ref, v_ref, qe_ref, qmu_ref, qsig_ref, kl_ref, ks_ref, ke_ref, kv_ref, kmu_ref,
-    ksig_ref, list_ref, count_ref, order_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
+    ksig_ref, list_ref, count_ref, order_ref, do_ref, lse_ref, delta_ref, *out_refs,
     cfg: KernelConfig,
 ):  # fmt: skip
     """dk, dv ``[bk, .]`` of one key tile of one KV head, summed over the query heads of its GQA
     group in float32 and written once in the input dtype (refs: the group's q ``[Tq, group, Dh]``,
     do and ``lse`` / ``delta = sum(out * do)`` ``[group, Tq]``, and all query metadata; all keys
-    of the KV head and their metadata; the key-tile lists, counts and order; whole dk, dv)."""
+    of the KV head and their metadata; the key-tile lists, counts and order; whole dk, dv). With
+    ``fused_dq``, ``out_refs`` starts with the group's float32 dq accumulator ``[Tq, group, Dh]``
+    and ends with the same buffer as an output (aliased), to which ``ds @ k`` is added
+    atomically, with respect to the rotated queries."""
+    fused = cfg.blocks.fused_dq
+    dk_ref, dv_ref = out_refs[1:3] if fused else out_refs
     bq, bk = cfg.blocks.block_q_bwd, cfg.blocks.block_k_bwd
     group = q_ref.shape[1]
     t = _own_tile(order_ref)
@@ -224,6 +248,8 @@ def dkdv_kernel(
             dv = dv + _dot_nn(p.T, do, cfg.dtype)
             ds = p * (_dot(do, v, cfg.dtype) - delta_ref[g, rows][:, None]) * cfg.scale
             dks = [dk + _dot_nn(ds.T, x, cfg.dtype) for dk, x in zip(dks, qs, strict=True)]
+            if fused:
+                _add_dq(out_refs[-1], rows, g, [_dot_nn(ds, x, cfg.dtype) for x in ks])
         return dks, dv
 
     init = (
@@ -233,6 +259,16 @@ def dkdv_kernel(
     dks, dv = _walk(t, list_ref, count_ref, visit, init)
     _store(dk_ref, cols, _unrotate(dks, k_tables))
     dv_ref[cols, :] = dv.astype(dv_ref.dtype)
+
+
+def _add_dq(dq_ref, rows, head: int, parts) -> None:
+    """Atomically adds the column parts of a dq tile to rows ``rows`` of query head ``head``."""
+    # Imported here: the Triton backend is needed where the kernels compile or are interpreted.
+    from jax.experimental.pallas import triton as plgpu
+
+    width, head = parts[0].shape[-1], jnp.int32(head)  # an array index, as the interpreter needs
+    for index, part in enumerate(parts):
+        plgpu.atomic_add(dq_ref, (rows, head, pl.ds(index * width, width)), part)
 
 
 def dq_kernel(

@@ -27,6 +27,7 @@ from megacontext_jax.kernels.mixed_kernels import (
     dkdv_kernel,
     dq_kernel,
     fwd_kernel,
+    unrotate_rows,
 )
 from megacontext_jax.kernels.tiles import TileLists, pass_lists
 
@@ -155,7 +156,11 @@ def backward(
         return pl.BlockSpec((None, tq, group, width), lambda j, b, h: (b, 0, h, 0))
 
     group_stats = pl.BlockSpec((None, group, tq), lambda j, b, h: (b, h, 0))
-    dk, dv = pl.pallas_call(
+    fused = cfg.blocks.fused_dq
+    # The fused dq: a float32 accumulator, zeros in, aliased to the third output.
+    dq_acc = [jnp.zeros((b, tq, hq, dp), jnp.float32)] if fused else []
+    args = [q, k, v, *q_arrays, *k_arrays, *k_lists, do, lse, delta, *dq_acc]
+    outs = pl.pallas_call(
         functools.partial(dkdv_kernel, cfg=cfg),
         grid=(tk // bk, b, hkv),
         in_specs=[
@@ -168,16 +173,23 @@ def backward(
             group_rows(dvp),
             group_stats,
             group_stats,
+            *[group_rows(dp)] * fused,
         ],
-        out_specs=[_rows(tk, dp), _rows(tk, dvp)],
+        out_specs=[_rows(tk, dp), _rows(tk, dvp), *[group_rows(dp)] * fused],
         out_shape=[
             jax.ShapeDtypeStruct((b, tk, hkv, dp), k.dtype),
             jax.ShapeDtypeStruct((b, tk, hkv, dvp), v.dtype),
+            *[jax.ShapeDtypeStruct((b, tq, hq, dp), jnp.float32)] * fused,
         ],
+        input_output_aliases={len(args) - 1: 2} if fused else {},
         interpret=interpret,
         compiler_params=_compiler_params(cfg.blocks, interpret),
         name="mixed_attention_dkdv",
-    )(q, k, v, *q_arrays, *k_arrays, *k_lists, do, lse, delta)
+    )(*args)
+    dk, dv = outs[:2]
+    if fused:
+        dq = unrotate_rows(outs[2], q_meta.mu, q_meta.sigma, cfg).astype(q.dtype)
+        return dq, dk, dv
 
     dq = pl.pallas_call(
         functools.partial(dq_kernel, cfg=cfg),
