@@ -5,6 +5,7 @@
     python benchmarks/attention.py --out results.json --trace $OUT/trace
     python benchmarks/attention.py --tiles           # tile-list tightness only (no GPU needed)
     python benchmarks/attention.py --smoke           # every code path at toy shapes, on any backend
+    python benchmarks/attention.py --autotune        # tile sizes, warps and stages of the kernels
 
 What one run does, in order (issue 25's protocol; one call fits in 5 minutes on an H100/H200):
 
@@ -546,6 +547,61 @@ def print_table(results: dict, shapes: Shapes) -> None:
         print(f"pyramid vs dense causal {d}:", json.dumps(results["pyramid"]))
 
 
+# Candidates of --autotune, starting from issue 25's "8 warps, 3 stages for 128-row tiles".
+FWD_CANDIDATES = [  # block_q, block_k, num_warps, num_stages
+    (64, 64, 4, 2),
+    (128, 64, 4, 2),
+    (128, 64, 8, 3),
+    (128, 128, 8, 3),
+    (128, 32, 4, 3),
+]
+BWD_CANDIDATES = [  # block_q_bwd, block_k_bwd, num_warps_bwd, num_stages_bwd, fused_dq
+    (32, 32, 4, 2, False),
+    (64, 64, 4, 2, False),
+    (64, 64, 8, 3, False),
+    (32, 64, 4, 3, False),
+    (64, 64, 4, 2, True),
+    (32, 64, 4, 3, True),
+]
+
+
+def autotune(shapes: Shapes, protocol: Protocol) -> dict:
+    """Times the forward candidates (``FWD_CANDIDATES``) on causal T = ``shapes.lengths[0]``,
+    then the backward ones (``BWD_CANDIDATES``, forward+backward with the best forward),
+    interleaved; prints each and the fastest ``BlockSizes``."""
+    t = shapes.lengths[0]
+    args = tuple(_inputs(t, shapes))
+    meta, spec = Entries.tokens(1, t), MaskSpec("wc_causal")
+
+    def fn(blocks):
+        return lambda q, k, v: mixed_attention(q, k, v, meta, meta, spec, blocks=blocks)
+
+    def best(timings):
+        done = {n: x for n, x in timings.items() if isinstance(x, Timing)}
+        for name, timing in timings.items():
+            ms = f"{1e3 * timing.median_s:.4f} ms" if isinstance(timing, Timing) else timing
+            print("autotune", name, ms, flush=True)
+        return min(done, key=lambda n: done[n].median_s)
+
+    fwd = {
+        f"fwd bq={bq} bk={bk} warps={w} stages={st}": dataclasses.replace(
+            shapes.blocks, block_q=bq, block_k=bk, num_warps=w, num_stages=st
+        )
+        for bq, bk, w, st in FWD_CANDIDATES
+    }
+    chosen = fwd[best(time_interleaved({n: (fn(b), args) for n, b in fwd.items()}, protocol))]
+    bwd = {
+        f"f+b bq={bq} bk={bk} warps={w} stages={st} fused_dq={f}": dataclasses.replace(
+            chosen, block_q_bwd=bq, block_k_bwd=bk, num_warps_bwd=w, num_stages_bwd=st, fused_dq=f
+        )
+        for bq, bk, w, st, f in BWD_CANDIDATES
+    }
+    timings = time_interleaved({n: (fwd_bwd(fn(b)), args) for n, b in bwd.items()}, protocol)
+    chosen = bwd[best(timings)]
+    print(f"autotune best at T={t}, Dh={shapes.head_dim}: {chosen}", flush=True)
+    return dataclasses.asdict(chosen)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="T = 4K causal only, 3 timed batches")
@@ -557,6 +613,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--trace", help="write a perfetto trace of a pyramid fwd+bwd to this folder")
     p.add_argument("--tiles", action="store_true", help="only the tile-list tightness report")
     p.add_argument("--tiles-n", type=int, default=65536, help="tokens of the --tiles pyramid")
+    p.add_argument("--autotune", action="store_true", help="only time the kernels' launch options")
     args = p.parse_args(argv)
     if args.tiles:
         tile_report(dataclasses.replace(Shapes(), pyramid_n=args.tiles_n))
@@ -570,6 +627,11 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(results["versions"]), flush=True)
     if jax.default_backend() != "gpu" and not args.smoke:
         print(f"no GPU (backend {jax.default_backend()!r}): nothing to time (--smoke runs anyway)")
+        return
+    if args.autotune:
+        results["autotune"] = autotune(shapes, protocol)
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=1))
         return
     results["check"] = check(shapes, args.fused_rope)
     results["causal"] = causal_table(shapes, protocol, args.fused_rope)

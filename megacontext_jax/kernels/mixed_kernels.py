@@ -46,6 +46,9 @@ class BlockSizes:
     block_k_bwd: int = 32
     num_warps: int = 4
     num_stages: int = 2
+    # The backward kernels' launch (``benchmarks/attention.py --autotune`` times candidates).
+    num_warps_bwd: int = 4
+    num_stages_bwd: int = 2
     # dq by atomic adds from the dk/dv kernel (no dq kernel): fewer matmuls, more contention; off
     # until ``benchmarks/attention.py`` (its ``*_fused_dq`` rows) has timed both on a GPU.
     fused_dq: bool = False

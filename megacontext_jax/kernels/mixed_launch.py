@@ -32,12 +32,16 @@ from megacontext_jax.kernels.mixed_kernels import (
 from megacontext_jax.kernels.tiles import TileLists, pass_lists
 
 
-def _compiler_params(blocks: BlockSizes, interpret: bool):
+def _compiler_params(blocks: BlockSizes, interpret: bool, backward: bool = False):
     if interpret:
         return None
     # Imported here: the Triton backend is needed (and may only exist) where the kernels compile.
     from jax.experimental.pallas import triton as plgpu
 
+    if backward:
+        return plgpu.CompilerParams(
+            num_warps=blocks.num_warps_bwd, num_stages=blocks.num_stages_bwd
+        )
     return plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
 
 
@@ -183,7 +187,7 @@ def backward(
         ],
         input_output_aliases={len(args) - 1: 2} if fused else {},
         interpret=interpret,
-        compiler_params=_compiler_params(cfg.blocks, interpret),
+        compiler_params=_compiler_params(cfg.blocks, interpret, backward=True),
         name="mixed_attention_dkdv",
     )(*args)
     dk, dv = outs[:2]
@@ -204,7 +208,7 @@ def backward(
         out_specs=_rows(tq, dp),
         out_shape=jax.ShapeDtypeStruct((b, tq, hq, dp), q.dtype),
         interpret=interpret,
-        compiler_params=_compiler_params(cfg.blocks, interpret),
+        compiler_params=_compiler_params(cfg.blocks, interpret, backward=True),
         name="mixed_attention_dq",
     )(q, k, v, *q_arrays, *k_arrays, *q_lists, do, lse, delta)
     return dq, dk, dv
