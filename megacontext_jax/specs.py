@@ -233,6 +233,10 @@ class AllocatorConfig:
     cooldown: int = 2
     temperature: float = 0.0
     mode: str = "thresholds"  # ALLOCATOR_MODES
+    # What a collapse costs against an expansion in ``ranked`` mode: the group's mean score
+    # (LensNet's per-entry utilities) or its sum (scores that are shares of the base's
+    # attention, ``megacontext.attention_scores``: K entries read as much as their sum).
+    group_cost: str = "mean"
 
     @classmethod
     def from_config(cls, config: Group) -> "AllocatorConfig":

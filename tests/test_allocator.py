@@ -40,6 +40,7 @@ def _first_max(ranked):
 def reference_refocus(ents, scores, cooldown, num_tokens, capacity, cfg):
     """The allocator's rules, written plainly over Python lists (the spec the jit code must match)."""
     k, ranked = cfg.block_size, cfg.mode == "ranked"
+    cost = k if cfg.group_cost == "sum" else 1  # a group costs its mean score, or its sum
     state = {"ents": list(ents), "scores": list(scores), "cooldown": list(cooldown)}
     state["touched"] = [False] * len(ents)
     expands = collapses = 0
@@ -92,7 +93,7 @@ def reference_refocus(ents, scores, cooldown, num_tokens, capacity, cfg):
                 room = _first_max(
                     (-means[i], i)
                     for i in range(n)
-                    if legal[i] and not i <= e < i + k and means[i] < scores[e]
+                    if legal[i] and not i <= e < i + k and means[i] * cost < scores[e]
                 )
                 make_room = room is not None and expands + collapses + 2 <= cfg.max_edits
                 skip = not make_room
@@ -122,6 +123,7 @@ CONFIGS = [
     (AllocatorConfig(2, 4, 4, tau_expand=0.0, tau_collapse=0.5, max_edits=12, cooldown=0), 24),
     (AllocatorConfig(8, 2, 16, tau_expand=0.5, tau_collapse=0.0, max_edits=3, cooldown=1), 64),
     (AllocatorConfig(4, 3, 8, max_edits=6, cooldown=2, mode="ranked"), 48),
+    (AllocatorConfig(4, 3, 8, max_edits=6, cooldown=2, mode="ranked", group_cost="sum"), 48),
 ]
 
 
@@ -228,6 +230,13 @@ def test_ranked_mode_trades_the_best_gist_for_the_weakest_group_whatever_the_sca
     assert entries(_run(ents, scores, n, capacity=capacity).wc) == ents
     flat = [0.02] * 4 + [0.05] * 4 + [-0.9] * 4  # the coldest group sits in the tail
     assert entries(_run(ents, flat, n, capacity=capacity, mode="ranked").wc) == ents
+    # A group costs its mean, or with group_cost="sum" its sum: tokens at 0.01 each are
+    # weaker than the gist at 0.02 by their mean, not by their sum (0.04).
+    warm = [0.0, 0.0, 0.0, 0.02, 0.01, 0.01, 0.01, 0.01] + [0.0] * 4
+    out = _run(ents, warm, n, capacity=capacity, mode="ranked", max_edits=2)
+    assert (int(out.expands), int(out.collapses)) == (1, 1)
+    out = _run(ents, warm, n, capacity=capacity, mode="ranked", max_edits=2, group_cost="sum")
+    assert entries(out.wc) == ents
     # With room to spare the best gist expands without a collapse.
     out = _run(ents, scores, n, capacity=capacity + 3, mode="ranked", max_edits=1)
     assert entries(out.wc)[3:7] == [(0, 12), (0, 13), (0, 14), (0, 15)]

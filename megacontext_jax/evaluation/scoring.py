@@ -13,7 +13,8 @@ history before them, at the same budget of ``W - S`` context entries:
 * ``mc_focus``: the pyramid refocused by LensNet and the allocator;
 * ``mc_attn``: the pyramid refocused by the base model's own attention instead of LensNet (the
   attention its K newest context entries pay each entry, ``megacontext.attention_scores``;
-  the allocator ranks them, ``ranked`` mode: NSA's and Landmark attention's selection);
+  the allocator ranks them, ``ranked`` mode, a group costing the sum of its entries' shares:
+  NSA's and Landmark attention's selection);
 * ``mc_oracle`` (retrieval only): the pyramid with the answer's tokens brought to LOD0 where the
   budget fits them, an upper bound for focus.
 
@@ -224,7 +225,9 @@ def run_conditions(
             wcs["mc_random"] = contexts(rows, cursor, layout)
     if is_mc and "mc_attn" in names:
         start = contexts([condition_entries("mc_static", cursor, layout)] * batch, cursor, layout)
-        ranked = dataclasses.replace(setting.allocator, mode="ranked", temperature=0.0)
+        ranked = dataclasses.replace(
+            setting.allocator, mode="ranked", temperature=0.0, group_cost="sum"
+        )
         wcs["mc_attn"] = focus(
             model, table, offsets, start, cursor, layout, ranked, refocus_steps, "attention"
         )[0]

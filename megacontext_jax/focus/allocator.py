@@ -10,7 +10,8 @@ the ``thresholds`` mode:
 The ``ranked`` mode has no thresholds, so the scale of the scores does not matter (a LensNet
 prior that keeps them small fights fixed thresholds): every gist is a candidate for expansion
 and no group collapses on its own, so the best gist expands while it fits, or while it outscores
-the weakest collapsible group, which collapses to make room (the rule below).
+the weakest collapsible group, which collapses to make room (the rule below). A group's score
+is its mean, or with ``group_cost = "sum"`` its sum (for scores that are shares of attention).
 
 Edits are applied one at a time in order of |score|, each keeping every WC invariant: nothing in the
 recent tail is touched, an entry created or changed in this refocus is not edited again (no
@@ -106,7 +107,8 @@ def refocus(
         fits = count + k - 1 <= capacity
         # Room for an expansion that does not fit: the lowest-mean legal group not holding e.
         holds_e = (jnp.arange(capacity) <= e) & (jnp.arange(capacity) + k > e)
-        room_rank = jnp.where(legal & ~holds_e & (mean < scores[e]), -mean, NEG)
+        cost = mean * (k if cfg.group_cost == "sum" else 1)
+        room_rank = jnp.where(legal & ~holds_e & (cost < scores[e]), -mean, NEG)
         r = jnp.argmax(room_rank)
         can_make_room = (room_rank[r] > NEG) & (expands + collapses + 2 <= cfg.max_edits)
         make_room = do_expand & ~fits & can_make_room
