@@ -10,6 +10,7 @@ curriculum in which the base GPT alone learns to copy on short sequences.
     python train.py --config configs/tiny.py:quick   # a first look: ~5 minutes with decoding
     python train.py --config configs/tiny.py:mean_gist   # the baseline GistNet is measured against
     python train.py --config configs/tiny.py:contextual   # LOD1 gists read the base's states
+    python train.py --config configs/tiny.py:wide   # retrieval at W = 128, bounded positions
 
 ``quick`` is the same model trained for 300 steps instead of 3,500 (200 of curriculum in batches of
 16, then 100 of the whole model, LensNet from step 240): every part trains and decode runs over a
@@ -31,6 +32,17 @@ gist is the mean of its K normalised children through one linear projection, tra
 (same steps, data and losses). Evaluated next to the default (``runs/tiny``), it says what the
 transformer over the children adds.
 
+``wide`` is ``retrieval`` at twice the budget: W = 128 (T = 1,024, still 8 W), a 32-token tail in
+a ``proportional`` pyramid and bounded positions (``mc.positions = slots``). At W = 64 and K = 8 a
+needle's digits cannot be brought to LOD0 within the budget once the history passes 8 W: the
+pyramid with them at LOD0 (``variants.needle_variant``, what ``mc_oracle`` scores) fits 97%,
+100%, 17%, 15% and 3% of random needle positions at 4, 8, 16, 32 and 64 W (``retrieval``), and
+none at any length with the default's 32-token ``recent`` tail; at W = 128 it fits all of them
+up to 64 W. Slots keep every query-to-entry distance below W however long the history, so 32 W
+and 64 W are not positions training never saw. The curriculum is the default's (it reads no
+``mc`` field), so ``--config.curriculum.reuse_from`` can start from it; the MegaContext phase
+costs about 2.5 times the default's per step.
+
 ``contextual`` is the default run with the language model as the LOD1 encoder (issue 24, Deliver
 2): GistNet reads the base GPT's residual stream after 2 of its 4 blocks, from causal passes over
 spans of 8 blocks (64 tokens, one W) aligned at absolute block indices, not context-free token
@@ -42,7 +54,7 @@ import ml_collections
 
 from megacontext_jax.config import ConfigError, base_config
 
-VARIANTS = ("retrieval", "quick", "mean_gist", "contextual")
+VARIANTS = ("retrieval", "quick", "mean_gist", "contextual", "wide")
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
@@ -101,13 +113,19 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.mc.scored_tokens = 16
     c.mc.gist.num_heads = 4
     c.mc.lens.num_heads = 4
-    if variant == "retrieval":
+    if variant in ("retrieval", "wide"):
         c.workdir = "runs/tiny_retrieval"
         c.mc.recent_tail = 16
         c.mc.pyramid = "proportional"  # LOD1 gists for focus to expand, and LOD1 groups to collapse
         c.mc.deep_fraction = 0.5
         c.mc.train_refocus_steps = 3
         c.mc.num_random_variants = 12
+    if variant == "wide":
+        c.workdir = "runs/tiny_wide"
+        c.mc.wc_size = 128
+        c.data.seq_len = 1024
+        c.mc.recent_tail = 32
+        c.mc.positions = "slots"
     if variant == "quick":
         c.workdir = "runs/tiny_quick"
         c.train.steps = 300

@@ -95,7 +95,7 @@ def test_tiny_retrieval_variant_changes_only_focus_fields():
     assert {k for k in a if a[k] != b[k]} == changed
     with pytest.raises(
         ConfigError,
-        match="unknown variant 'fast'; known: \\('retrieval', 'quick', 'mean_gist', 'contextual'\\)",
+        match="unknown variant 'fast'; known: \\('retrieval', 'quick', 'mean_gist', 'contextual', 'wide'\\)",
     ):
         load_config(f"{TINY}:fast")
 
