@@ -146,6 +146,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Weight of the mean squared LensNet score: a pull towards 0 ("leave as is") that keeps its tanh
     # from saturating.
     c.mc.loss.lens_prior = 0.0
+    # Weight of the same preference loss on LensNet's scores of the context after the first
+    # refocus round (what it scores in round 2: which child of an expansion to open next); 0 off.
+    c.mc.loss.lens_rounds = 0.0
     # Preference pairs weighted alike, or each by its loss gap, what misordering it costs ("gap"
     # needs lens_prior, or the scores saturate).
     c.mc.loss.lens_weighting = "uniform"

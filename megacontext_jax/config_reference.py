@@ -99,6 +99,7 @@ FIELDS: dict[str, str] = {
     "mc.loss.lens": "weight of LensNet's preference (Bradley-Terry) loss",
     "mc.loss.lens_margin": "nats: smaller loss differences between variants are no preference",
     "mc.loss.lens_prior": "weight of LensNet's mean squared score (keeps its tanh unsaturated)",
+    "mc.loss.lens_rounds": "weight of the preference loss on round-2 contexts (after one refocus)",
     "mc.loss.lens_weighting": "preference pairs count alike (uniform) or by loss gap (gap)",
     "mc.loss.kl_weighting": "uniform, or gap: each scored token's KL weighted by full's gain on it",
     "mc.loss.pyramid": "weight of the pyramid pass (DESIGN 6.2); 0: off",

@@ -200,18 +200,20 @@ def focus_rounds(
     key: jax.Array | None = None,
     scores: jax.Array | None = None,
     scorer: str = "lens",
-) -> tuple[WorkingContext, jax.Array]:
+) -> tuple[WorkingContext, jax.Array, WorkingContext]:
     """``rounds`` refocus steps of the contexts ``wc [B, Wc]``: LensNet (``scorer="lens"``) or
     the base model's attention (``"attention"``, ``attention_scores`` from the K newest entries)
     scores them, the allocator edits them, the cooldown carries over. ``cursor``: where the
     contexts end (one for all, or ``[B]``). ``scores [B, Wc]``: the first round's, where the
-    caller has them. Returns the refocused contexts and the edits made per example ``[B]``.
+    caller has them. Returns the refocused contexts, the edits made per example ``[B]`` and the
+    contexts after the first round (what the second round scores).
     """
     b, capacity = wc.lod.shape
     cursors = per_row(cursor, b)
     cooldown = jnp.zeros((b, capacity), jnp.int32)
     edits = jnp.zeros(b, jnp.int32)
     keys = jax.random.split(jax.random.key(0) if key is None else key, (rounds, b))
+    first = wc
     for r in range(rounds):
         if (scores is None or r > 0) and scorer == "attention":
             scores = attention_scores(model, table, offsets, wc, layout, layout.block_size)
@@ -222,4 +224,5 @@ def focus_rounds(
         )
         wc, cooldown = result.wc, result.cooldown
         edits = edits + result.expands + result.collapses
-    return wc, edits
+        first = wc if r == 0 else first
+    return wc, edits, first

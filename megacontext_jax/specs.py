@@ -172,6 +172,7 @@ class LossWeights:
     lens: float
     lens_margin: float
     lens_prior: float
+    lens_rounds: float
     lens_weighting: str
     kl_weighting: str
     pyramid: float
@@ -186,6 +187,12 @@ class LossWeights:
     def validate(mc: Group, seq_len: int) -> None:
         loss = mc.loss
         require(loss.lens_prior >= 0, "mc.loss.lens_prior", "must be >= 0")
+        require(loss.lens_rounds >= 0, "mc.loss.lens_rounds", "must be >= 0 (0 leaves it out)")
+        require(
+            loss.lens_rounds == 0 or mc.train_refocus_steps >= 2,
+            "mc.loss.lens_rounds",
+            "needs mc.train_refocus_steps >= 2 (a second round to score)",
+        )
         require(
             loss.lens_weighting in LENS_WEIGHTINGS,
             "mc.loss.lens_weighting",

@@ -55,6 +55,7 @@ def test_overrides_are_typed():
         ),
         ("--config.mc.deep_fraction=1.5", r"config.mc.deep_fraction: must be in \[0, 1\]"),
         ("--config.mc.loss.lens_weighting=loss", "config.mc.loss.lens_weighting: must be one of"),
+        ("--config.mc.loss.lens_rounds=1", "lens_rounds: needs mc.train_refocus_steps >= 2"),
         ("--config.data.seq_len=100", "passkey tasks need data.seq_len >= 128, got 100"),
         ("--config.curriculum.steps=99999", r"config.curriculum.steps: must be in \[0, train"),
         ("--config.curriculum.steps=1 --config.curriculum.seq_len=64", "need sequences of >= 128"),

@@ -1,4 +1,5 @@
 import ast
+import dataclasses
 import json
 
 import jax
@@ -15,6 +16,7 @@ from megacontext_jax.focus.working_context import WorkingContext, entries, from_
 from megacontext_jax.kernels.mixed_attention import Entries, MaskSpec
 from megacontext_jax.megacontext import (
     MegaContext,
+    focus_rounds,
     gather_entries,
     lens_scores,
     node_layout,
@@ -730,3 +732,39 @@ def test_pyramid_pass_trains_base_and_gistnet():
     # The pass reads every node: 64 tokens, 16 LOD1 and 4 LOD2 gists, each with its own label.
     lod, start = node_layout(64, 4, 2)
     assert len(lod) == 84 and (start[lod == 2] == [0, 16, 32, 48]).all()
+
+
+def test_lens_rounds_adds_the_preference_loss_on_the_first_rounds_contexts():
+    """``mc.loss.lens_rounds``: LensNet's scores of the context after the first refocus round
+    get the same preference loss over the same variants, weighted; the context is the one the
+    allocator's first round makes (``focus_rounds`` returns it)."""
+    config = tiny_mc_config("/unused", "/unused")
+    config.mc.lens_start, config.mc.train_refocus_steps = 0, 2
+    model = MegaContext(config, rngs=nnx.Rngs(0))
+    batch = _batch(config)
+    totals = {}
+    for weight in (0.0, 0.5):
+        c = config.copy_and_resolve_references()
+        c.mc.loss.lens_rounds = weight
+        totals[weight], metrics = objective(
+            model, batch, jnp.int32(0), jax.random.key(0), MCTraining.from_config(c)
+        )
+    term = float(metrics["lens_rounds"])
+    assert term > 0 and float(metrics["lens_rounds/pairs"]) > 0
+    prior = config.mc.loss.lens_prior * float(metrics["lens_rounds/score_rms"]) ** 2
+    np.testing.assert_allclose(totals[0.5] - totals[0.0], 0.5 * (term + prior), rtol=1e-4)
+
+    spec = MCTraining.from_config(config)
+    tokens = jnp.asarray(batch["tokens"])
+    table, offsets = node_table(model, tokens[:, :-1], 4, 2)
+    host = WorkingContext.from_batch(batch)
+    start = jax.tree.map(lambda a: a[:, 0], host).only_context(spec.layout.context_capacity)
+    greedy = dataclasses.replace(spec.allocator, temperature=0.0)
+    cursor = jnp.asarray(batch["cursor"])
+    args = (model, table, offsets, start, cursor, spec.layout, greedy)
+    _, _, first = focus_rounds(*args, 2)
+    one_round, _, same = focus_rounds(*args, 1)
+    for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(one_round), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(same), jax.tree.leaves(one_round), strict=True):
+        np.testing.assert_array_equal(a, b)

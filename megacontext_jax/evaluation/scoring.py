@@ -112,7 +112,7 @@ def focus(
     allocator edits of the context of ``wc [B, W]``; returns the refocused WCs and the edits
     made per row ``[B]``."""
     context = wc.only_context(layout.context_capacity)
-    context, edits = focus_rounds(
+    context, edits, _ = focus_rounds(
         model, table, offsets, context, cursor, layout, allocator, steps, scorer=scorer
     )
     return context.with_tail(cursor, layout.scored, layout.capacity), edits

@@ -148,18 +148,18 @@ def guided_contexts(
     cursor: jax.Array,
     spec: MCTraining,
     key: jax.Array,
-) -> tuple[WorkingContext, jax.Array, jax.Array]:
+) -> tuple[WorkingContext, jax.Array, jax.Array, WorkingContext]:
     """LensNet scores of the baselines ``[B, W]`` (whose contexts end at ``cursor [B]``) and
     ``spec.refocus_steps`` rounds of the allocator's refocus of them (as at evaluation, where a
     needle descends a level per round).
 
-    Returns the refocused contexts followed by the scored tail ``[B, W]``, the scores ``[B, W]``
-    and the number of edits per example.
+    Returns the refocused contexts followed by the scored tail ``[B, W]``, the scores ``[B, W]``,
+    the number of edits per example and the contexts after the first round ``[B, W - S]``.
     """
     layout = spec.layout
     scores = lens_scores(model, table, offsets, baseline, cursor, layout)
     wc_cap = layout.context_capacity
-    wc, edits = focus_rounds(
+    wc, edits, first = focus_rounds(
         model,
         table,
         offsets,
@@ -171,7 +171,7 @@ def guided_contexts(
         key,
         scores[:, :wc_cap],
     )
-    return wc.with_tail(cursor, layout.scored, layout.capacity), scores, edits
+    return wc.with_tail(cursor, layout.scored, layout.capacity), scores, edits, first
 
 
 def utilities(
@@ -254,16 +254,25 @@ def gap_weights(window_nll: jax.Array, teacher_nll: jax.Array, mask: jax.Array) 
     return jnp.where(mean > 0, gap / jnp.where(mean > 0, mean, 1.0), mask.astype(jnp.float32))
 
 
-def _lens_terms(scores, contexts: WorkingContext, variant_loss, rows: Rows, spec: MCTraining):
-    """LensNet's preference loss among the baseline and its edits, its score prior and metrics."""
+def _lens_terms(
+    scores: jax.Array,
+    base: WorkingContext,
+    contexts: WorkingContext,
+    variant_loss: jax.Array,
+    rows: Rows,
+    spec: MCTraining,
+    prefix: str = "lens",
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """LensNet's preference loss over the variants made from the baseline (``rows``), their
+    utilities taken from its ``scores [B, Wb]`` of the contexts ``base`` (the baseline, or a
+    later round's context), its score prior and metrics (named ``prefix``)."""
     weights = spec.weights
     edited = jnp.array(rows.edits_of_baseline)
-    base = contexts.lod[:, rows.baseline], contexts.start[:, rows.baseline]
-    base_ctx = contexts.context[:, rows.baseline]
     u = utilities(
         scores,
-        *base,
-        base_ctx,
+        base.lod,
+        base.start,
+        base.context_mask,
         contexts.lod[:, edited],
         contexts.start[:, edited],
         contexts.context[:, edited],
@@ -275,18 +284,18 @@ def _lens_terms(scores, contexts: WorkingContext, variant_loss, rows: Rows, spec
     )
     # Scores default to 0 ("leave as is") where preferences give no evidence: without this pull,
     # Adam drives the tanh scores to saturation (every entry at +1 or -1), where no gradient is left.
-    score_ms = _masked_mean(jnp.square(scores), base_ctx)
+    score_ms = _masked_mean(jnp.square(scores), base.context_mask)
     gain = (losses[:, :1] - losses)[:, 1:].reshape(-1)
     util = u[:, 1:].reshape(-1)
     corr = jnp.mean((gain - gain.mean()) * (util - util.mean())) / (
         jnp.std(gain) * jnp.std(util) + 1e-9
     )
     metrics = {
-        "lens": lens,
-        "lens/agreement": jnp.sum(prefer * (du > 0)) / jnp.maximum(prefer.sum(), 1.0),
-        "lens/correlation": corr,
-        "lens/pairs": prefer.sum(),
-        "lens/score_rms": jnp.sqrt(score_ms),
+        prefix: lens,
+        f"{prefix}/agreement": jnp.sum(prefer * (du > 0)) / jnp.maximum(prefer.sum(), 1.0),
+        f"{prefix}/correlation": corr,
+        f"{prefix}/pairs": prefer.sum(),
+        f"{prefix}/score_rms": jnp.sqrt(score_ms),
     }
     return lens + weights.lens_prior * score_ms, metrics
 
@@ -339,7 +348,9 @@ def mc_loss(
     host = WorkingContext.from_batch(batch)
     rows = Rows(num_random=host.lod.shape[1] - 2)
     baseline = jax.tree.map(lambda a: a[:, rows.baseline], host)
-    guided, scores, edits = guided_contexts(model, table, offsets, baseline, cursor, spec, key)
+    guided, scores, edits, first = guided_contexts(
+        model, table, offsets, baseline, cursor, spec, key
+    )
     contexts = jax.tree.map(lambda h, g: jnp.concatenate([h, g[:, None]], 1), host, guided)
 
     logits, labels, label_mask = read_wc(
@@ -355,7 +366,16 @@ def mc_loss(
         window_nll = jnp.take_along_axis(nll[:, rows.window], rows_s, axis=1)
         kl_weights = gap_weights(window_nll, teacher_tok, teacher_mask)
     kl = _scored_kl(logits, scored_mask, contexts, teacher_logits, kl_weights)
-    lens, lens_metrics = _lens_terms(scores, contexts, variant_loss, rows, spec)
+    lens, lens_metrics = _lens_terms(scores, baseline, contexts, variant_loss, rows, spec)
+    if weights.lens_rounds > 0:
+        # Round 2's scores: the same variants' measured losses rank LensNet's utilities taken
+        # from its scores of the context the first round made.
+        later = lens_scores(model, table, offsets, first, cursor, layout)
+        rounds, rounds_metrics = _lens_terms(
+            later, first, contexts, variant_loss, rows, spec, "lens_rounds"
+        )
+        lens = lens + weights.lens_rounds * rounds
+        lens_metrics |= rounds_metrics
 
     lens_on = (step >= spec.lens_start).astype(jnp.float32)
     total = (
